@@ -1,0 +1,69 @@
+"""replicator: verified, atomic, resumable replication of data files.
+
+Library use::
+
+    config = replicator.load_config("replicator.toml")
+    async with replicator.Replicator(config) as rep:
+        summary = await rep.sync_once()
+
+The library logs through structlog but never configures logging.
+"""
+
+from ._config import Config, EngineConfig, OriginConfig, ReplicaConfig, load_config
+from ._errors import (
+    ConfigError,
+    EngineLockedError,
+    ErrorClass,
+    FileError,
+    InventoryError,
+    ReplicatorError,
+    ReplicaUnavailableError,
+    SourceChangedError,
+    SourceVanishedError,
+    TransferStalledError,
+)
+from ._events import (
+    Event,
+    EventsDropped,
+    ReplicaAvailable,
+    ReplicaUnavailable,
+    RunCompleted,
+    ScanFinished,
+    TransferCompleted,
+    TransferFailed,
+    TransferStarted,
+)
+from ._replicator import PlannedCopy, Replicator, ScanSummary, SyncSummary
+from ._version import __version__
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "EngineConfig",
+    "EngineLockedError",
+    "ErrorClass",
+    "Event",
+    "EventsDropped",
+    "FileError",
+    "InventoryError",
+    "OriginConfig",
+    "PlannedCopy",
+    "ReplicaAvailable",
+    "ReplicaConfig",
+    "ReplicaUnavailable",
+    "ReplicaUnavailableError",
+    "Replicator",
+    "ReplicatorError",
+    "RunCompleted",
+    "ScanFinished",
+    "ScanSummary",
+    "SourceChangedError",
+    "SourceVanishedError",
+    "SyncSummary",
+    "TransferCompleted",
+    "TransferFailed",
+    "TransferStalledError",
+    "TransferStarted",
+    "__version__",
+    "load_config",
+]

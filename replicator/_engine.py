@@ -1,0 +1,495 @@
+"""The engine: scanners, one feeder and worker pool per replica, one recorder.
+
+    scanners -> inventory -> feeder (per replica) -> bounded queue -> workers -> transport
+                                                                         |
+                          inventory <- recorder (batched) <- outcomes <--+
+
+A full queue only holds up its own replica's feeder. Outcomes are recorded in batches, and
+events are published after the record committed, so subscribers can trust the inventory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._config import Config, OriginConfig, ReplicaConfig
+from ._errors import ErrorClass, FileError, ReplicaUnavailableError, TransferStalledError
+from ._events import (
+    EventBus,
+    ReplicaAvailable,
+    ReplicaUnavailable,
+    ScanFinished,
+    TransferCompleted,
+    TransferFailed,
+    TransferStarted,
+)
+from ._inventory import Inventory, Outcome, OutcomeKind, Work
+from ._layout import Layout
+from ._scanner import OriginUnavailableError, Scanner
+from .transports import Progress, PutRequest, PutResult, PutStatus, Transport
+
+log = structlog.get_logger("replicator.engine")
+
+CLAIM_BATCH = 512
+# Small files travel together: one worker-thread hand-off copies many of them.
+BATCH_FILES = 64
+BATCH_BYTES = 16 << 20
+RECORD_BATCH = 1000
+IDLE_POLL = 2.0
+
+
+def backoff_delay(attempts: int, initial: float, maximum: float) -> float:
+    """Jittered exponential backoff: around initial * 2**(attempts-1), capped."""
+    base: float = min(maximum, initial * 2.0 ** max(0, attempts - 1))
+    return min(maximum, base * random.uniform(0.5, 1.5))
+
+
+@dataclass(slots=True)
+class RunState:
+    """Counters of one run, updated by the recorder."""
+
+    started: float = field(default_factory=time.monotonic)
+    copied: int = 0
+    bytes: int = 0
+    file_errors: int = 0
+    failed: int = 0
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+
+class _Wake:
+    """A resettable wake-up signal."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+        self._event = anyio.Event()
+
+    async def wait(self, seconds: float) -> None:
+        event = self._event
+        with anyio.move_on_after(max(0.0, seconds)):
+            await event.wait()
+
+
+class _Record:
+    """One outcome on its way to the recorder, with what its events need."""
+
+    __slots__ = ("outcome", "runner", "work")
+
+    def __init__(self, runner: ReplicaRunner, work: Work, outcome: Outcome) -> None:
+        self.runner = runner
+        self.work = work
+        self.outcome = outcome
+
+
+class ReplicaRunner:
+    """Feeds one replica's queue from the inventory and runs its workers."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: ReplicaConfig,
+        transport: Transport,
+        origins: Sequence[OriginConfig],
+        stale_dirs: Sequence[bytes],
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.name = config.name
+        self.transport = transport
+        self._origins = {o.name: o for o in origins}
+        self._roots = {o.name: os.fsencode(o.path) for o in origins}
+        self._layout = Layout.parse(config.layout)
+        self._stale_dirs = list(stale_dirs)
+        self.wake = _Wake()
+        self.inflight = 0
+        self._idle = _Wake()
+        self.unavailable: str | None = None
+        self._log = log.bind(replica=self.name)
+
+    def destination(self, work: Work) -> bytes:
+        return self._layout.render(
+            host=work.host, origin=work.origin, root=self._roots[work.origin], path=work.path
+        )
+
+    async def run(self, once: bool) -> None:
+        delay = self.config.backoff_initial
+        while not self.engine.stopping:
+            try:
+                with anyio.fail_after(self.config.op_timeout):
+                    await self.transport.probe()
+                    if self._stale_dirs:
+                        dirs = {os.path.dirname(d) for d in self._stale_dirs}
+                        removed = await self.transport.remove_stale_temps(dirs, self.engine.run_id)
+                        self._stale_dirs = []
+                        if removed:
+                            self._log.info("removed temp files of dead runs", count=removed)
+            except (ReplicaUnavailableError, FileError, TimeoutError) as exc:
+                reason = str(exc) or f"no answer within {self.config.op_timeout} s"
+                await self._set_unavailable(reason)
+                if once:
+                    return
+                await self.engine.sleep(delay)
+                delay = min(self.config.backoff_max, delay * 2)
+                continue
+            delay = self.config.backoff_initial
+            await self._set_available()
+            await self._serve(once)
+            if self.unavailable is None or once:
+                return
+
+    async def _set_unavailable(self, reason: str) -> None:
+        self.unavailable = reason
+        self.engine.state.unavailable[self.name] = reason
+        self._log.warning("replica unavailable", error=reason)
+        await self.engine.inventory.set_condition(self.name, "unavailable", reason)
+        self.engine.bus.publish(ReplicaUnavailable(replica=self.name, error=reason))
+
+    async def _set_available(self) -> None:
+        if self.unavailable is not None or self.name in self.engine.state.unavailable:
+            self.engine.bus.publish(ReplicaAvailable(replica=self.name))
+        self.unavailable = None
+        self.engine.state.unavailable.pop(self.name, None)
+        await self.engine.inventory.set_condition(self.name, "ok", None)
+
+    async def _serve(self, once: bool) -> None:
+        send, receive = anyio.create_memory_object_stream[list[Work]](self.config.workers)
+        async with anyio.create_task_group() as tg:
+            for _ in range(self.config.workers):
+                tg.start_soon(self._worker, receive.clone())
+            receive.close()
+            async with send:
+                await self._feed(send, once)
+
+    async def _feed(self, send: MemoryObjectSendStream[list[Work]], once: bool) -> None:
+        engine = self.engine
+        while not engine.stopping and self.unavailable is None:
+            claimed, refused = await engine.inventory.claim(
+                self.name, time.time(), CLAIM_BATCH, self.destination
+            )
+            for work, reason in refused:
+                engine.state.failed += 1
+                engine.state.file_errors += 1
+                self._log.error("transfer", path=os.fsdecode(work.path), outcome="failed",
+                                error=reason)
+                engine.bus.publish(TransferFailed(
+                    replica=self.name, origin=work.origin, path=work.path,
+                    error_class=ErrorClass.PERMANENT, error=reason, attempts=work.attempts + 1,
+                    final=True))
+            if claimed:
+                self.inflight += len(claimed)
+                for batch in self._batches(claimed):
+                    await send.send(batch)
+                continue
+            if refused:
+                continue
+            if not once:
+                due = await engine.inventory.next_due_time(self.name)
+                timeout = IDLE_POLL if due is None else min(IDLE_POLL, due - time.time())
+                await self.wake.wait(timeout)
+                continue
+            if not engine.scans_done.is_set():
+                await self.wake.wait(0.2)
+                continue
+            while self.inflight:
+                await self._idle.wait(1.0)
+            if self.unavailable is not None or engine.stopping:
+                return
+            due = await engine.inventory.next_retry(self.name, time.time(), engine.retry_deadline)
+            if due is None:
+                return
+            await engine.sleep(due - time.time())
+
+    def _batches(self, claimed: list[Work]) -> list[list[Work]]:
+        per_batch = max(1, min(BATCH_FILES, math.ceil(len(claimed) / self.config.workers)))
+        batches: list[list[Work]] = []
+        current: list[Work] = []
+        size = 0
+        for work in claimed:
+            if current and (len(current) >= per_batch or size + work.size > BATCH_BYTES):
+                batches.append(current)
+                current, size = [], 0
+            current.append(work)
+            size += work.size
+        if current:
+            batches.append(current)
+        return batches
+
+    def settled(self, count: int) -> None:
+        self.inflight -= count
+        if self.inflight <= 0:
+            self._idle.set()
+
+    async def _worker(self, receive: MemoryObjectReceiveStream[list[Work]]) -> None:
+        async with receive:
+            async for batch in receive:
+                if self.engine.stopping or self.unavailable is not None:
+                    await self._release(batch)
+                    continue
+                await self._transfer(batch)
+
+    async def _release(self, batch: Sequence[Work], next_attempt: float = 0.0) -> None:
+        for work in batch:
+            await self.engine.emit(self, work, Outcome(
+                self.name, work.file_id, OutcomeKind.RELEASED, next_attempt=next_attempt))
+
+    async def _transfer(self, batch: list[Work]) -> None:
+        engine = self.engine
+        requests = [
+            PutRequest(work.path, work.dest, work.kind, work.size, work.mtime_ns, work.mode,
+                       work.target)
+            for work in batch
+        ]
+        for work in batch:
+            engine.bus.publish(TransferStarted(
+                replica=self.name, origin=work.origin, path=work.path, size=work.size))
+        progress = Progress()
+        stalled = False
+        with anyio.CancelScope() as scope:
+            engine.transfer_scopes.add(scope)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watch, progress, scope)
+                    await self.transport.put(requests, engine.run_id, progress)
+                    tg.cancel_scope.cancel()
+            finally:
+                engine.transfer_scopes.discard(scope)
+        if scope.cancelled_caught and not engine.stopping:
+            stalled = True
+        results: list[PutResult | None] = list(progress.results[: len(batch)])
+        results += [None] * (len(batch) - len(results))
+        errors = [r for r in results if r is not None and r.status is PutStatus.ERROR]
+        if errors or stalled:
+            # A per-file error may really be the whole replica failing (unmounted, gone).
+            try:
+                with anyio.fail_after(self.config.op_timeout):
+                    await self.transport.probe()
+            except (ReplicaUnavailableError, FileError, TimeoutError) as exc:
+                if self.unavailable is None:
+                    await self._set_unavailable(str(exc) or "probe timed out")
+                await self._release([w for w, r in zip(batch, results, strict=True)
+                                     if r is None or r.status is not PutStatus.COPIED])
+                await self._record_copied(batch, results)
+                return
+        first_missing = True
+        for work, result in zip(batch, results, strict=True):
+            if result is None:
+                if stalled and first_missing:
+                    first_missing = False
+                    err = TransferStalledError(
+                        f"no progress for {self.config.stall_timeout} s; transfer abandoned")
+                    await self._error(work, err)
+                else:
+                    await self._release([work])
+                continue
+            await self._outcome(work, result)
+
+    async def _record_copied(self, batch: Sequence[Work], results: Sequence[PutResult | None]
+                             ) -> None:
+        for work, result in zip(batch, results, strict=True):
+            if result is not None and result.status is PutStatus.COPIED:
+                await self._outcome(work, result)
+
+    async def _outcome(self, work: Work, result: PutResult) -> None:
+        if result.status is PutStatus.COPIED:
+            await self.engine.emit(self, work, Outcome(
+                self.name, work.file_id, OutcomeKind.REPLICATED, result.size, result.mtime_ns))
+        elif result.status is PutStatus.CHANGED:
+            settle = self._origins[work.origin].settle_seconds
+            await self._release([work], time.time() + max(1.0, settle))
+        elif result.status is PutStatus.VANISHED:
+            await self.engine.emit(self, work, Outcome(
+                self.name, work.file_id, OutcomeKind.VANISHED))
+        elif result.status is PutStatus.NOT_STARTED:
+            await self._release([work])
+        else:
+            assert result.error is not None
+            await self._error(work, result.error)
+
+    async def _error(self, work: Work, error: FileError) -> None:
+        attempts = work.attempts + 1
+        final = attempts >= self.config.max_attempts
+        delay = backoff_delay(attempts, self.config.backoff_initial, self.config.backoff_max)
+        await self.engine.emit(self, work, Outcome(
+            self.name, work.file_id, OutcomeKind.ERROR, error_class=str(error.error_class),
+            error=str(error), next_attempt=time.time() + delay, final=final))
+
+    async def _watch(self, progress: Progress, scope: anyio.CancelScope) -> None:
+        stall = self.config.stall_timeout
+        while True:
+            await anyio.sleep(min(1.0, stall / 4))
+            if progress.idle_for() > stall:
+                self._log.warning("transfer stalled", seconds=stall)
+                scope.cancel()
+                return
+
+
+class Engine:
+    """One run of the engine over an open inventory; owns every long-lived task."""
+
+    def __init__(
+        self,
+        config: Config,
+        inventory: Inventory,
+        bus: EventBus,
+        run_id: str,
+        transports: dict[str, Transport],
+        replicas: Sequence[ReplicaConfig],
+        limiter: anyio.CapacityLimiter,
+    ) -> None:
+        self.config = config
+        self.inventory = inventory
+        self.bus = bus
+        self.run_id = run_id
+        self.limiter = limiter
+        self.state = RunState()
+        self.stopping = False
+        self._stop = anyio.Event()
+        self.scans_done = anyio.Event()
+        self.transfer_scopes: set[anyio.CancelScope] = set()
+        self.retry_deadline = time.time() + config.engine.retry_window
+        self._transports = transports
+        self._replicas = tuple(replicas)
+        self._runners: list[ReplicaRunner] = []
+        self._send: MemoryObjectSendStream[_Record] | None = None
+        self.origin_errors: dict[str, str] = {}
+
+    def stop(self) -> None:
+        """Stop taking work; in-flight transfers get ``shutdown_grace`` seconds."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self._stop.set()
+        deadline = anyio.current_time() + self.config.engine.shutdown_grace
+        for scope in self.transfer_scopes:
+            scope.deadline = min(scope.deadline, deadline)
+        for runner in self._runners:
+            runner.wake.set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, but wake up at once when the engine stops."""
+        with anyio.move_on_after(max(0.0, seconds)):
+            await self._stop.wait()
+
+    async def emit(self, runner: ReplicaRunner, work: Work, outcome: Outcome) -> None:
+        assert self._send is not None
+        await self._send.send(_Record(runner, work, outcome))
+
+    async def run(self, once: bool) -> None:
+        stale: dict[str, list[bytes]] = {}
+        for name, dest in await self.inventory.recover():
+            stale.setdefault(name, []).append(dest)
+        for replica in self._replicas:
+            self._runners.append(ReplicaRunner(
+                self, replica, self._transports[replica.name],
+                self.config.origins_for(replica), stale.get(replica.name, ())))
+        send, receive = anyio.create_memory_object_stream[_Record](RECORD_BATCH)
+        self._send = send
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._recorder, receive)
+                async with send, anyio.create_task_group() as tg:
+                    tg.start_soon(self._scan_all, once)
+                    for runner in self._runners:
+                        tg.start_soon(runner.run, once)
+                    if not once:
+                        await self._stop.wait()
+                        tg.cancel_scope.deadline = (
+                            anyio.current_time() + self.config.engine.shutdown_grace + 5)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await self.inventory.release_all()
+
+    async def _scan_all(self, once: bool) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                for origin in self.config.origins:
+                    tg.start_soon(self._scan_loop, origin, once)
+                if once:
+                    return
+        finally:
+            self.scans_done.set()
+            for runner in self._runners:
+                runner.wake.set()
+
+    async def _scan_loop(self, origin: OriginConfig, once: bool) -> None:
+        replicas = [r.name for r in self.config.replicas
+                    if origin in self.config.origins_for(r)]
+        scanner = Scanner(origin, self.inventory, replicas, self.limiter, self._woken)
+        while not self.stopping:
+            try:
+                result = await scanner.scan()
+            except OriginUnavailableError as exc:
+                self.origin_errors[origin.name] = str(exc)
+                log.warning("origin unavailable", origin=origin.name, error=str(exc))
+            else:
+                self.origin_errors.pop(origin.name, None)
+                d = result.delta
+                self.bus.publish(ScanFinished(
+                    origin=origin.name, new=d.new, changed=d.changed, deleted=d.deleted,
+                    unchanged=d.unchanged, seconds=result.seconds))
+            if once:
+                return
+            await self.sleep(origin.scan_interval)
+
+    def _woken(self, _delta: object) -> None:
+        for runner in self._runners:
+            runner.wake.set()
+
+    async def _recorder(self, receive: MemoryObjectReceiveStream[_Record]) -> None:
+        async with receive:
+            while True:
+                try:
+                    first = await receive.receive()
+                except anyio.EndOfStream:
+                    return
+                records = [first]
+                while len(records) < RECORD_BATCH:
+                    try:
+                        records.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self.inventory.record([r.outcome for r in records], time.time())
+                self._after_record(records)
+
+    def _after_record(self, records: Sequence[_Record]) -> None:
+        counts: dict[ReplicaRunner, int] = {}
+        state = self.state
+        for record in records:
+            counts[record.runner] = counts.get(record.runner, 0) + 1
+            work, o = record.work, record.outcome
+            path = os.fsdecode(work.path)
+            if o.kind is OutcomeKind.REPLICATED:
+                state.copied += 1
+                state.bytes += o.size
+                record.runner._log.info("transfer", path=path, outcome="replicated",
+                                        size=o.size)
+                self.bus.publish(TransferCompleted(
+                    replica=work.replica, origin=work.origin, path=work.path, size=o.size))
+            elif o.kind is OutcomeKind.ERROR:
+                state.file_errors += 1
+                state.failed += o.final
+                record.runner._log.warning(
+                    "transfer", path=path, outcome="failed" if o.final else "retry",
+                    error_class=o.error_class, error=o.error, attempts=work.attempts + 1)
+                self.bus.publish(TransferFailed(
+                    replica=work.replica, origin=work.origin, path=work.path,
+                    error_class=o.error_class or "", error=o.error or "",
+                    attempts=work.attempts + 1, final=o.final))
+            elif o.kind is not OutcomeKind.RELEASED:
+                record.runner._log.info("transfer", path=path, outcome=str(o.kind))
+        for runner, count in counts.items():
+            runner.settled(count)
+
+
+__all__ = ["Engine", "ReplicaRunner", "RunState", "backoff_delay"]

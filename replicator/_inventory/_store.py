@@ -1,0 +1,586 @@
+"""The inventory: origin files, replicas and the copy of each file on each replica.
+
+One SQLite file in WAL mode. All writes of one process go through one connection and one
+lock, in short transactions that never span network or file I/O; a second connection reads.
+``busy_timeout`` lets CLI commands write while an engine runs in another process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import aiosqlite
+import anyio
+
+from .._errors import InventoryError
+from ._schema import migrate
+from ._types import (
+    CopyState,
+    DirListing,
+    FailedCopy,
+    Kind,
+    OriginStats,
+    Outcome,
+    OutcomeKind,
+    ReplicaStats,
+    ScanDelta,
+    Work,
+)
+
+_T = TypeVar("_T")
+
+BUSY_TIMEOUT_MS = 30_000
+# SQLite limits host parameters per statement; folder batches stay well below it.
+_MAX_PARAMS = 900
+
+_DUE_COLUMNS = (
+    "f.id, f.origin, f.host, f.dir, f.name, f.kind, f.size, f.mtime_ns, f.mode, f.target,"
+    " c.attempts"
+)
+
+
+def _chunks(items: Sequence[_T], size: int) -> Iterable[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    db = await aiosqlite.connect(path, isolation_level=None)
+    await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    await db.execute("PRAGMA journal_mode = WAL")
+    # NORMAL is durable across process crashes in WAL mode; a power cut may lose the last
+    # commits, which only makes files pending again (copies are idempotent).
+    await db.execute("PRAGMA synchronous = NORMAL")
+    return db
+
+
+class Inventory:
+    """Async access to one inventory file. Use ``async with await Inventory.open(path)``."""
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self._db = writer
+        self._reader = reader
+        self._lock = anyio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> Self:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            writer = await _connect(path)
+            await migrate(writer)
+            reader = await _connect(path)
+        except aiosqlite.DatabaseError as exc:
+            raise InventoryError(f"{path}: cannot open the inventory: {exc}") from exc
+        return cls(path, writer, reader)
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._reader.close()
+            await self._db.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One short write transaction. Cancellation rolls back, shielded."""
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._db.execute("ROLLBACK")
+                raise
+            with anyio.CancelScope(shield=True):
+                await self._db.execute("COMMIT")
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        async with self._reader.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    # -- runs ---------------------------------------------------------------------------
+
+    async def begin_run(self, run_id: str, host: str) -> None:
+        async with self._write() as db:
+            await db.execute(
+                "INSERT INTO runs (id, pid, host, started) VALUES (?, ?, ?, ?)",
+                (run_id, os.getpid(), host, time.time()),
+            )
+
+    async def end_run(self, run_id: str, outcome: str) -> None:
+        async with self._write() as db:
+            await db.execute(
+                "UPDATE runs SET ended = ?, outcome = ? WHERE id = ?",
+                (time.time(), outcome, run_id),
+            )
+
+    # -- replicas -----------------------------------------------------------------------
+
+    async def sync_replicas(
+        self, replicas: Sequence[tuple[str, str, Sequence[str]]]
+    ) -> list[str]:
+        """Register replicas (name, url, origin names); backfill new or widened ones.
+
+        A replica seen for the first time, or whose origin set grew, gets a pending copy of
+        every existing file of its origins straight from the inventory, without a rescan.
+        Returns the names that were backfilled.
+        """
+        backfilled: list[str] = []
+        for name, url, origins in replicas:
+            wanted = sorted(set(origins))
+            async with self._write() as db:
+                async with db.execute(
+                    "SELECT origins FROM replicas WHERE name = ?", (name,)
+                ) as cursor:
+                    row = await cursor.fetchone()
+                known: set[str] = set(json.loads(row[0])) if row else set()
+                await db.execute(
+                    "INSERT INTO replicas (name, url, origins) VALUES (?, ?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET url = excluded.url,"
+                    " origins = excluded.origins",
+                    (name, url, json.dumps(wanted)),
+                )
+                added = [origin for origin in wanted if origin not in known]
+                for origin in added:
+                    await db.execute(
+                        "INSERT OR IGNORE INTO copies (replica, file_id, state, src_mtime_ns)"
+                        " SELECT ?, id, 'pending', mtime_ns FROM files"
+                        " WHERE origin = ? AND deleted IS NULL",
+                        (name, origin),
+                    )
+                if added:
+                    backfilled.append(name)
+        return backfilled
+
+    async def set_condition(self, replica: str, condition: str, error: str | None) -> None:
+        async with self._write() as db:
+            await db.execute(
+                "UPDATE replicas SET condition = ?, last_error = ?, changed = ? WHERE name = ?",
+                (condition, error, time.time(), replica),
+            )
+
+    # -- scanning -----------------------------------------------------------------------
+
+    async def apply_listings(
+        self,
+        origin: str,
+        host: str,
+        replicas: Sequence[str],
+        listings: Sequence[DirListing],
+        now: float,
+    ) -> ScanDelta:
+        """Diff a batch of folder listings against the inventory and record the changes.
+
+        Only the rows of these folders are loaded, so memory follows the batch, not the
+        inventory. New files get a pending copy on each replica; changed files make their
+        copies pending again (an in-flight copy is settled when its result arrives).
+        """
+        if not listings:
+            return ScanDelta()
+        dirs = [listing.dir for listing in listings]
+        known: dict[tuple[bytes, bytes], tuple[int, int, int, int, int, float | None]] = {}
+        for chunk in _chunks(dirs, _MAX_PARAMS):
+            marks = ",".join("?" * len(chunk))
+            rows = await self._rows(
+                "SELECT dir, name, id, kind, size, mtime_ns, mode, deleted FROM files"
+                f" WHERE origin = ? AND host = ? AND dir IN ({marks})",
+                (origin, host, *chunk),
+            )
+            for d, n, file_id, kind, size, mtime_ns, mode, deleted in rows:
+                known[(d, n)] = (file_id, kind, size, mtime_ns, mode, deleted)
+
+        inserts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        seen_ids: list[int] = []
+        gone_ids: list[int] = []
+        unchanged = 0
+        for listing in listings:
+            present: set[bytes] = set(listing.unsettled)
+            for entry in listing.entries:
+                present.add(entry.name)
+                row = known.get((listing.dir, entry.name))
+                if row is None:
+                    inserts.append(
+                        (origin, host, listing.dir, entry.name, int(entry.kind), entry.size,
+                         entry.mtime_ns, entry.mode, entry.target, now, now)
+                    )
+                    continue
+                file_id, kind, size, mtime_ns, mode, deleted = row
+                if (
+                    deleted is None
+                    and kind == entry.kind
+                    and size == entry.size
+                    and mtime_ns == entry.mtime_ns
+                    and mode == entry.mode
+                ):
+                    unchanged += 1
+                    seen_ids.append(file_id)
+                else:
+                    updates.append(
+                        (int(entry.kind), entry.size, entry.mtime_ns, entry.mode, entry.target,
+                         now, file_id)
+                    )
+            if listing.complete:
+                for (d, n), row in known.items():
+                    if d == listing.dir and n not in present and row[5] is None:
+                        gone_ids.append(row[0])
+
+        async with self._write() as db:
+            if inserts:
+                await db.executemany(
+                    "INSERT INTO files (origin, host, dir, name, kind, size, mtime_ns, mode,"
+                    " target, first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    inserts,
+                )
+                for replica in replicas:
+                    await db.executemany(
+                        "INSERT OR IGNORE INTO copies (replica, file_id, state, src_mtime_ns)"
+                        " SELECT ?, id, 'pending', mtime_ns FROM files"
+                        " WHERE origin = ? AND host = ? AND dir = ? AND name = ?",
+                        [(replica, origin, host, row[2], row[3]) for row in inserts],
+                    )
+            if updates:
+                await db.executemany(
+                    "UPDATE files SET kind = ?, size = ?, mtime_ns = ?, mode = ?, target = ?,"
+                    " last_seen = ?, deleted = NULL WHERE id = ?",
+                    updates,
+                )
+                await self._reopen_copies(db, [row[-1] for row in updates], replicas)
+            for ids in _chunks(seen_ids, _MAX_PARAMS):
+                marks = ",".join("?" * len(ids))
+                await db.execute(
+                    f"UPDATE files SET last_seen = ? WHERE id IN ({marks})", (now, *ids)
+                )
+            if gone_ids:
+                await self._mark_deleted(db, gone_ids, now)
+        return ScanDelta(len(inserts), len(updates), len(gone_ids), unchanged)
+
+    async def _reopen_copies(
+        self, db: aiosqlite.Connection, file_ids: Sequence[int], replicas: Sequence[str]
+    ) -> None:
+        """Make the copies of changed files pending again, with a fresh attempt budget.
+
+        A copy being transferred is left alone: its result is checked against the new
+        version when it arrives. Ignored copies stay ignored. A replica that already holds
+        this exact version (a file that came back) stays replicated.
+        """
+        await db.executemany(
+            "UPDATE copies SET state = 'pending', attempts = 0, next_attempt = 0,"
+            " error_class = NULL, error = NULL,"
+            " src_mtime_ns = (SELECT mtime_ns FROM files WHERE id = copies.file_id)"
+            " WHERE file_id = ? AND state NOT IN ('copying', 'ignored')"
+            " AND NOT (state = 'replicated' AND (size, mtime_ns) IS"
+            " (SELECT size, mtime_ns FROM files WHERE id = copies.file_id))",
+            [(file_id,) for file_id in file_ids],
+        )
+        for replica in replicas:
+            await db.executemany(
+                "INSERT OR IGNORE INTO copies (replica, file_id, state, src_mtime_ns)"
+                " SELECT ?, id, 'pending', mtime_ns FROM files WHERE id = ?",
+                [(replica, file_id) for file_id in file_ids],
+            )
+
+    async def _mark_deleted(
+        self, db: aiosqlite.Connection, file_ids: Sequence[int], now: float
+    ) -> None:
+        for chunk in _chunks(file_ids, _MAX_PARAMS):
+            marks = ",".join("?" * len(chunk))
+            await db.execute(
+                f"UPDATE files SET deleted = ? WHERE id IN ({marks})", (now, *chunk)
+            )
+            # Dropped, not failed: there is nothing left to copy. Copies already made stay.
+            await db.execute(
+                f"DELETE FROM copies WHERE file_id IN ({marks})"
+                " AND state IN ('pending', 'failed')",
+                tuple(chunk),
+            )
+
+    async def mark_missing_dirs(
+        self, origin: str, host: str, visited: set[bytes], now: float
+    ) -> int:
+        """Mark deleted every file of folders the scan no longer found."""
+        rows = await self._rows(
+            "SELECT DISTINCT dir FROM files WHERE origin = ? AND host = ? AND deleted IS NULL",
+            (origin, host),
+        )
+        gone_dirs = [row[0] for row in rows if row[0] not in visited]
+        total = 0
+        for directory in gone_dirs:
+            ids = [
+                row[0]
+                for row in await self._rows(
+                    "SELECT id FROM files WHERE origin = ? AND host = ? AND dir = ?"
+                    " AND deleted IS NULL",
+                    (origin, host, directory),
+                )
+            ]
+            if ids:
+                async with self._write() as db:
+                    await self._mark_deleted(db, ids, now)
+                total += len(ids)
+        return total
+
+    # -- the engine's work ----------------------------------------------------------------
+
+    async def claim(
+        self,
+        replica: str,
+        now: float,
+        limit: int,
+        destination: Callable[[Work], bytes],
+    ) -> tuple[list[Work], list[tuple[Work, str]]]:
+        """Take up to ``limit`` due copies, oldest first, and mark them ``copying``.
+
+        The destination is recorded before any side effect, so a restart knows where temp
+        files of a dead run may lie. Returns the claimed work and the work whose
+        destination could not be computed (with the reason), which is marked failed.
+        """
+        claimed: list[Work] = []
+        refused: list[tuple[Work, str]] = []
+        async with self._write() as db:
+            async with db.execute(
+                f"SELECT {_DUE_COLUMNS} FROM copies c JOIN files f ON f.id = c.file_id"
+                " WHERE c.replica = ? AND c.state = 'pending' AND c.next_attempt <= ?"
+                " ORDER BY c.next_attempt, c.src_mtime_ns LIMIT ?",
+                (replica, now, limit),
+            ) as cursor:
+                rows = await cursor.fetchall()
+            for row in rows:
+                work = Work(replica, row[0], row[1], row[2], row[3], row[4], Kind(row[5]),
+                            row[6], row[7], row[8], row[9], row[10], b"")
+                try:
+                    dest = destination(work)
+                except ValueError as exc:
+                    refused.append((work, str(exc)))
+                    continue
+                claimed.append(
+                    Work(work.replica, work.file_id, work.origin, work.host, work.dir,
+                         work.name, work.kind, work.size, work.mtime_ns, work.mode,
+                         work.target, work.attempts, dest)
+                )
+            await db.executemany(
+                "UPDATE copies SET state = 'copying', dest = ? WHERE replica = ? AND file_id = ?",
+                [(w.dest, replica, w.file_id) for w in claimed],
+            )
+            await db.executemany(
+                "UPDATE copies SET state = 'failed', attempts = attempts + 1,"
+                " error_class = 'permanent', error = ? WHERE replica = ? AND file_id = ?",
+                [(reason, replica, w.file_id) for w, reason in refused],
+            )
+        return claimed, refused
+
+    async def next_retry(self, replica: str, now: float, deadline: float) -> float | None:
+        """When the next copy a one-shot run should still wait for is due, if any.
+
+        Due now, or failed transiently and due again before ``deadline``.
+        """
+        rows = await self._rows(
+            "SELECT MIN(next_attempt) FROM copies WHERE replica = ? AND state = 'pending' AND"
+            " (next_attempt <= ? OR (error_class = 'transient' AND next_attempt <= ?))",
+            (replica, now, deadline),
+        )
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
+
+    async def next_due_time(self, replica: str) -> float | None:
+        rows = await self._rows(
+            "SELECT MIN(next_attempt) FROM copies WHERE replica = ? AND state = 'pending'",
+            (replica,),
+        )
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
+
+    async def record(self, outcomes: Sequence[Outcome], now: float) -> None:
+        """Apply a batch of transfer outcomes in one transaction."""
+        replicated: list[tuple[Any, ...]] = []
+        released: list[tuple[Any, ...]] = []
+        vanished: list[tuple[Any, ...]] = []
+        errors: list[tuple[Any, ...]] = []
+        for o in outcomes:
+            if o.kind is OutcomeKind.REPLICATED:
+                replicated.append((o.size, o.mtime_ns, now, o.replica, o.file_id))
+            elif o.kind in (OutcomeKind.CHANGED, OutcomeKind.RELEASED):
+                released.append((o.next_attempt, o.replica, o.file_id))
+            elif o.kind is OutcomeKind.VANISHED:
+                vanished.append((o.replica, o.file_id))
+            else:
+                state = CopyState.FAILED if o.final else CopyState.PENDING
+                errors.append(
+                    (str(state), o.next_attempt, o.error_class, o.error, o.replica, o.file_id)
+                )
+        async with self._write() as db:
+            # The copy holds the version read before the transfer; if the origin moved on in
+            # the meantime, the copy is still recorded but stays pending for the new version.
+            await db.executemany(
+                "UPDATE copies SET size = ?1, mtime_ns = ?2, replicated_at = ?3,"
+                " error_class = NULL, error = NULL, attempts = 0, next_attempt = 0,"
+                " state = CASE WHEN (SELECT size = ?1 AND mtime_ns = ?2 FROM files"
+                " WHERE id = ?5) THEN 'replicated' ELSE 'pending' END"
+                " WHERE replica = ?4 AND file_id = ?5 AND state = 'copying'",
+                replicated,
+            )
+            await db.executemany(
+                "UPDATE copies SET state = 'pending', next_attempt = ?"
+                " WHERE replica = ? AND file_id = ? AND state = 'copying'",
+                released,
+            )
+            # Nothing left to copy: a copy never made is dropped; an older copy is kept.
+            await db.executemany(
+                "DELETE FROM copies WHERE replica = ? AND file_id = ? AND state = 'copying'"
+                " AND size IS NULL",
+                vanished,
+            )
+            await db.executemany(
+                "UPDATE copies SET state = 'replicated' WHERE replica = ? AND file_id = ?"
+                " AND state = 'copying'",
+                vanished,
+            )
+            await db.executemany(
+                "UPDATE copies SET state = ?, attempts = attempts + 1, next_attempt = ?,"
+                " error_class = ?, error = ? WHERE replica = ? AND file_id = ?"
+                " AND state = 'copying'",
+                errors,
+            )
+
+    async def release_all(self) -> int:
+        """Every ``copying`` copy back to pending: the end of a run, or after a crash.
+
+        Only call this while holding the engine lock: then no copy is in flight.
+        """
+        async with self._write() as db:
+            cursor = await db.execute(
+                "UPDATE copies SET state = 'pending' WHERE state = 'copying'"
+            )
+            return cursor.rowcount
+
+    async def recover(self) -> list[tuple[str, bytes]]:
+        """After a crash: every ``copying`` copy goes back to pending.
+
+        Returns the (replica, destination) pairs so that temp files of dead runs next to
+        them can be removed. Only call this while holding the engine lock.
+        """
+        rows = await self._rows(
+            "SELECT replica, dest FROM copies WHERE state = 'copying' AND dest IS NOT NULL"
+        )
+        async with self._write() as db:
+            await db.execute("UPDATE copies SET state = 'pending' WHERE state = 'copying'")
+        return [(row[0], row[1]) for row in rows]
+
+    # -- operators ----------------------------------------------------------------------
+
+    async def replica_stats(self, now: float) -> list[ReplicaStats]:
+        rows = await self._rows(
+            "SELECT r.name, r.url, r.condition, r.last_error,"
+            " COUNT(c.file_id),"
+            " SUM(c.state = 'replicated'), SUM(c.state IN ('pending', 'copying')),"
+            " SUM(c.state = 'failed'), SUM(c.state = 'ignored'),"
+            " SUM(CASE WHEN c.state IN ('pending', 'copying') THEN f.size ELSE 0 END),"
+            " MIN(CASE WHEN c.state IN ('pending', 'copying') THEN f.first_seen END)"
+            " FROM replicas r LEFT JOIN copies c ON c.replica = r.name"
+            " LEFT JOIN files f ON f.id = c.file_id GROUP BY r.name ORDER BY r.name"
+        )
+        return [
+            ReplicaStats(
+                name=row[0], url=row[1], condition=row[2], last_error=row[3],
+                files=int(row[4] or 0), replicated=int(row[5] or 0),
+                pending=int(row[6] or 0), failed=int(row[7] or 0), ignored=int(row[8] or 0),
+                bytes_pending=int(row[9] or 0),
+                oldest_pending_age=None if row[10] is None else max(0.0, now - row[10]),
+            )
+            for row in rows
+        ]
+
+    async def unresolved_errors(self, replicas: Sequence[str]) -> int:
+        """Copies that are failed, or pending after a per-file error, on these replicas."""
+        marks = ",".join("?" * len(replicas))
+        rows = await self._rows(
+            f"SELECT COUNT(*) FROM copies WHERE replica IN ({marks}) AND"
+            " (state = 'failed' OR (state = 'pending' AND error_class IS NOT NULL))",
+            tuple(replicas),
+        )
+        return int(rows[0][0])
+
+    async def preview(self, replica: str, now: float) -> list[Work]:
+        """What a sync would copy to ``replica`` now, oldest first; claims nothing."""
+        rows = await self._rows(
+            f"SELECT {_DUE_COLUMNS} FROM copies c JOIN files f ON f.id = c.file_id"
+            " WHERE c.replica = ? AND c.state = 'pending' AND c.next_attempt <= ?"
+            " ORDER BY c.next_attempt, c.src_mtime_ns",
+            (replica, now),
+        )
+        return [
+            Work(replica, row[0], row[1], row[2], row[3], row[4], Kind(row[5]), row[6], row[7],
+                 row[8], row[9], row[10], b"")
+            for row in rows
+        ]
+
+    async def origin_stats(self) -> list[OriginStats]:
+        rows = await self._rows(
+            "SELECT origin, COUNT(*), COALESCE(SUM(size), 0) FROM files"
+            " WHERE deleted IS NULL GROUP BY origin ORDER BY origin"
+        )
+        return [OriginStats(row[0], int(row[1]), int(row[2])) for row in rows]
+
+    async def failed(self, replica: str | None = None) -> list[FailedCopy]:
+        rows = await self._rows(
+            "SELECT f.origin, f.dir, f.name, c.replica, c.attempts, c.error_class, c.error,"
+            " c.state FROM copies c JOIN files f ON f.id = c.file_id"
+            " WHERE c.state = 'failed' AND (?1 IS NULL OR c.replica = ?1)"
+            " ORDER BY c.replica, f.dir, f.name",
+            (replica,),
+        )
+        return [
+            FailedCopy(row[0], os.path.join(row[1], row[2]), row[3], row[4], row[5], row[6],
+                       row[7])
+            for row in rows
+        ]
+
+    async def pending(self, replica: str) -> list[tuple[bytes, bytes]]:
+        """(origin path, attempts) of every pending copy on a replica, oldest first."""
+        rows = await self._rows(
+            "SELECT f.dir, f.name FROM copies c JOIN files f ON f.id = c.file_id"
+            " WHERE c.replica = ? AND c.state IN ('pending', 'copying')"
+            " ORDER BY c.src_mtime_ns, f.id",
+            (replica,),
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    async def set_state(
+        self,
+        *,
+        to: CopyState,
+        from_states: Sequence[CopyState],
+        replica: str | None,
+        paths: Sequence[bytes] | None,
+    ) -> int:
+        """Operator state changes (retry, ignore, unignore). ``paths=None`` means all."""
+        states = ",".join(f"'{s}'" for s in from_states)
+        reset = ", attempts = 0, next_attempt = 0, error_class = NULL, error = NULL"
+        sql = (
+            f"UPDATE copies SET state = ?{reset if to is CopyState.PENDING else ''}"
+            f" WHERE state IN ({states}) AND (?2 IS NULL OR replica = ?2)"
+        )
+        changed = 0
+        async with self._write() as db:
+            if paths is None:
+                cursor = await db.execute(sql.replace("= ?", "= ?1", 1), (str(to), replica))
+                changed += cursor.rowcount
+            else:
+                for path in paths:
+                    directory, name = os.path.split(path)
+                    cursor = await db.execute(
+                        sql.replace("= ?", "= ?1", 1)
+                        + " AND file_id IN (SELECT id FROM files WHERE dir = ?3 AND name = ?4)",
+                        (str(to), replica, directory, name),
+                    )
+                    changed += cursor.rowcount
+        return changed

@@ -1,0 +1,140 @@
+"""Value types passed between the scanner, the engine and the inventory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+
+
+class Kind(IntEnum):
+    FILE = 0
+    SYMLINK = 1
+
+
+class CopyState(StrEnum):
+    PENDING = "pending"
+    COPYING = "copying"
+    REPLICATED = "replicated"
+    FAILED = "failed"
+    IGNORED = "ignored"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One directory entry as the scanner saw it."""
+
+    name: bytes
+    kind: Kind
+    size: int
+    mtime_ns: int
+    mode: int
+    target: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DirListing:
+    """The settled entries of one folder.
+
+    ``unsettled`` names exist but were modified too recently to copy: they are neither new
+    nor missing. ``complete`` is false when the folder could not be read: nothing in it is
+    then taken as deleted.
+    """
+
+    dir: bytes
+    entries: tuple[Entry, ...]
+    unsettled: frozenset[bytes] = frozenset()
+    complete: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ScanDelta:
+    new: int = 0
+    changed: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+
+    def __add__(self, other: ScanDelta) -> ScanDelta:
+        return ScanDelta(
+            self.new + other.new,
+            self.changed + other.changed,
+            self.deleted + other.deleted,
+            self.unchanged + other.unchanged,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One file due on one replica, claimed by the engine (state ``copying``)."""
+
+    replica: str
+    file_id: int
+    origin: str
+    host: str
+    dir: bytes
+    name: bytes
+    kind: Kind
+    size: int
+    mtime_ns: int
+    mode: int
+    target: bytes | None
+    attempts: int
+    dest: bytes
+
+    @property
+    def path(self) -> bytes:
+        return os.path.join(self.dir, self.name)
+
+
+class OutcomeKind(StrEnum):
+    REPLICATED = "replicated"
+    CHANGED = "changed"  # the source changed during the copy: stays pending, not charged
+    VANISHED = "vanished"  # the source is gone: the pending copy is dropped
+    ERROR = "error"  # per-file error, charged one attempt
+    RELEASED = "released"  # not attempted (shutdown, replica unavailable): not charged
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    replica: str
+    file_id: int
+    kind: OutcomeKind
+    size: int = 0  # the version now held by the replica (REPLICATED)
+    mtime_ns: int = 0
+    error_class: str | None = None
+    error: str | None = None
+    next_attempt: float = 0.0
+    final: bool = False  # ERROR: attempts are used up, the copy becomes ``failed``
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStats:
+    name: str
+    url: str
+    condition: str
+    last_error: str | None
+    files: int
+    replicated: int
+    pending: int
+    failed: int
+    ignored: int
+    bytes_pending: int
+    oldest_pending_age: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class OriginStats:
+    name: str
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class FailedCopy:
+    origin: str
+    path: bytes
+    replica: str
+    attempts: int
+    error_class: str | None
+    error: str | None
+    state: str

@@ -1,0 +1,499 @@
+"""The ``replicator`` command line.
+
+Logs go to stderr; results and ``--json`` documents (one per command) go to stdout.
+Exit codes: 0 done; 1 some files failed; 2 configuration or usage error (also: another
+engine runs on the inventory); 3 work remains because a replica or origin was unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import anyio
+
+from . import _cli_logging
+from ._config import Config, derive_name, load_config
+from ._config_edit import append_replica, remove_replica, render_initial_config
+from ._errors import ConfigError, EngineLockedError, InventoryError, ReplicatorError
+from ._events import ScanFinished, TransferCompleted
+from ._inventory import CopyState, Inventory, ReplicaStats
+from ._replicator import Replicator, SyncSummary
+from ._version import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+class _Usage(Exception):
+    """A usage error reported with exit code 2."""
+
+
+def _print_json(document: object) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    if args.config:
+        return Path(args.config)
+    return Path(os.environ.get("REPLICATOR_CONFIG") or "replicator.toml")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(_config_path(args))
+
+
+def _fs(path: bytes) -> str:
+    return os.fsdecode(path)
+
+
+# -- read-only commands ------------------------------------------------------------------
+
+
+def _replica_doc(stats: ReplicaStats) -> dict[str, Any]:
+    return {
+        "name": stats.name,
+        "url": stats.url,
+        "condition": stats.condition,
+        "last_error": stats.last_error,
+        "files": stats.files,
+        "replicated": stats.replicated,
+        "pending": stats.pending,
+        "failed": stats.failed,
+        "ignored": stats.ignored,
+        "bytes_pending": stats.bytes_pending,
+        "oldest_pending_age": (
+            None if stats.oldest_pending_age is None else round(stats.oldest_pending_age, 3)
+        ),
+    }
+
+
+async def _open_inventory(config: Config) -> Inventory:
+    inventory = await Inventory.open(config.inventory)
+    await inventory.sync_replicas(
+        [(r.name, r.url, [o.name for o in config.origins_for(r)]) for r in config.replicas]
+    )
+    return inventory
+
+
+async def _replica_docs(config: Config, inventory: Inventory) -> list[dict[str, Any]]:
+    names = {r.name for r in config.replicas}
+    return [_replica_doc(s) for s in await inventory.replica_stats(time.time())
+            if s.name in names]
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    # Not a terminal: do not squeeze the table into rich's default 80 columns.
+    width = None if sys.stdout.isatty() else 200
+    Console(file=sys.stdout, width=width).print(table)
+
+
+_REPLICA_COLUMNS = ("name", "url", "condition", "files", "replicated", "pending", "failed",
+                    "ignored", "bytes_pending", "oldest_pending_age", "last_error")
+_REPLICA_SHORT = ("name", "condition", "files", "replicated", "pending", "failed", "ignored",
+                  "bytes_pending", "oldest_pending_age", "last_error")
+
+
+async def cmd_replicas(args: argparse.Namespace) -> int:
+    config = _load(args)
+    async with await _open_inventory(config) as inventory:
+        docs = await _replica_docs(config, inventory)
+    if args.json:
+        _print_json(docs)
+    else:
+        _table("replicas", _REPLICA_SHORT, [[d[c] for c in _REPLICA_SHORT] for d in docs])
+    return EXIT_OK
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    async with await _open_inventory(config) as inventory:
+        stats = {s.name: s for s in await inventory.origin_stats()}
+        origins = [
+            {"name": o.name, "path": o.path,
+             "files": stats[o.name].files if o.name in stats else 0,
+             "bytes": stats[o.name].bytes if o.name in stats else 0}
+            for o in config.origins
+        ]
+        replicas = await _replica_docs(config, inventory)
+    if args.json:
+        _print_json({"origins": origins, "replicas": replicas})
+    else:
+        _table("origins", ("name", "path", "files", "bytes"),
+               [[o["name"], o["path"], o["files"], o["bytes"]] for o in origins])
+        _table("replicas", _REPLICA_SHORT, [[d[c] for c in _REPLICA_SHORT] for d in replicas])
+    return EXIT_OK
+
+
+async def cmd_failed(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if args.replica:
+        config.replica(args.replica)
+    async with await _open_inventory(config) as inventory:
+        failed = await inventory.failed(args.replica)
+    docs = [
+        {"origin": f.origin, "path": _fs(f.path), "replica": f.replica, "attempts": f.attempts,
+         "error_class": f.error_class, "error": f.error}
+        for f in failed
+    ]
+    if args.json:
+        _print_json(docs)
+    else:
+        columns = ("origin", "path", "replica", "attempts", "error_class", "error")
+        _table("failed copies", columns, [[d[c] for c in columns] for d in docs])
+    return EXIT_OK
+
+
+def _paths(raw: Sequence[str]) -> list[bytes]:
+    return [os.fsencode(os.path.abspath(p)) for p in raw]
+
+
+async def _set_state(args: argparse.Namespace, to: CopyState,
+                     from_states: Sequence[CopyState], paths: list[bytes] | None) -> int:
+    config = _load(args)
+    if args.replica:
+        config.replica(args.replica)
+    async with await _open_inventory(config) as inventory:
+        changed = await inventory.set_state(to=to, from_states=from_states,
+                                            replica=args.replica, paths=paths)
+    print(f"{changed} cop{'y' if changed == 1 else 'ies'} now {to}")
+    return EXIT_OK
+
+
+async def cmd_retry(args: argparse.Namespace) -> int:
+    if bool(args.all) == bool(args.paths):
+        raise _Usage("retry needs either --all or one or more PATHs")
+    paths = None if args.all else _paths(args.paths)
+    return await _set_state(args, CopyState.PENDING, (CopyState.FAILED, CopyState.PENDING), paths)
+
+
+async def cmd_ignore(args: argparse.Namespace) -> int:
+    return await _set_state(args, CopyState.IGNORED, (CopyState.PENDING, CopyState.FAILED),
+                            _paths(args.paths))
+
+
+async def cmd_unignore(args: argparse.Namespace) -> int:
+    return await _set_state(args, CopyState.PENDING, (CopyState.IGNORED,), _paths(args.paths))
+
+
+def _readable_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK)
+
+
+async def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    problems = 0
+    for origin in config.origins:
+        ok = await anyio.to_thread.run_sync(_readable_folder, origin.path)
+        print(f"origin {origin.name}: {'ok' if ok else 'UNREACHABLE'} ({origin.path})")
+        problems += not ok
+    from .transports import open_transport
+
+    limiter = anyio.CapacityLimiter(2)
+    for replica in config.replicas:
+        transport = open_transport(replica, limiter)
+        try:
+            with anyio.fail_after(replica.op_timeout):
+                await transport.probe()
+        except (ReplicatorError, TimeoutError) as exc:
+            print(f"replica {replica.name}: UNAVAILABLE ({exc or 'timed out'})")
+            problems += 1
+        else:
+            print(f"replica {replica.name}: ok ({replica.url})")
+        finally:
+            await transport.aclose()
+    return EXIT_UNAVAILABLE if problems else EXIT_OK
+
+
+async def cmd_scan(args: argparse.Namespace) -> int:
+    config = _load(args)
+    async with Replicator(config) as rep:
+        results = await rep.scan()
+    docs = [{"origin": s.origin, "new": s.new, "changed": s.changed, "deleted": s.deleted,
+             "unchanged": s.unchanged, "seconds": round(s.seconds, 3), "error": s.error}
+            for s in results]
+    if args.json:
+        _print_json(docs)
+    else:
+        for d in docs:
+            if d["error"]:
+                print(f"{d['origin']}: UNAVAILABLE: {d['error']}")
+            else:
+                print(f"{d['origin']}: {d['new']} new, {d['changed']} changed,"
+                      f" {d['deleted']} deleted, {d['unchanged']} unchanged"
+                      f" in {d['seconds']} s")
+    return EXIT_UNAVAILABLE if any(d["error"] for d in docs) else EXIT_OK
+
+
+# -- sync ----------------------------------------------------------------------------------
+
+
+async def _watch_signals(rep: Replicator, scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            if count == 1:
+                print(f"replicator: {signal.Signals(signum).name}: finishing transfers in"
+                      f" flight (again to abort)", file=sys.stderr)
+                rep.stop()
+            else:
+                scope.cancel()
+
+
+async def _progress(rep: Replicator) -> None:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task("copying", total=None)
+        copied = 0
+        async with rep.subscribe(1024) as events:
+            async for event in events:
+                if isinstance(event, ScanFinished):
+                    stats = await rep.inventory.replica_stats(time.time())
+                    total = sum(s.bytes_pending for s in stats)
+                    bar.update(task, total=bar.tasks[0].completed + total)
+                elif isinstance(event, TransferCompleted):
+                    copied += 1
+                    bar.update(task, advance=event.size, description=f"{copied} files")
+
+
+def _summary_doc(summary: SyncSummary, stopped: bool) -> dict[str, Any]:
+    return {"copied": summary.copied, "failed": summary.failed, "pending": summary.pending,
+            "errors": summary.errors, "bytes": summary.bytes,
+            "seconds": round(summary.seconds, 3),
+            "unavailable": dict(summary.unavailable), "stopped": stopped}
+
+
+async def cmd_sync(args: argparse.Namespace) -> int:
+    config = _load(args)
+    replicas = args.replica or None
+    if replicas:
+        for name in replicas:
+            config.replica(name)
+    async with Replicator(config) as rep:
+        if args.dry_run:
+            planned = await rep.plan(replicas)
+            if args.json:
+                _print_json([{"replica": p.replica, "origin": p.origin, "path": _fs(p.source),
+                              "dest": _fs(p.dest), "size": p.size} for p in planned])
+            else:
+                for p in planned:
+                    print(f"{p.replica}: {_fs(p.source)} -> {_fs(p.dest)} ({p.size} bytes)")
+                print(f"{len(planned)} copies would be made")
+            return EXIT_OK
+        summary: SyncSummary | None = None
+        stopped = False
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, rep, tg.cancel_scope)
+            if sys.stderr.isatty() and not args.json and args.verbose <= 0:
+                tg.start_soon(_progress, rep)
+            summary = await (rep.run(replicas) if args.continuous else rep.sync_once(replicas))
+            stopped = rep.stopped
+            tg.cancel_scope.cancel()
+    assert summary is not None
+    if args.json:
+        _print_json(_summary_doc(summary, stopped))
+    else:
+        unavailable = "".join(
+            f"\n  unavailable: {name}: {why}" for name, why in summary.unavailable
+        )
+        print(f"copied {summary.copied} files ({summary.bytes} bytes) in {summary.seconds:.1f} s;"
+              f" {summary.pending} pending, {summary.failed} failed,"
+              f" {summary.errors} with errors{unavailable}")
+    code = summary.exit_code
+    if code == EXIT_OK and stopped and summary.pending:
+        code = EXIT_UNAVAILABLE  # stopped early: work remains
+    return code
+
+
+# -- config editing ------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    if path.exists() and not args.force:
+        raise _Usage(f"{path} exists; use --force to overwrite it")
+    origins = [os.path.abspath(p) for p in args.origin]
+    text = render_initial_config(origins, args.inventory)
+    path.write_text(text)
+    load_config(path)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _write_checked(path: Path, text: str) -> None:
+    """Validate the edited text as a config before it replaces the file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    try:
+        load_config(tmp)
+    except ConfigError as exc:
+        tmp.unlink()
+        raise ConfigError(str(exc).replace(str(tmp), str(path))) from None
+    os.replace(tmp, path)
+
+
+def cmd_add_replica(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    text = path.read_text() if path.exists() else ""
+    table: dict[str, object] = {}
+    if args.name:
+        table["name"] = args.name
+    if args.workers is not None:
+        table["workers"] = args.workers
+    if args.layout:
+        table["layout"] = args.layout
+    _write_checked(path, append_replica(text, args.url, table))
+    print(f"added replica {args.name or derive_name(args.url)} ({args.url}) to {path}")
+    return EXIT_OK
+
+
+def cmd_remove_replica(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    load_config(path)
+    text = path.read_text()
+    raw = tomllib.loads(text).get("replicas", {})
+    urls = [url for url, table in raw.items()
+            if (table.get("name") if isinstance(table, dict) else None) == args.name
+            or (not (isinstance(table, dict) and table.get("name"))
+                and derive_name(url) == args.name)]
+    if not urls:
+        raise ConfigError(f"{path}: no replica named {args.name!r}")
+    _write_checked(path, remove_replica(text, urls[0]))
+    print(f"removed replica {args.name} from {path}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo(Path(args.dir))
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="replicator",
+        description="Replicate data files to local and SSH replicas, verified and atomic.",
+    )
+    parser.add_argument("--version", action="version", version=f"replicator {__version__}")
+    parser.add_argument("-c", "--config", help="config file (default: $REPLICATOR_CONFIG,"
+                        " then ./replicator.toml)")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="count", default=0,
+                      help="more logging (-v: a line per transfer, -vv: debug)")
+    loud.add_argument("-q", "--quiet", action="store_true", help="log errors only")
+    parser.add_argument("--log-format", choices=("console", "json"), default="console")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a new config file")
+    p.add_argument("--origin", action="append", required=True, metavar="PATH")
+    p.add_argument("--inventory", metavar="PATH")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("add-replica", help="add a replica to the config file")
+    p.add_argument("url")
+    p.add_argument("--name")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--layout")
+    p.set_defaults(func=cmd_add_replica)
+
+    p = sub.add_parser("remove-replica", help="remove a replica from the config file")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_remove_replica)
+
+    p = sub.add_parser("check", help="validate the config and reach origins and replicas")
+    p.set_defaults(func=cmd_check, is_async=True)
+
+    for name, func, text in (("replicas", cmd_replicas, "per-replica counts"),
+                             ("status", cmd_status, "origins and replicas"),
+                             ("scan", cmd_scan, "update the inventory only")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func, is_async=True)
+
+    p = sub.add_parser("sync", help="copy what is due (once by default)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="catch up, then exit (default)")
+    mode.add_argument("--continuous", action="store_true", help="keep replicating until stopped")
+    p.add_argument("--replica", action="append", metavar="NAME")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sync, is_async=True)
+
+    p = sub.add_parser("failed", help="list failed copies")
+    p.add_argument("--replica", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_failed, is_async=True)
+
+    p = sub.add_parser("retry", help="make failed copies due again")
+    p.add_argument("--replica", metavar="NAME")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.set_defaults(func=cmd_retry, is_async=True)
+
+    for name, func, text in (("ignore", cmd_ignore, "stop trying to copy these files"),
+                             ("unignore", cmd_unignore, "copy these files again")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--replica", metavar="NAME")
+        p.add_argument("paths", nargs="+", metavar="PATH")
+        p.set_defaults(func=func, is_async=True)
+
+    p = sub.add_parser("demo", help="replicate a generated sample tree in a scratch folder")
+    p.add_argument("--dir", default="replicator-demo", help="scratch folder (default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"replicator: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet:
+        args.verbose = -1
+    _cli_logging.configure(args.verbose, args.log_format)
+    try:
+        if getattr(args, "is_async", False):
+            code: int = anyio.run(args.func, args)
+        else:
+            code = args.func(args)
+    except (ConfigError, EngineLockedError, InventoryError, _Usage) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,375 @@
+"""Replicas in local folders.
+
+Each batch runs in one worker-thread call, since a thread hand-off costs more than copying a
+small file. Every folder is opened relative to the root with O_NOFOLLOW, so a symlink planted
+in the replica cannot redirect a write outside the root.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import stat
+from collections.abc import Iterable, Sequence
+from contextlib import suppress
+
+import anyio
+import structlog
+
+from .._errors import FileError, ReplicaUnavailableError
+from .._inventory import Kind
+from ._base import Capabilities, DestStat, Progress, PutRequest, PutResult, PutStatus
+from ._errors import file_error
+
+log = structlog.get_logger("replicator.transports.local")
+
+CHUNK = 8 << 20
+TEMP_RE = re.compile(rb"^\.~rep-([0-9a-zx]+)-[0-9a-f]+\.tmp$")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def temp_name(run_id: str) -> bytes:
+    return f".~rep-{run_id}-{secrets.token_hex(6)}.tmp".encode()
+
+
+class _Cancelled(Exception):
+    """The engine abandoned the batch: stop at the next chunk."""
+
+
+class _Dirs:
+    """Folder descriptors of one batch, opened component by component below the root."""
+
+    def __init__(self, root_fd: int) -> None:
+        self._root = root_fd
+        self._fds: dict[bytes, int] = {b"": root_fd}
+        self.touched: set[bytes] = set()
+
+    def open(self, reldir: bytes, create: bool) -> int:
+        fd = self._fds.get(reldir)
+        if fd is not None:
+            return fd
+        parent_rel, name = os.path.split(reldir)
+        parent = self.open(parent_rel, create)
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+            with suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=parent)
+                self.touched.add(parent_rel)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise FileError(
+                    f"destination path blocked: {os.fsdecode(reldir)!r} is not a folder",
+                    file_error(exc, "open", reldir).error_class,
+                ) from None
+            raise
+        self._fds[reldir] = fd
+        return fd
+
+    def close(self) -> None:
+        for rel, fd in self._fds.items():
+            if rel:
+                os.close(fd)
+        self._fds.clear()
+
+
+def _copy_data(src: int, dst: int, progress: Progress) -> int:
+    total = 0
+    use_range = True
+    while True:
+        if progress.cancelled:
+            raise _Cancelled
+        if use_range:
+            try:
+                n = os.copy_file_range(src, dst, CHUNK)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                use_range = False
+                continue
+        else:
+            data = os.read(src, CHUNK)
+            n = len(data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dst, view) :]
+        if n == 0:
+            return total
+        total += n
+        progress.add(n)
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_dev, a.st_size, a.st_mtime_ns) == (
+        b.st_ino,
+        b.st_dev,
+        b.st_size,
+        b.st_mtime_ns,
+    )
+
+
+class LocalTransport:
+    """A replica root in a local folder. The root must exist: an unmounted disk's empty
+    mount point must not silently receive a copy."""
+
+    def __init__(self, root: str, limiter: anyio.CapacityLimiter, fsync: bool = True) -> None:
+        self.root = os.fsencode(os.path.abspath(root))
+        self._limiter = limiter
+        self._fsync = fsync
+        self._caps = Capabilities(mtime_precision_ns=1, fsync=fsync)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    async def probe(self) -> None:
+        await anyio.to_thread.run_sync(self._probe, limiter=self._limiter, abandon_on_cancel=True)
+
+    def _probe(self) -> None:
+        root = os.fsdecode(self.root)
+        try:
+            fd = os.open(self.root, _DIR_FLAGS)
+        except FileNotFoundError:
+            raise ReplicaUnavailableError(f"replica root {root!r} does not exist") from None
+        except OSError as exc:
+            raise ReplicaUnavailableError(f"replica root {root!r}: {exc.strerror}") from None
+        try:
+            name = b".~rep-probe-" + secrets.token_hex(4).encode()
+            wfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                          dir_fd=fd)
+            os.close(wfd)
+            os.unlink(name, dir_fd=fd)
+        except OSError as exc:
+            raise ReplicaUnavailableError(
+                f"replica root {root!r} is not writable: {exc.strerror}"
+            ) from None
+        finally:
+            os.close(fd)
+
+    async def stat(self, dest: bytes) -> DestStat | None:
+        def run() -> DestStat | None:
+            try:
+                st = os.stat(os.path.join(self.root, dest), follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise file_error(exc, "stat", dest) from None
+            return DestStat(st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
+                            stat.S_ISDIR(st.st_mode), stat.S_ISLNK(st.st_mode))
+
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+
+    async def listdir(self, dest: bytes) -> list[bytes]:
+        def run() -> list[bytes]:
+            try:
+                return os.listdir(os.path.join(self.root, dest) if dest else self.root)
+            except OSError as exc:
+                raise file_error(exc, "list", dest) from None
+
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+
+    async def remove(self, dest: bytes) -> None:
+        def run() -> None:
+            try:
+                os.unlink(os.path.join(self.root, dest))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise file_error(exc, "remove", dest) from None
+
+        await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+
+    async def remove_stale_temps(self, dirs: Iterable[bytes], run_id: str) -> int:
+        wanted = sorted(set(dirs))
+
+        def run() -> int:
+            removed = 0
+            for reldir in wanted:
+                folder = os.path.join(self.root, reldir) if reldir else self.root
+                try:
+                    names = os.listdir(folder)
+                except OSError:
+                    continue
+                for name in names:
+                    match = TEMP_RE.match(name)
+                    if match and match.group(1).decode() != run_id:
+                        with suppress(FileNotFoundError):
+                            os.unlink(os.path.join(folder, name))
+                            removed += 1
+            return removed
+
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+
+    async def put(
+        self, requests: Sequence[PutRequest], run_id: str, progress: Progress
+    ) -> list[PutResult]:
+        results = progress.results
+        try:
+            await anyio.to_thread.run_sync(
+                self._put_batch, requests, run_id, progress, results,
+                limiter=self._limiter, abandon_on_cancel=True,
+            )
+        except BaseException:
+            # The thread goes on until its next chunk; tell it to stop and clean up.
+            progress.cancelled = True
+            raise
+        return results
+
+    def _put_batch(
+        self,
+        requests: Sequence[PutRequest],
+        run_id: str,
+        progress: Progress,
+        results: list[PutResult],
+    ) -> None:
+        try:
+            root_fd = os.open(self.root, _DIR_FLAGS)
+        except OSError as exc:
+            error = FileError(f"replica root: {exc.strerror}")
+            results.extend(PutResult(r, PutStatus.ERROR, error=error) for r in requests)
+            return
+        dirs = _Dirs(root_fd)
+        renamed: list[tuple[int, int]] = []  # (index in results, folder fd) to verify
+        try:
+            for request in requests:
+                if progress.cancelled:
+                    break
+                result = self._put_one(request, run_id, progress, dirs)
+                if result.status is PutStatus.COPIED:
+                    renamed.append((len(results), dirs.open(os.path.dirname(request.dest), False)))
+                results.append(result)
+                progress.add(files=1)
+            # Durable before recorded: the renames are made durable by syncing the folders.
+            if self._fsync:
+                for reldir in {os.path.dirname(results[i].request.dest) for i, _ in renamed}:
+                    os.fsync(dirs.open(reldir, False))
+                for reldir in dirs.touched:
+                    os.fsync(dirs.open(reldir, False))
+            for index, dir_fd in renamed:
+                results[index] = self._verify(results[index], dir_fd)
+        finally:
+            dirs.close()
+            os.close(root_fd)
+
+    def _verify(self, result: PutResult, dir_fd: int) -> PutResult:
+        """Compare the final file with the source version read before the copy."""
+        name = os.path.basename(result.request.dest)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:
+            return PutResult(result.request, PutStatus.ERROR,
+                             error=file_error(exc, "verify", result.request.dest))
+        if st.st_size != result.size or st.st_mtime_ns != result.mtime_ns:
+            return PutResult(result.request, PutStatus.ERROR, error=FileError(
+                f"verification failed for {os.fsdecode(result.request.dest)!r}: size/mtime"
+                f" {st.st_size}/{st.st_mtime_ns}, expected {result.size}/{result.mtime_ns}"))
+        return result
+
+    def _put_one(
+        self, request: PutRequest, run_id: str, progress: Progress, dirs: _Dirs
+    ) -> PutResult:
+        reldir, name = os.path.split(request.dest)
+        try:
+            dir_fd = dirs.open(reldir, create=True)
+        except FileError as exc:
+            return PutResult(request, PutStatus.ERROR, error=exc)
+        except OSError as exc:
+            return PutResult(request, PutStatus.ERROR, error=file_error(exc, "mkdir", reldir))
+        if request.kind is Kind.SYMLINK:
+            return self._put_symlink(request, run_id, dir_fd, name)
+        try:
+            src = os.open(request.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return PutResult(request, PutStatus.VANISHED)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # became a symlink since the scan
+                return PutResult(request, PutStatus.CHANGED)
+            return PutResult(request, PutStatus.ERROR,
+                             error=file_error(exc, "read source", request.source))
+        tmp = temp_name(run_id)
+        tmp_created = False
+        try:
+            before = os.fstat(src)
+            if (before.st_size, before.st_mtime_ns) != (request.size, request.mtime_ns):
+                return PutResult(request, PutStatus.CHANGED)
+            try:
+                dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                              | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+                tmp_created = True
+                try:
+                    _copy_data(src, dst, progress)
+                    os.fchmod(dst, stat.S_IMODE(before.st_mode))
+                    os.utime(dst, ns=(before.st_atime_ns, before.st_mtime_ns))
+                    if self._fsync:
+                        os.fsync(dst)
+                finally:
+                    os.close(dst)
+            except OSError as exc:
+                return PutResult(request, PutStatus.ERROR,
+                                 error=file_error(exc, "write", request.dest))
+            after = os.fstat(src)
+            try:
+                current = os.stat(request.source, follow_symlinks=False)
+            except FileNotFoundError:
+                return PutResult(request, PutStatus.VANISHED)
+            if not (_same(before, after) and _same(before, current)):
+                return PutResult(request, PutStatus.CHANGED)
+            try:
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except OSError as exc:
+                error = file_error(exc, "rename into", request.dest)
+                if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                    error = FileError(f"destination path blocked: {os.fsdecode(request.dest)!r}"
+                                      " is a folder", error.error_class)
+                return PutResult(request, PutStatus.ERROR, error=error)
+            tmp_created = False
+            return PutResult(request, PutStatus.COPIED, before.st_size, before.st_mtime_ns)
+        except _Cancelled:
+            return PutResult(request, PutStatus.NOT_STARTED)
+        except OSError as exc:
+            return PutResult(request, PutStatus.ERROR,
+                             error=file_error(exc, "read source", request.source))
+        finally:
+            os.close(src)
+            if tmp_created:
+                with suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+
+    def _put_symlink(
+        self, request: PutRequest, run_id: str, dir_fd: int, name: bytes
+    ) -> PutResult:
+        try:
+            before = os.stat(request.source, follow_symlinks=False)
+            target = os.readlink(request.source)
+        except FileNotFoundError:
+            return PutResult(request, PutStatus.VANISHED)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # no longer a symlink
+                return PutResult(request, PutStatus.CHANGED)
+            return PutResult(request, PutStatus.ERROR,
+                             error=file_error(exc, "read link", request.source))
+        if target != request.target or before.st_mtime_ns != request.mtime_ns:
+            return PutResult(request, PutStatus.CHANGED)
+        tmp = temp_name(run_id)
+        try:
+            os.symlink(target, tmp, dir_fd=dir_fd)
+            try:
+                os.utime(tmp, ns=(before.st_atime_ns, before.st_mtime_ns), dir_fd=dir_fd,
+                         follow_symlinks=False)
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
+        except OSError as exc:
+            return PutResult(request, PutStatus.ERROR,
+                             error=file_error(exc, "write link", request.dest))
+        return PutResult(request, PutStatus.COPIED, before.st_size, before.st_mtime_ns)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,70 @@
+import pytest
+
+from replicator._layout import Layout
+
+
+def render(template: str, path: bytes, root: bytes = b"/data/raw", host: str = "h") -> bytes:
+    return Layout.parse(template).render(host=host, origin="raw", root=root, path=path)
+
+
+def test_fields() -> None:
+    path = b"/data/raw/2024/a.fits"
+    assert render("{host}/{path}", path) == b"h/data/raw/2024/a.fits"
+    assert render("{origin}/{relpath}", path) == b"raw/2024/a.fits"
+    assert render("flat/{name}", path) == b"flat/a.fits"
+    assert Layout.parse("{host}/{path}").fields == {"host", "path"}
+
+
+def test_root_is_slash_and_trailing_slash() -> None:
+    assert render("{relpath}", b"/a/b", root=b"/") == b"a/b"
+    assert render("{relpath}", b"/data/raw/a", root=b"/data/raw/") == b"a"
+
+
+def test_non_utf8_bytes_round_trip() -> None:
+    assert render("{host}/{relpath}", b"/data/raw/caf\xe9") == b"h/caf\xe9"
+
+
+def test_collapses_doubled_slashes() -> None:
+    assert render("{host}//{relpath}", b"/data/raw/a") == b"h/a"
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{host}/{bogus}", "unknown field {bogus}"),
+        ("{}/{path}", "positional"),
+        ("{0}/{path}", "positional"),
+        ("{path!r}", "conversions"),
+        ("{path:>10}", "format specs"),
+        ("{path.x}", "unknown field"),
+        ("{path", "bad layout"),
+        ("}{path}", "bad layout"),
+        ("{host}/x", "must contain"),
+    ],
+)
+def test_parse_rejects(template: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Layout.parse(template)
+
+
+@pytest.mark.parametrize(
+    ("template", "host", "path"),
+    [
+        ("{host}/{path}", "", b"/data/raw/a"),  # absolute
+        ("{relpath}/", "h", b"/data/raw/a"),  # trailing slash
+        ("{host}/{relpath}", "..", b"/data/raw/a"),
+        ("{host}/{relpath}", ".", b"/data/raw/a"),
+        ("{host}/{relpath}", "a\0b", b"/data/raw/a"),
+        ("../{relpath}", "h", b"/data/raw/a"),
+    ],
+)
+def test_render_never_escapes(template: str, host: str, path: bytes) -> None:
+    with pytest.raises(ValueError, match="layout rendered"):
+        render(template, path, host=host)
+
+
+def test_render_rejects_file_outside_root() -> None:
+    with pytest.raises(ValueError, match="not inside"):
+        render("{relpath}", b"/data/rawx/a")
+    with pytest.raises(ValueError, match="not inside"):
+        render("{relpath}", b"/data/raw")
