@@ -175,7 +175,8 @@ class ReplicaRunner:
         engine = self.engine
         while not engine.stopping and self.unavailable is None:
             claimed, refused = await engine.inventory.claim(
-                self.name, time.time(), CLAIM_BATCH, self.destination
+                self.name, time.time(), CLAIM_BATCH, self.destination,
+                engine.started_at if once else None,
             )
             for work, reason in refused:
                 engine.state.failed += 1
@@ -205,7 +206,8 @@ class ReplicaRunner:
                 await self._idle.wait(1.0)
             if self.unavailable is not None or engine.stopping:
                 return
-            due = await engine.inventory.next_retry(self.name, time.time(), engine.retry_deadline)
+            due = await engine.inventory.next_retry(self.name, time.time(), engine.retry_deadline,
+                                                    engine.started_at)
             if due is None:
                 return
             await engine.sleep(due - time.time())
@@ -357,7 +359,8 @@ class Engine:
         self._stop = anyio.Event()
         self.scans_done = anyio.Event()
         self.transfer_scopes: set[anyio.CancelScope] = set()
-        self.retry_deadline = time.time() + config.engine.retry_window
+        self.started_at = time.time()
+        self.retry_deadline = self.started_at + config.engine.retry_window
         self._transports = transports
         self._replicas = tuple(replicas)
         self._runners: list[ReplicaRunner] = []

@@ -8,6 +8,7 @@ engine runs on the inventory); 3 work remains because a replica or origin was un
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from typing import Any, NoReturn
 import anyio
 
 from . import _cli_logging
-from ._config import Config, derive_name, load_config
+from ._config import Config, load_config
 from ._config_edit import append_replica, remove_replica, render_initial_config
 from ._errors import ConfigError, EngineLockedError, InventoryError, ReplicatorError
 from ._events import ScanFinished, TransferCompleted
@@ -95,7 +96,7 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
 
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # never cut a path short
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     # Not a terminal: do not squeeze the table into rich's default 80 columns.
@@ -314,7 +315,9 @@ async def cmd_sync(args: argparse.Namespace) -> int:
             summary = await (rep.run(replicas) if args.continuous else rep.sync_once(replicas))
             stopped = rep.stopped
             tg.cancel_scope.cancel()
-    assert summary is not None
+    if summary is None:  # a second signal aborted the run
+        print("replicator: aborted; unfinished copies stay pending", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     if args.json:
         _print_json(_summary_doc(summary, stopped))
     else:
@@ -345,20 +348,33 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _write_checked(path: Path, text: str) -> None:
+def _write_checked(path: Path, text: str) -> Config:
     """Validate the edited text as a config before it replaces the file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     try:
-        load_config(tmp)
+        config = load_config(tmp)
     except ConfigError as exc:
         tmp.unlink()
         raise ConfigError(str(exc).replace(str(tmp), str(path))) from None
     os.replace(tmp, path)
+    return config
+
+
+def _replica_keys(text: str, config: Config) -> dict[str, str]:
+    """Each ``[replicas."KEY"]`` key as written in the file -> the replica's name.
+
+    The loader keeps the file's order, and resolves relative paths, which
+    ``derive_name`` alone cannot do.
+    """
+    raw = tomllib.loads(text).get("replicas", {})
+    return {key: r.name for key, r in zip(raw, config.replicas, strict=True)}
 
 
 def cmd_add_replica(args: argparse.Namespace) -> int:
     path = _config_path(args)
+    if path.exists():
+        load_config(path)  # report an existing error with the file's name and line
     text = path.read_text() if path.exists() else ""
     table: dict[str, object] = {}
     if args.name:
@@ -367,20 +383,17 @@ def cmd_add_replica(args: argparse.Namespace) -> int:
         table["workers"] = args.workers
     if args.layout:
         table["layout"] = args.layout
-    _write_checked(path, append_replica(text, args.url, table))
-    print(f"added replica {args.name or derive_name(args.url)} ({args.url}) to {path}")
+    text = append_replica(text, args.url, table)
+    name = _replica_keys(text, _write_checked(path, text))[args.url]
+    print(f"added replica {name} ({args.url}) to {path}")
     return EXIT_OK
 
 
 def cmd_remove_replica(args: argparse.Namespace) -> int:
     path = _config_path(args)
-    load_config(path)
+    config = load_config(path)
     text = path.read_text()
-    raw = tomllib.loads(text).get("replicas", {})
-    urls = [url for url, table in raw.items()
-            if (table.get("name") if isinstance(table, dict) else None) == args.name
-            or (not (isinstance(table, dict) and table.get("name"))
-                and derive_name(url) == args.name)]
+    urls = [url for url, name in _replica_keys(text, config).items() if name == args.name]
     if not urls:
         raise ConfigError(f"{path}: no replica named {args.name!r}")
     _write_checked(path, remove_replica(text, urls[0]))
@@ -483,6 +496,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quiet:
         args.verbose = -1
     _cli_logging.configure(args.verbose, args.log_format)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # File names need not be UTF-8: print their bytes as they are instead of failing.
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         if getattr(args, "is_async", False):
             code: int = anyio.run(args.func, args)

@@ -44,6 +44,13 @@ _DUE_COLUMNS = (
     " c.attempts"
 )
 
+# With ?4 = the start of a one-shot run: copies that got a non-transient error in this run
+# (their next attempt is set after it started) wait for the next run.
+_NOT_RETRIED_THIS_RUN = (
+    "(?4 IS NULL OR c.error_class IS NULL OR c.error_class = 'transient'"
+    " OR c.next_attempt <= ?4)"
+)
+
 
 def _chunks(items: Sequence[_T], size: int) -> Iterable[Sequence[_T]]:
     for start in range(0, len(items), size):
@@ -72,12 +79,17 @@ class Inventory:
     @classmethod
     async def open(cls, path: Path) -> Self:
         path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await _connect(path)
         try:
-            writer = await _connect(path)
             await migrate(writer)
             reader = await _connect(path)
-        except aiosqlite.DatabaseError as exc:
-            raise InventoryError(f"{path}: cannot open the inventory: {exc}") from exc
+        except BaseException as exc:
+            # aiosqlite's connection threads are not daemons: an unclosed one hangs exit.
+            with anyio.CancelScope(shield=True):
+                await writer.close()
+            if isinstance(exc, aiosqlite.DatabaseError):
+                raise InventoryError(f"{path}: cannot open the inventory: {exc}") from exc
+            raise
         return cls(path, writer, reader)
 
     async def close(self) -> None:
@@ -339,21 +351,24 @@ class Inventory:
         now: float,
         limit: int,
         destination: Callable[[Work], bytes],
+        run_started: float | None = None,
     ) -> tuple[list[Work], list[tuple[Work, str]]]:
         """Take up to ``limit`` due copies, oldest first, and mark them ``copying``.
 
         The destination is recorded before any side effect, so a restart knows where temp
         files of a dead run may lie. Returns the claimed work and the work whose
         destination could not be computed (with the reason), which is marked failed.
+        ``run_started`` (one-shot runs): skip copies given a non-transient error since then.
         """
         claimed: list[Work] = []
         refused: list[tuple[Work, str]] = []
         async with self._write() as db:
             async with db.execute(
                 f"SELECT {_DUE_COLUMNS} FROM copies c JOIN files f ON f.id = c.file_id"
-                " WHERE c.replica = ? AND c.state = 'pending' AND c.next_attempt <= ?"
-                " ORDER BY c.next_attempt, c.src_mtime_ns LIMIT ?",
-                (replica, now, limit),
+                " WHERE c.replica = ?1 AND c.state = 'pending' AND c.next_attempt <= ?2"
+                f" AND {_NOT_RETRIED_THIS_RUN}"
+                " ORDER BY c.next_attempt, c.src_mtime_ns LIMIT ?3",
+                (replica, now, limit, run_started),
             ) as cursor:
                 rows = await cursor.fetchall()
             for row in rows:
@@ -380,15 +395,20 @@ class Inventory:
             )
         return claimed, refused
 
-    async def next_retry(self, replica: str, now: float, deadline: float) -> float | None:
+    async def next_retry(
+        self, replica: str, now: float, deadline: float, run_started: float | None = None
+    ) -> float | None:
         """When the next copy a one-shot run should still wait for is due, if any.
 
-        Due now, or failed transiently and due again before ``deadline``.
+        Due now (unless given a non-transient error since ``run_started``: those wait for
+        the next run), or failed transiently and due again before ``deadline``.
         """
         rows = await self._rows(
-            "SELECT MIN(next_attempt) FROM copies WHERE replica = ? AND state = 'pending' AND"
-            " (next_attempt <= ? OR (error_class = 'transient' AND next_attempt <= ?))",
-            (replica, now, deadline),
+            "SELECT MIN(c.next_attempt) FROM copies c WHERE c.replica = ?1"
+            " AND c.state = 'pending' AND ((c.next_attempt <= ?2"
+            f" AND {_NOT_RETRIED_THIS_RUN}) OR (c.error_class = 'transient'"
+            " AND c.next_attempt <= ?3))",
+            (replica, now, deadline, run_started),
         )
         return None if not rows or rows[0][0] is None else float(rows[0][0])
 

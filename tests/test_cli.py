@@ -1,0 +1,575 @@
+"""The ``replicator`` command line, run as a real subprocess on real folders."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from conftest import backdate, replica_path, temp_files, write
+
+from replicator import load_config
+from replicator._version import __version__
+
+_T = TypeVar("_T")
+
+REPLICA_KEYS = {"name", "url", "condition", "files", "replicated", "pending", "failed",
+                "ignored", "bytes_pending", "oldest_pending_age"}
+FAILED_KEYS = {"origin", "path", "replica", "attempts", "error_class", "error"}
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLICATOR_")}
+    env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", NO_COLOR="1",
+               TERM="dumb", COLUMNS="200")
+    return env
+
+
+def cli(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m replicator ARGS`` in ``cwd`` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "replicator", *args], cwd=cwd, env=cli_env(),
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def ok(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    result = cli(cwd, *args)
+    assert result.returncode == 0, (args, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def fails(cwd: Path, code: int, *args: str) -> subprocess.CompletedProcess[str]:
+    result = cli(cwd, *args)
+    assert result.returncode == code, (args, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def as_json(cwd: Path, *args: str) -> Any:
+    """Run a command with ``--json``: stdout must be exactly one JSON document."""
+    return json.loads(ok(cwd, *args, "--json").stdout)
+
+
+def wait_for(predicate: Callable[[], _T], timeout: float, what: str,
+             interval: float = 0.02) -> _T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def write_config(
+    tmp: Path,
+    origin: Path,
+    replica: Path,
+    *,
+    replica_lines: str = "",
+    engine_lines: str = "retry_window = 1.0\nshutdown_grace = 5.0\n",
+) -> Path:
+    """A config with one origin (host "inst", short settle time) and one replica "bk"."""
+    text = (
+        '# test config\n[inventory]\npath = "inventory.db"\n\n'
+        f"[engine]\n{engine_lines}\n"
+        f"[origins.raw]\npath = {json.dumps(str(origin))}\nhost = \"inst\"\n"
+        "settle_seconds = 0.5\nscan_interval = 0.5\n\n"
+        f"[replicas.{json.dumps(str(replica))}]\n"
+        'name = "bk"\nbackoff_initial = 0.05\nbackoff_max = 0.2\n'
+        f"{replica_lines}"
+    )
+    path = tmp / "replicator.toml"
+    path.write_text(text)
+    load_config(path)
+    return path
+
+
+def files_below(root: Path) -> dict[str, Path]:
+    """Regular files below ``root`` by relative path, temp files included."""
+    found: dict[str, Path] = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(dirpath, name)
+            found[str(path.relative_to(root))] = path
+    return found
+
+
+def small_tree(origin: Path) -> dict[str, bytes]:
+    content = {
+        "a.dat": b"alpha\n" * 100,
+        "sub/b.dat": os.urandom(5000),
+        "sub/deep/c.fits": os.urandom(70_000),
+    }
+    for rel, data in content.items():
+        write(origin / rel, data)
+    backdate(origin)
+    return content
+
+
+def assert_replicated(origin: Path, replica: Path, content: dict[str, bytes]) -> None:
+    for rel, data in content.items():
+        dest = replica_path(replica, origin / rel)
+        assert dest.read_bytes() == data, rel
+        assert dest.stat().st_mtime_ns == (origin / rel).stat().st_mtime_ns, rel
+
+
+def copy_rows(tmp: Path) -> list[tuple[str, int, str | None]]:
+    with contextlib.closing(sqlite3.connect(tmp / "inventory.db")) as db:
+        return list(db.execute("SELECT state, attempts, error_class FROM copies"))
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    origin, replica = tmp_path / "origin", tmp_path / "replica"
+    origin.mkdir()
+    replica.mkdir()
+    return origin, replica
+
+
+@contextlib.contextmanager
+def background(cwd: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """A CLI process in the background; killed (and reaped) if the test leaves early."""
+    out = (cwd / "bg.out").open("w")
+    err = (cwd / "bg.err").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "replicator", *args], cwd=cwd, env=cli_env(),
+        stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        out.close()
+        err.close()
+
+
+# -- 1. version and config editing ----------------------------------------------------------
+
+
+def test_version(tmp_path: Path) -> None:
+    result = ok(tmp_path, "--version")
+    assert result.stdout.strip() == f"replicator {__version__}"
+
+
+def test_init_writes_a_loadable_config_and_refuses_to_overwrite(dirs: tuple[Path, Path],
+                                                                tmp_path: Path) -> None:
+    origin, _ = dirs
+    ok(tmp_path, "init", "--origin", "origin")  # relative to the working folder
+    path = tmp_path / "replicator.toml"
+    config = load_config(path)
+    assert [(o.name, o.path) for o in config.origins] == [("origin", str(origin))]
+    assert config.replicas == ()
+    before = path.read_bytes()
+
+    result = fails(tmp_path, 2, "init", "--origin", str(tmp_path / "other"))
+    assert "--force" in result.stderr
+    assert path.read_bytes() == before
+
+    ok(tmp_path, "init", "--origin", str(origin), "--force", "--inventory", "inv.db")
+    assert load_config(path).inventory == tmp_path / "inv.db"
+
+
+def test_add_and_remove_replica_keep_comments(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    origin, replica = dirs
+    ok(tmp_path, "init", "--origin", str(origin))
+    path = tmp_path / "replicator.toml"
+    original = path.read_text() + "# operator note: keep me  \n[engine]  # a trailing comment\n"
+    path.write_text(original)
+    second = tmp_path / "second"
+
+    ok(tmp_path, "add-replica", str(replica), "--name", "N", "--workers", "2",
+       "--layout", "{origin}/{relpath}")
+    one = path.read_text()
+    assert one.startswith(original)
+    assert tomllib.loads(one)["replicas"] == {
+        str(replica): {"name": "N", "workers": 2, "layout": "{origin}/{relpath}"}}
+    (r,) = load_config(path).replicas
+    assert (r.name, r.url, r.workers, r.layout) == ("N", str(replica), 2, "{origin}/{relpath}")
+
+    ok(tmp_path, "add-replica", f"file://{second}")
+    two = path.read_text()
+    assert two.startswith(one)
+    assert [r.name for r in load_config(path).replicas] == ["N", "second"]
+
+    result = ok(tmp_path, "remove-replica", "N")
+    assert "removed replica N" in result.stdout
+    # Only N's table went: every other byte, comments included, is where it was.
+    assert path.read_text() == original + two[len(one):]
+    assert [r.name for r in load_config(path).replicas] == ["second"]
+
+    ok(tmp_path, "remove-replica", "second")
+    assert path.read_text() == original
+
+    result = fails(tmp_path, 2, "remove-replica", "second")
+    assert "second" in result.stderr
+    assert path.read_text() == original
+
+
+@pytest.mark.parametrize("url", ["ftp://host/data", "popeye:/data", "ssh:///no-host"])
+def test_add_replica_bad_url_exits_2_and_leaves_the_file(
+    dirs: tuple[Path, Path], tmp_path: Path, url: str
+) -> None:
+    origin, _ = dirs
+    ok(tmp_path, "init", "--origin", str(origin))
+    path = tmp_path / "replicator.toml"
+    before = path.read_bytes()
+    result = fails(tmp_path, 2, "add-replica", url)
+    assert result.stderr.startswith("replicator: error: ")
+    assert url in result.stderr
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["origin", "replica", "replicator.toml"]
+
+
+def test_relative_replica_paths_are_named_and_removable(dirs: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    origin, _ = dirs
+    ok(tmp_path, "init", "--origin", str(origin))
+    result = ok(tmp_path, "add-replica", "backups/disk1")
+    assert "added replica disk1" in result.stdout
+    (replica,) = load_config(tmp_path / "replicator.toml").replicas
+    assert (replica.name, replica.url) == ("disk1", str(tmp_path / "backups" / "disk1"))
+    ok(tmp_path, "remove-replica", "disk1")
+    assert load_config(tmp_path / "replicator.toml").replicas == ()
+
+
+# -- 2. configuration errors -------------------------------------------------------------------
+
+
+READ_COMMANDS = [["status"], ["replicas", "--json"], ["sync"], ["scan"], ["failed"],
+                 ["retry", "--all"], ["ignore", "x"], ["check"], ["add-replica", "/mnt/x"],
+                 ["remove-replica", "x"]]
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=lambda c: c[0])
+def test_malformed_toml_names_file_and_line(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "my.toml"
+    path.write_text('[origins.raw]\npath = "/data/raw"\nsettle_seconds = = 3\n')
+    result = fails(tmp_path, 2, "-c", str(path), *command)
+    assert str(path) in result.stderr
+    assert "line 3" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", [["status"], ["sync", "--once"], ["failed", "--json"]],
+                         ids=lambda c: c[0])
+def test_unknown_key_is_named(tmp_path: Path, command: list[str]) -> None:
+    (tmp_path / "replicator.toml").write_text(
+        '[origins.raw]\npath = "/data/raw"\nsetle_seconds = 3\n')
+    result = fails(tmp_path, 2, *command)
+    assert "replicator.toml" in result.stderr
+    assert "origins.raw.setle_seconds" in result.stderr
+    assert "unknown key" in result.stderr
+
+
+def test_missing_config_and_environment_variable(tmp_path: Path) -> None:
+    result = fails(tmp_path, 2, "status")
+    assert "replicator.toml" in result.stderr
+    assert "not found" in result.stderr
+    env_path = tmp_path / "elsewhere.toml"
+    env_path.write_text("[inventory]\nbogus = 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "replicator", "status"], cwd=tmp_path,
+        env={**cli_env(), "REPLICATOR_CONFIG": str(env_path)},
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "elsewhere.toml" in result.stderr
+    assert "inventory.bogus" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- 3. sync, status, replicas, scan, dry run ---------------------------------------------------
+
+
+def test_sync_status_and_json_documents(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    origin, replica = dirs
+    content = small_tree(origin)
+    write_config(tmp_path, origin, replica, replica_lines="workers = 2\n")
+    total = sum(len(d) for d in content.values())
+
+    (scan,) = as_json(tmp_path, "scan")
+    assert scan["origin"] == "raw"
+    assert (scan["new"], scan["changed"], scan["deleted"], scan["error"]) == (3, 0, 0, None)
+
+    result = ok(tmp_path, "sync", "--dry-run")
+    for rel in content:
+        assert str(origin / rel) in result.stdout
+    assert "3 copies would be made" in result.stdout
+    planned = as_json(tmp_path, "sync", "--dry-run")
+    assert sorted(p["path"] for p in planned) == sorted(str(origin / rel) for rel in content)
+    assert {p["replica"] for p in planned} == {"bk"}
+    assert files_below(replica) == {}
+
+    result = ok(tmp_path, "sync")
+    assert "copied 3 files" in result.stdout
+    assert_replicated(origin, replica, content)
+    assert len(files_below(replica)) == 3
+
+    status = as_json(tmp_path, "status")
+    assert status["origins"] == [
+        {"name": "raw", "path": str(origin), "files": 3, "bytes": total}]
+    (rep,) = status["replicas"]
+    assert rep.keys() >= REPLICA_KEYS
+    assert (rep["name"], rep["url"], rep["condition"]) == ("bk", str(replica), "ok")
+    assert rep["files"] == rep["replicated"] + rep["pending"] + rep["failed"] + rep["ignored"]
+    assert (rep["files"], rep["replicated"], rep["bytes_pending"]) == (3, 3, 0)
+    assert rep["oldest_pending_age"] is None
+    assert as_json(tmp_path, "replicas") == status["replicas"]
+
+    write(origin / "sub" / "new.dat", b"late arrival")
+    planned = as_json(tmp_path, "sync", "--dry-run")
+    assert [p["path"] for p in planned] == [str(origin / "sub" / "new.dat")]
+    assert not replica_path(replica, origin / "sub" / "new.dat").exists()
+
+    (rep,) = as_json(tmp_path, "replicas")
+    assert (rep["files"], rep["pending"], rep["bytes_pending"]) == (4, 1, 12)
+    assert rep["oldest_pending_age"] is not None
+    assert rep["oldest_pending_age"] >= 0
+
+    result = ok(tmp_path, "-v", "--log-format", "json", "sync", "--json")
+    summary = json.loads(result.stdout)  # logs stay on stderr
+    assert (summary["copied"], summary["failed"], summary["pending"]) == (1, 0, 0)
+    assert summary["bytes"] == 12
+    logs = [json.loads(line) for line in result.stderr.splitlines()]
+    assert {"event": "transfer", "outcome": "replicated", "replica": "bk",
+            "path": str(origin / "sub" / "new.dat")}.items() <= next(
+        log for log in logs if log.get("event") == "transfer").items()
+    assert summary["unavailable"] == {}
+    assert replica_path(replica, origin / "sub" / "new.dat").read_bytes() == b"late arrival"
+
+    # Nothing new: a second run copies nothing.
+    summary = as_json(tmp_path, "sync", "--once")
+    assert (summary["copied"], summary["failed"], summary["pending"]) == (0, 0, 0)
+    assert temp_files(replica) == []
+
+
+def test_non_utf8_names_in_text_and_json_output(dirs: tuple[Path, Path],
+                                                tmp_path: Path) -> None:
+    origin, replica = dirs
+    base = os.fsencode(origin)
+    fine = os.path.join(base, b"caf\xe9.dat")
+    stuck = os.path.join(base, b"sub", b"\xff.dat")
+    os.mkdir(os.path.join(base, b"sub"))
+    for raw in (fine, stuck):
+        with open(raw, "wb") as f:
+            f.write(raw)
+    backdate(origin)
+    write_config(tmp_path, origin, replica, replica_lines="max_attempts = 1\n")
+    write(replica_path(replica, origin / "sub"), b"not a folder")
+    # A UTF-8 locale's strict stdout, as on most workstations.
+    env = {**cli_env(), "PYTHONIOENCODING": "utf-8:strict"}
+
+    def run(*args: bytes | str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "replicator", *args], cwd=tmp_path,
+                              env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=60)
+
+    result = run("sync", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert fine in result.stdout
+    assert stuck in result.stdout
+    assert run("sync").returncode == 1
+    result = run("failed")
+    assert result.returncode == 0, result.stderr
+    assert b"\xff" in result.stdout, result.stdout.decode(errors="backslashreplace")
+    (failed,) = json.loads(run("failed", "--json").stdout)
+    assert failed["path"] == os.fsdecode(stuck)
+    result = run("ignore", stuck)
+    assert result.stdout.strip() == b"1 copy now ignored", result.stderr
+    assert run("sync").returncode == 0
+    assert os.path.exists(os.path.join(os.fsencode(replica_path(replica, origin)), b"caf\xe9.dat"))
+
+
+# -- 4. exit code 3: an unavailable replica ---------------------------------------------------
+
+
+def test_missing_replica_root_exits_3_and_keeps_files_pending(dirs: tuple[Path, Path],
+                                                              tmp_path: Path) -> None:
+    origin, _ = dirs
+    replica = tmp_path / "unmounted"
+    content = small_tree(origin)
+    write_config(tmp_path, origin, replica)
+
+    result = fails(tmp_path, 3, "sync")
+    assert "unavailable" in result.stdout
+    assert not replica.exists()  # an empty mount point is never created
+    (rep,) = as_json(tmp_path, "replicas")
+    assert rep["condition"] == "unavailable"
+    assert "does not exist" in rep["last_error"]
+    assert (rep["files"], rep["pending"], rep["failed"], rep["replicated"]) == (3, 3, 0, 0)
+    assert sorted(copy_rows(tmp_path)) == [("pending", 0, None)] * 3
+    assert as_json(tmp_path, "failed") == []
+
+    result = fails(tmp_path, 3, "check")
+    assert "replica bk: UNAVAILABLE" in result.stdout
+    assert "origin raw: ok" in result.stdout
+    summary = json.loads(fails(tmp_path, 3, "sync", "--json").stdout)
+    assert summary["pending"] == 3
+    assert "bk" in summary["unavailable"]
+    assert sorted(copy_rows(tmp_path)) == [("pending", 0, None)] * 3  # still no attempts
+
+    replica.mkdir()  # the disk is back
+    ok(tmp_path, "check")
+    ok(tmp_path, "sync")
+    assert_replicated(origin, replica, content)
+    (rep,) = as_json(tmp_path, "replicas")
+    assert (rep["condition"], rep["last_error"], rep["replicated"]) == ("ok", None, 3)
+
+
+# -- 5. exit code 1: failed, ignore, retry -----------------------------------------------------
+
+
+def test_failed_ignore_unignore_retry(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    origin, replica = dirs
+    write(origin / "a.dat", b"fine")
+    blocked_file = write(origin / "sub" / "x.dat", b"blocked for now")
+    backdate(origin)
+    write_config(tmp_path, origin, replica, replica_lines="max_attempts = 1\n")
+    blocker = replica_path(replica, origin / "sub")
+    write(blocker, b"a file where a folder should be")
+
+    result = fails(tmp_path, 1, "sync")
+    assert "1 failed" in result.stdout
+    assert replica_path(replica, origin / "a.dat").read_bytes() == b"fine"
+    (failed,) = as_json(tmp_path, "failed")
+    assert set(failed) == FAILED_KEYS
+    assert failed["origin"] == "raw"
+    assert failed["path"] == str(blocked_file)
+    assert failed["replica"] == "bk"
+    assert failed["attempts"] == 1
+    assert failed["error_class"] == "permanent"
+    assert "blocked" in failed["error"]
+    assert as_json(tmp_path, "failed", "--replica", "bk") == [failed]
+    table = ok(tmp_path, "failed").stdout
+    assert "permanent" in table
+    assert "\N{HORIZONTAL ELLIPSIS}" not in table  # paths and errors are shown in full
+    (rep,) = as_json(tmp_path, "replicas")
+    assert (rep["failed"], rep["replicated"], rep["pending"]) == (1, 1, 0)
+    fails(tmp_path, 1, "sync")  # still failed: a failed copy keeps the exit code at 1
+
+    # Paths are resolved against the working folder.
+    assert ok(tmp_path, "ignore", "origin/sub/x.dat").stdout.strip() == "1 copy now ignored"
+    ok(tmp_path, "sync")
+    (rep,) = as_json(tmp_path, "replicas")
+    assert (rep["ignored"], rep["failed"], rep["replicated"], rep["pending"]) == (1, 0, 1, 0)
+    assert rep["files"] == 2
+    assert as_json(tmp_path, "failed") == []
+
+    assert ok(tmp_path, "unignore", str(blocked_file)).stdout.strip() == "1 copy now pending"
+    (rep,) = as_json(tmp_path, "replicas")
+    assert (rep["ignored"], rep["pending"]) == (0, 1)
+
+    blocker.unlink()
+    ok(tmp_path, "retry", "--all")
+    summary = as_json(tmp_path, "sync")
+    assert (summary["copied"], summary["failed"], summary["pending"]) == (1, 0, 0)
+    assert replica_path(replica, blocked_file).read_bytes() == b"blocked for now"
+    (rep,) = as_json(tmp_path, "replicas")
+    assert (rep["replicated"], rep["failed"], rep["ignored"]) == (2, 0, 0)
+
+
+def test_retry_of_specific_paths(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    origin, replica = dirs
+    blocked_file = write(origin / "sub" / "x.dat", b"x")
+    write_config(tmp_path, origin, replica, replica_lines="max_attempts = 1\n")
+    blocker = write(replica_path(replica, origin / "sub"), b"not a folder")
+    fails(tmp_path, 1, "sync")
+    blocker.unlink()
+    fails(tmp_path, 1, "sync")  # failed copies wait for an operator
+    assert ok(tmp_path, "retry", "origin/nope.dat").stdout.strip() == "0 copies now pending"
+    assert ok(tmp_path, "retry", str(blocked_file)).stdout.strip() == "1 copy now pending"
+    ok(tmp_path, "sync")
+    assert replica_path(replica, blocked_file).read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("args", [[], ["--all", "some/path"]], ids=["neither", "both"])
+def test_retry_usage_errors(dirs: tuple[Path, Path], tmp_path: Path, args: list[str]) -> None:
+    origin, replica = dirs
+    write_config(tmp_path, origin, replica)
+    result = fails(tmp_path, 2, "retry", *args)
+    assert "--all" in result.stderr
+
+
+def test_unknown_replica_name_is_a_usage_error(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    origin, replica = dirs
+    write_config(tmp_path, origin, replica)
+    for command in (["sync", "--replica", "nope"], ["failed", "--replica", "nope"],
+                    ["retry", "--all", "--replica", "nope"]):
+        result = fails(tmp_path, 2, *command)
+        assert "nope" in result.stderr
+
+
+# -- 6. one engine per inventory ----------------------------------------------------------------
+
+
+def test_second_engine_refused_and_sigterm_releases_the_lock(dirs: tuple[Path, Path],
+                                                             tmp_path: Path) -> None:
+    origin, replica = dirs
+    content = small_tree(origin)
+    write_config(tmp_path, origin, replica)
+
+    with background(tmp_path, "sync", "--continuous") as engine:
+        wait_for(lambda: len(files_below(replica)) == 3 or engine.poll() is not None, 30,
+                 "the continuous engine to copy the tree")
+        assert engine.poll() is None, (tmp_path / "bg.err").read_text()
+        assert_replicated(origin, replica, content)
+
+        for command in (["sync", "--once"], ["sync"], ["sync", "--dry-run"], ["scan"]):
+            result = fails(tmp_path, 2, *command)
+            assert "another replicator engine" in result.stderr
+            assert f"pid {engine.pid}" in result.stderr
+        for command in (["status"], ["replicas"], ["failed"], ["retry", "--all"],
+                        ["ignore", str(origin / "a.dat")], ["status", "--json"]):
+            ok(tmp_path, *command)
+
+        # Still replicating: a new file is picked up by the next scan.
+        write(origin / "later.dat", b"while running", mtime=time.time() - 60)
+        wait_for(replica_path(replica, origin / "later.dat").exists, 30,
+                 "the continuous engine to copy a new file")
+        assert engine.poll() is None
+
+        engine.send_signal(signal.SIGTERM)
+        assert engine.wait(timeout=20) == 0
+    assert "SIGTERM" in (tmp_path / "bg.err").read_text()
+    assert "Traceback" not in (tmp_path / "bg.err").read_text()
+    assert "copied 4 files" in (tmp_path / "bg.out").read_text()
+
+    summary = as_json(tmp_path, "sync")
+    assert (summary["copied"], summary["pending"], summary["failed"]) == (0, 0, 0)
+
+
+def test_lock_of_a_killed_engine_does_not_block(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    origin, replica = dirs
+    content = small_tree(origin)
+    write_config(tmp_path, origin, replica)
+    lock = tmp_path / "inventory.db.lock"
+    with background(tmp_path, "sync", "--continuous") as engine:
+        wait_for(lambda: (lock.exists() and lock.read_text().strip() == str(engine.pid))
+                 or engine.poll() is not None, 30, "the engine to take the lock")
+        assert engine.poll() is None, (tmp_path / "bg.err").read_text()
+        fails(tmp_path, 2, "sync")
+        engine.send_signal(signal.SIGKILL)
+        assert engine.wait(timeout=20) == -signal.SIGKILL
+    assert lock.exists()  # left behind, but no longer locked
+    ok(tmp_path, "sync")
+    assert_replicated(origin, replica, content)
+    assert temp_files(replica) == []
+

@@ -1,0 +1,340 @@
+"""End-to-end behaviour of the engine through the library API, on real folders."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+
+from conftest import OLD, backdate, make_config, replica_path, temp_files, write
+from replicator import (
+    Config,
+    EngineLockedError,
+    Event,
+    EventsDropped,
+    InventoryError,
+    OriginConfig,
+    Replicator,
+    ScanFinished,
+    TransferCompleted,
+)
+from replicator._inventory import Inventory
+from replicator.transports import LocalTransport, Progress, PutRequest, PutResult
+
+pytestmark = pytest.mark.anyio
+
+NON_UTF8 = b"caf\xe9 \xff.dat"
+
+
+def build_tree(origin: Path, count: int) -> list[Path]:
+    files: list[Path] = []
+    for i in range(count):
+        folder = origin / f"night {i % 7}" / f"séq-{i % 5}"
+        files.append(write(folder / f"frame_{i:05d}.fits", os.urandom(100 + i % 3000)))
+    files.append(write(origin / "empty.dat", b""))
+    files.append(write(origin / "big" / "cube.fits", os.urandom(24 << 20)))
+    odd = os.path.join(os.fsencode(origin), b"night 0", NON_UTF8)
+    with open(odd, "wb") as f:
+        f.write(b"bytes in a non-UTF-8 name")
+    os.chmod(origin / "empty.dat", 0o640)
+    os.chmod(files[0], 0o600)
+    os.symlink("night 1", origin / "latest")
+    backdate(origin)
+    return files
+
+
+def assert_same_tree(origin: Path, replica_root: Path) -> int:
+    """Contents, mtimes, modes and links identical; returns the number of entries."""
+    count = 0
+    base = os.fsencode(origin)
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            src = os.path.join(dirpath, name)
+            dst = os.path.join(os.fsencode(replica_root), os.path.relpath(src, base))
+            s, d = os.lstat(src), os.lstat(dst)
+            assert stat.S_IFMT(s.st_mode) == stat.S_IFMT(d.st_mode), src
+            assert s.st_mtime_ns == d.st_mtime_ns, src
+            if stat.S_ISLNK(s.st_mode):
+                assert os.readlink(src) == os.readlink(dst)
+            else:
+                assert stat.S_IMODE(s.st_mode) == stat.S_IMODE(d.st_mode), src
+                assert filecmp.cmp(src, dst, shallow=False), src
+            count += 1
+    return count
+
+
+def files_under(root: Path) -> int:
+    return sum(len(f) for _, _, f in os.walk(root))
+
+
+async def test_full_tree_to_two_replicas_then_changes(tmp_path: Path) -> None:
+    origin, r1, r2 = tmp_path / "o", tmp_path / "r1", tmp_path / "r2"
+    r1.mkdir()
+    r2.mkdir()
+    files = build_tree(origin, 3000)
+    config = make_config(tmp_path, origin, [r1, r2], workers=3)
+    async with Replicator(config) as rep:
+        summary = await rep.sync_once()
+        assert summary.exit_code == 0
+        assert summary.copied == 2 * (len(files) + 2)
+        for replica in (r1, r2):
+            mirror = replica_path(replica, origin)
+            assert assert_same_tree(origin, mirror) == len(files) + 2
+            assert temp_files(replica) == []
+        stats = await rep.inventory.replica_stats(time.time())
+        assert [(s.files, s.replicated, s.pending) for s in stats] == [
+            (len(files) + 2, len(files) + 2, 0)
+        ] * 2
+
+        # Nothing changed: nothing copied.
+        assert (await rep.sync_once()).copied == 0
+
+        modified, grown, touched, deleted = files[1], files[2], files[3], files[4]
+        write(modified, b"x" * (modified.stat().st_size), mtime=OLD + 10)
+        with open(grown, "ab") as f:
+            f.write(b"more")
+        os.utime(grown, (OLD + 20, OLD + 20))
+        os.utime(touched, (OLD + 30, OLD + 30))
+        deleted.unlink()
+        new = write(origin / "night 3" / "new.fits", b"new data")
+        summary = await rep.sync_once()
+        assert summary.copied == 2 * 4
+        for replica in (r1, r2):
+            mirror = replica_path(replica, origin)
+            assert (replica_path(replica, deleted)).exists()  # copies are kept
+            (replica_path(replica, deleted)).unlink()
+            assert assert_same_tree(origin, mirror) == len(files) + 2
+            assert replica_path(replica, new).read_bytes() == b"new data"
+            assert temp_files(replica) == []
+        assert [s.files for s in await rep.inventory.origin_stats()] == [len(files) + 2]
+
+
+async def test_non_utf8_paths_round_trip_in_the_inventory(tmp_path: Path) -> None:
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    origin.mkdir()
+    raw = os.path.join(os.fsencode(origin), NON_UTF8)
+    with open(raw, "wb") as f:
+        f.write(b"1")
+    backdate(origin)
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        await rep.sync_once()
+    with sqlite3.connect(tmp_path / "inventory.db") as db:
+        names = [row[0] for row in db.execute("SELECT name FROM files")]
+    assert names == [NON_UTF8]
+    assert os.path.exists(os.path.join(os.fsencode(replica_path(r1, origin)), NON_UTF8))
+
+
+async def test_settle_include_exclude(tmp_path: Path) -> None:
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "a.fits", b"a")
+    write(origin / "sub" / "b.fits", b"b")
+    write(origin / "sub" / "b.txt", b"not included")
+    write(origin / ".hidden" / "c.fits", b"excluded folder")
+    write(origin / "fresh.fits", b"still being written", mtime=time.time())
+    base = make_config(tmp_path, origin, [r1], settle=60)
+    config = Config(
+        inventory=base.inventory,
+        origins=(OriginConfig("raw", str(origin), host="inst", settle_seconds=60,
+                              include=("**/*.fits",), exclude=("**/.*",)),),
+        replicas=base.replicas,
+        engine=base.engine,
+    )
+    async with Replicator(config) as rep:
+        await rep.sync_once()
+        mirror = replica_path(r1, origin)
+        assert sorted(str(p.relative_to(mirror)) for p in mirror.rglob("*") if p.is_file()) == [
+            "a.fits", "sub/b.fits"]
+        # Once it has settled, the fresh file is copied.
+        os.utime(origin / "fresh.fits", (OLD, OLD))
+        assert (await rep.sync_once()).copied == 1
+        assert (mirror / "fresh.fits").read_bytes() == b"still being written"
+
+
+async def test_new_replica_is_backfilled_without_rescan(tmp_path: Path) -> None:
+    origin, r1, r2 = tmp_path / "o", tmp_path / "r1", tmp_path / "r2"
+    r1.mkdir()
+    r2.mkdir()
+    for i in range(20):
+        write(origin / f"f{i}", b"%d" % i)
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        await rep.sync_once()
+    # The origin disappears from view (say, the instrument is off): r2 still gets the files,
+    # straight from the inventory.
+    hidden = tmp_path / "hidden"
+    origin.rename(hidden)
+    origin.mkdir()
+    config = make_config(tmp_path, origin, [r1, r2])
+    async with Replicator(config) as rep:
+        await rep.inventory.sync_replicas([(r.name, r.url, ["raw"]) for r in config.replicas])
+        stats = {s.name: s for s in await rep.inventory.replica_stats(time.time())}
+        assert stats["r2"].pending == 20
+        assert stats["r1"].replicated == 20
+
+
+async def test_slow_replica_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    origin, fast, slow = tmp_path / "o", tmp_path / "fast", tmp_path / "slow"
+    fast.mkdir()
+    slow.mkdir()
+    for i in range(200):
+        write(origin / f"d{i % 4}" / f"f{i}", b"x" * 100)
+    release = anyio.Event()
+
+    class Stuck(LocalTransport):
+        async def put(self, requests: Sequence[PutRequest], run_id: str,
+                      progress: Progress) -> list[PutResult]:
+            while not release.is_set():  # keep "moving" so the stall timeout stays quiet
+                progress.add()
+                with anyio.move_on_after(0.1):
+                    await release.wait()
+            return await super().put(requests, run_id, progress)
+
+    config = make_config(tmp_path, origin, [fast, slow], workers=1)
+    limiter = anyio.CapacityLimiter(4)
+    completed: dict[str, int] = {"fast": 0, "slow": 0}
+    async with Replicator(config, transports={"slow": Stuck(str(slow), limiter)}) as rep:
+        async with anyio.create_task_group() as tg, rep.subscribe(4096) as events:
+            tg.start_soon(rep.sync_once)
+            with anyio.fail_after(30):
+                async for event in events:
+                    if isinstance(event, TransferCompleted):
+                        completed[event.replica] += 1
+                        if completed["fast"] == 200:
+                            break
+            assert completed["slow"] == 0  # the fast replica finished while slow was stuck
+            release.set()
+    assert files_under(slow) == 200
+
+
+async def test_events_never_block_and_drops_are_reported(tmp_path: Path) -> None:
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    for i in range(300):
+        write(origin / f"f{i}", b"x")
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        async with rep.subscribe(buffer=5) as events:
+            with anyio.fail_after(30):
+                summary = await rep.sync_once()  # nobody reads: the run must still finish
+            assert summary.copied == 300
+            received: list[Event] = []
+            while True:
+                try:
+                    received.append(events.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+    assert len(received) == 5
+    more = [e for e in received if not isinstance(e, EventsDropped)]
+    assert more, "the first events are delivered"
+    # After reading, the next publish is preceded by the count of what was lost.
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        async with rep.subscribe(buffer=2) as events:
+            await rep.sync_once()  # ScanFinished, RunCompleted and more than fit
+            first = events.receive_nowait()
+            second = events.receive_nowait()
+            assert isinstance(first, ScanFinished)
+            assert second is not None
+
+
+async def test_second_engine_on_the_same_inventory_is_refused(tmp_path: Path) -> None:
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    origin.mkdir()
+    config = make_config(tmp_path, origin, [r1])
+    async with Replicator(config):
+        with pytest.raises(EngineLockedError, match="another replicator engine"):
+            async with Replicator(config):
+                pass
+    async with Replicator(config):  # released on exit
+        pass
+
+
+async def test_temp_files_of_dead_runs_are_removed_but_not_live_ones(tmp_path: Path) -> None:
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "a" / "x.dat", b"payload")
+    config = make_config(tmp_path, origin, [r1])
+    async with Replicator(config) as rep:
+        await rep.scan()
+        # A dead run claimed the copy and left a temp file next to its destination.
+        claimed, _ = await rep.inventory.claim(
+            "r1", time.time(), 10,
+            lambda w: os.path.relpath(os.fsencode(replica_path(r1, w.path)), os.fsencode(r1)))
+        assert len(claimed) == 1
+        folder = replica_path(r1, origin / "a")
+        folder.mkdir(parents=True)
+        dead = folder / ".~rep-dead1x000000-0123456789ab.tmp"
+        dead.write_bytes(b"partial")
+    async with Replicator(config) as rep:
+        # A temp file of the live run (this one) must survive the clean-up.
+        live = folder / f".~rep-{rep.run_id}-0123456789ab.tmp"
+        live.write_bytes(b"ours")
+        summary = await rep.sync_once()
+        assert summary.copied == 1
+        assert not dead.exists()
+        assert live.exists()
+
+
+async def test_continuous_mode_copies_new_files_and_stops(tmp_path: Path) -> None:
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "first.dat", b"1")
+    config = make_config(tmp_path, origin, [r1])
+    async with Replicator(config) as rep, rep.subscribe(1024) as events:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rep.run)
+            seen: set[bytes] = set()
+            with anyio.fail_after(30):
+                async for event in events:
+                    if isinstance(event, TransferCompleted):
+                        seen.add(os.path.basename(event.path))
+                        if seen == {b"first.dat"}:
+                            write(origin / "second.dat", b"2")
+                        if b"second.dat" in seen:
+                            break
+            rep.stop()
+    assert replica_path(r1, origin / "second.dat").read_bytes() == b"2"
+
+
+async def test_cancelling_a_run_leaves_the_inventory_consistent(tmp_path: Path) -> None:
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    for i in range(50):
+        write(origin / f"f{i}", os.urandom(1 << 20))
+    config = make_config(tmp_path, origin, [r1], workers=1)
+    async with Replicator(config) as rep, rep.subscribe(1024) as events:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rep.run)
+            with anyio.fail_after(30):
+                async for event in events:
+                    if isinstance(event, TransferCompleted):
+                        break
+            tg.cancel_scope.cancel()
+        stats = (await rep.inventory.replica_stats(time.time()))[0]
+        assert stats.replicated + stats.pending == 50
+        with sqlite3.connect(tmp_path / "inventory.db") as db:
+            copying = db.execute("SELECT COUNT(*) FROM copies WHERE state = 'copying'")
+            assert copying.fetchone()[0] == 0
+    async with Replicator(config) as rep:
+        assert (await rep.sync_once()).exit_code == 0
+    assert files_under(r1) == 50 and temp_files(r1) == []
+
+
+async def test_inventory_schema_is_versioned(tmp_path: Path) -> None:
+    path = tmp_path / "inv.db"
+    async with await Inventory.open(path):
+        pass
+    with sqlite3.connect(path) as db:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        assert version >= 1
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.execute(f"PRAGMA user_version = {version + 1}")
+    with pytest.raises(InventoryError, match="newer"):
+        await Inventory.open(path)
