@@ -257,12 +257,19 @@ class ReplicaRunner:
                 replica=self.name, origin=work.origin, path=work.path, size=work.size))
         progress = Progress()
         stalled = False
+        crashed: FileError | None = None
         with anyio.CancelScope() as scope:
             engine.transfer_scopes.add(scope)
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch, progress, scope)
-                    await self.transport.put(requests, engine.run_id, progress)
+                    try:
+                        await self.transport.put(requests, engine.run_id, progress)
+                    except Exception as exc:
+                        # A transport must map its errors per file; if one escapes anyway,
+                        # it is charged to the unfinished files instead of stopping the engine.
+                        self._log.exception("transport error", error=str(exc))
+                        crashed = FileError(f"transport error: {exc!r}")
                     tg.cancel_scope.cancel()
             finally:
                 engine.transfer_scopes.discard(scope)
@@ -271,7 +278,7 @@ class ReplicaRunner:
         results: list[PutResult | None] = list(progress.results[: len(batch)])
         results += [None] * (len(batch) - len(results))
         errors = [r for r in results if r is not None and r.status is PutStatus.ERROR]
-        if errors or stalled:
+        if errors or stalled or crashed:
             # A per-file error may really be the whole replica failing (unmounted, gone).
             try:
                 with anyio.fail_after(self.config.op_timeout):
@@ -286,7 +293,9 @@ class ReplicaRunner:
         first_missing = True
         for work, result in zip(batch, results, strict=True):
             if result is None:
-                if stalled and first_missing:
+                if crashed is not None:
+                    await self._error(work, crashed)
+                elif stalled and first_missing:
                     first_missing = False
                     err = TransferStalledError(
                         f"no progress for {self.config.stall_timeout} s; transfer abandoned")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,9 +68,9 @@ def temp_files(root: Path) -> list[str]:
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+def tree(tmp_path: Path) -> tuple[Path, Path, Path]:
     """(origin, replica1, replica2) folders, all existing and empty."""
     origin, r1, r2 = tmp_path / "origin", tmp_path / "r1", tmp_path / "r2"
     for p in (origin, r1, r2):
         p.mkdir()
-    yield origin, r1, r2
+    return origin, r1, r2

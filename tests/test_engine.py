@@ -8,12 +8,13 @@ import sqlite3
 import stat
 import time
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 
 import anyio
 import pytest
-
 from conftest import OLD, backdate, make_config, replica_path, temp_files, write
+
 from replicator import (
     Config,
     EngineLockedError,
@@ -126,7 +127,7 @@ async def test_non_utf8_paths_round_trip_in_the_inventory(tmp_path: Path) -> Non
     backdate(origin)
     async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
         await rep.sync_once()
-    with sqlite3.connect(tmp_path / "inventory.db") as db:
+    with closing(sqlite3.connect(tmp_path / "inventory.db")) as db:
         names = [row[0] for row in db.execute("SELECT name FROM files")]
     assert names == [NON_UTF8]
     assert os.path.exists(os.path.join(os.fsencode(replica_path(r1, origin)), NON_UTF8))
@@ -319,22 +320,57 @@ async def test_cancelling_a_run_leaves_the_inventory_consistent(tmp_path: Path) 
             tg.cancel_scope.cancel()
         stats = (await rep.inventory.replica_stats(time.time()))[0]
         assert stats.replicated + stats.pending == 50
-        with sqlite3.connect(tmp_path / "inventory.db") as db:
+        with closing(sqlite3.connect(tmp_path / "inventory.db")) as db:
             copying = db.execute("SELECT COUNT(*) FROM copies WHERE state = 'copying'")
             assert copying.fetchone()[0] == 0
     async with Replicator(config) as rep:
         assert (await rep.sync_once()).exit_code == 0
-    assert files_under(r1) == 50 and temp_files(r1) == []
+    assert files_under(r1) == 50
+    assert temp_files(r1) == []
 
 
 async def test_inventory_schema_is_versioned(tmp_path: Path) -> None:
     path = tmp_path / "inv.db"
     async with await Inventory.open(path):
         pass
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         assert version >= 1
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         db.execute(f"PRAGMA user_version = {version + 1}")
+        db.commit()
     with pytest.raises(InventoryError, match="newer"):
         await Inventory.open(path)
+
+
+async def test_missing_origin_is_unavailable_and_deletes_nothing(tmp_path: Path) -> None:
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "a" / "x", b"x")
+    config = make_config(tmp_path, origin, [r1])
+    async with Replicator(config) as rep:
+        await rep.sync_once()
+        origin.rename(tmp_path / "unmounted")
+        summary = await rep.sync_once()
+        assert summary.exit_code == 3
+        assert dict(summary.unavailable)["raw"].startswith("origin root")
+        assert [s.files for s in await rep.inventory.origin_stats()] == [1]
+
+
+async def test_removed_folder_marks_its_files_deleted(tmp_path: Path) -> None:
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "keep" / "k", b"k")
+    for i in range(3):
+        write(origin / "gone" / "deep" / f"g{i}", b"g")
+    config = make_config(tmp_path, origin, [r1])
+    async with Replicator(config) as rep:
+        [first] = await rep.scan()
+        assert first.new == 4
+        for p in sorted((origin / "gone").rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        (origin / "gone").rmdir()
+        [second] = await rep.scan()
+        assert (second.deleted, second.unchanged) == (3, 1)
+        stats = (await rep.inventory.replica_stats(time.time()))[0]
+        assert (stats.files, stats.pending) == (1, 1)  # pending copies of deleted files dropped

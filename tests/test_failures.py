@@ -12,11 +12,13 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from conftest import backdate, replica_path, temp_files, write
 
 from replicator import (
     Config,
@@ -38,8 +40,6 @@ from replicator.transports import (
     PutResult,
     PutStatus,
 )
-
-from conftest import backdate, replica_path, temp_files, write
 
 pytestmark = pytest.mark.anyio
 
@@ -311,7 +311,8 @@ async def test_read_only_replica_root_is_unavailable_until_writable(
         summary = await sync(rep)
         replica = await stats(rep, "r1")
         assert replica.condition == "unavailable"
-        assert replica.last_error is not None and "not writable" in replica.last_error
+        assert replica.last_error is not None
+        assert "not writable" in replica.last_error
         rows = copies(config, "r1")
         assert {n: (r["state"], r["attempts"], r["error_class"]) for n, r in rows.items()} == {
             "a.dat": ("pending", 0, None), "b.dat": ("pending", 0, None)}
@@ -373,7 +374,8 @@ async def test_missing_replica_root_is_unavailable_then_catches_up(
         summary = await sync(rep)
         replica = await stats(rep, "not-mounted")
         assert replica.condition == "unavailable"
-        assert replica.last_error is not None and "does not exist" in replica.last_error
+        assert replica.last_error is not None
+        assert "does not exist" in replica.last_error
         assert replica.pending == 2
         rows = copies(config, "not-mounted")
         assert [(r["state"], r["attempts"], r["error_class"]) for r in rows.values()] == [
@@ -444,7 +446,8 @@ async def test_source_changed_during_copy_is_discarded_then_copied_when_settled(
     config = config_for(tmp_path, origin, [r1])
     async with Replicator(config, transports={"r1": transport}) as rep:
         summary = await sync(rep)
-        assert len(seen_temp) == 1 and len(seen_temp[0]) == 1  # appended mid-copy
+        assert len(seen_temp) == 1
+        assert len(seen_temp[0]) == 1
         assert not final.exists()
         assert temp_files(r1) == []
         rows = copies(config, "r1")
@@ -643,3 +646,39 @@ async def test_deleted_origin_file_drops_pending_copies_keeps_replicated_ones(
 async def sync_replicas(rep: Replicator, names: list[str]) -> Any:
     with anyio.fail_after(RUN_LIMIT):
         return await rep.sync_once(names)
+
+
+# -- 5b. a source replaced by a fifo after the scan ---------------------------------------
+
+
+async def test_source_replaced_by_fifo_does_not_hang(
+    tmp_path: Path, tree: tuple[Path, Path, Path]
+) -> None:
+    origin, r1, _ = tree
+    piped = write(origin / "piped.dat", b"p" * 100)
+    write(origin / "plain.dat", b"x" * 100)
+
+    async def make_fifo(request: PutRequest, progress: Progress) -> PutResult | None:
+        if request.source == os.fsencode(piped):
+            piped.unlink()
+            os.mkfifo(piped)
+        return None
+
+    transport = FaultyTransport(r1, make_fifo)
+    # A stall timeout far beyond the run's limit: only not blocking on the fifo passes.
+    config = config_for(tmp_path, origin, [r1], workers=1, stall_timeout=60.0)
+    try:
+        async with Replicator(config, transports={"r1": transport}) as rep:
+            summary = await sync(rep, limit=10)
+            assert summary.copied == 1
+            assert summary.errors == 0
+            row = copies(config, "r1")["piped.dat"]
+            assert (row["state"], row["attempts"]) == ("pending", 0)
+            assert copies(config, "r1")["plain.dat"]["state"] == "replicated"
+    finally:
+        # Should a reader be blocked in open(), a writer lets it go.
+        if piped.is_fifo():
+            with suppress(OSError):
+                os.close(os.open(piped, os.O_WRONLY | os.O_NONBLOCK))
+    assert not replica_path(r1, piped).exists()
+    assert temp_files(r1) == []

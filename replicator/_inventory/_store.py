@@ -201,7 +201,9 @@ class Inventory:
         if not listings:
             return ScanDelta()
         dirs = [listing.dir for listing in listings]
-        known: dict[tuple[bytes, bytes], tuple[int, int, int, int, int, float | None]] = {}
+        known: dict[bytes, dict[bytes, tuple[int, int, int, int, int, float | None]]] = {
+            d: {} for d in dirs
+        }
         for chunk in _chunks(dirs, _MAX_PARAMS):
             marks = ",".join("?" * len(chunk))
             rows = await self._rows(
@@ -210,7 +212,7 @@ class Inventory:
                 (origin, host, *chunk),
             )
             for d, n, file_id, kind, size, mtime_ns, mode, deleted in rows:
-                known[(d, n)] = (file_id, kind, size, mtime_ns, mode, deleted)
+                known[d][n] = (file_id, kind, size, mtime_ns, mode, deleted)
 
         inserts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
@@ -219,9 +221,10 @@ class Inventory:
         unchanged = 0
         for listing in listings:
             present: set[bytes] = set(listing.unsettled)
+            in_dir = known[listing.dir]
             for entry in listing.entries:
                 present.add(entry.name)
-                row = known.get((listing.dir, entry.name))
+                row = in_dir.get(entry.name)
                 if row is None:
                     inserts.append(
                         (origin, host, listing.dir, entry.name, int(entry.kind), entry.size,
@@ -244,9 +247,8 @@ class Inventory:
                          now, file_id)
                     )
             if listing.complete:
-                for (d, n), row in known.items():
-                    if d == listing.dir and n not in present and row[5] is None:
-                        gone_ids.append(row[0])
+                gone_ids += [row[0] for n, row in in_dir.items()
+                             if n not in present and row[5] is None]
 
         async with self._write() as db:
             if inserts:

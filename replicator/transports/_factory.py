@@ -13,6 +13,10 @@ from ._local import LocalTransport
 def open_transport(replica: ReplicaConfig, limiter: anyio.CapacityLimiter) -> Transport:
     if replica.scheme == "file":
         return LocalTransport(replica.path, limiter)
+    if replica.scheme == "ssh":
+        from ._ssh import SshTransport  # asyncssh is imported only when an ssh replica is used
+
+        return SshTransport.from_config(replica, limiter)
     raise ConfigError(
         f"replica {replica.name!r}: {replica.scheme}:// replicas are not supported yet"
     )

@@ -234,24 +234,35 @@ class LocalTransport:
             results.extend(PutResult(r, PutStatus.ERROR, error=error) for r in requests)
             return
         dirs = _Dirs(root_fd)
-        renamed: list[tuple[int, int]] = []  # (index in results, folder fd) to verify
+        # Results are handed over only once durable and verified: an abandoned batch reports
+        # nothing, and its renamed files are simply copied again later.
+        done: list[PutResult] = []
+        renamed: list[tuple[int, int]] = []  # (index in done, folder fd) to verify
         try:
             for request in requests:
                 if progress.cancelled:
-                    break
+                    return
                 result = self._put_one(request, run_id, progress, dirs)
                 if result.status is PutStatus.COPIED:
-                    renamed.append((len(results), dirs.open(os.path.dirname(request.dest), False)))
-                results.append(result)
+                    renamed.append((len(done), dirs.open(os.path.dirname(request.dest), False)))
+                done.append(result)
                 progress.add(files=1)
-            # Durable before recorded: the renames are made durable by syncing the folders.
-            if self._fsync:
-                for reldir in {os.path.dirname(results[i].request.dest) for i, _ in renamed}:
-                    os.fsync(dirs.open(reldir, False))
-                for reldir in dirs.touched:
-                    os.fsync(dirs.open(reldir, False))
+            try:
+                # Durable before recorded: the renames are made durable by syncing the folders.
+                if self._fsync:
+                    for reldir in {os.path.dirname(done[i].request.dest) for i, _ in renamed}:
+                        os.fsync(dirs.open(reldir, False))
+                    for reldir in dirs.touched:
+                        os.fsync(dirs.open(reldir, False))
+            except (OSError, FileError) as exc:
+                error = exc if isinstance(exc, FileError) else file_error(exc, "sync folder", b"")
+                for index, _fd in renamed:
+                    done[index] = PutResult(done[index].request, PutStatus.ERROR, error=error)
+                renamed = []
             for index, dir_fd in renamed:
-                results[index] = self._verify(results[index], dir_fd)
+                done[index] = self._verify(done[index], dir_fd)
+            if not progress.cancelled:
+                results.extend(done)
         finally:
             dirs.close()
             os.close(root_fd)
@@ -283,7 +294,9 @@ class LocalTransport:
         if request.kind is Kind.SYMLINK:
             return self._put_symlink(request, run_id, dir_fd, name)
         try:
-            src = os.open(request.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a fifo put in its place since the scan must not block the open.
+            src = os.open(request.source,
+                          os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return PutResult(request, PutStatus.VANISHED)
         except OSError as exc:

@@ -1,0 +1,839 @@
+"""Replicas on SSH hosts, over SFTP (asyncssh).
+
+Only SFTP is used, so chrooted ``internal-sftp`` servers work. Local reads happen in worker
+threads: small files of a batch are read together in one thread call, large ones chunk by
+chunk while the previous chunk is on the wire. Each file is written to a temp name in its
+destination folder, given its mode and mtime, fsynced (``fsync@openssh.com``), checked
+against the source, renamed (``posix-rename@openssh.com``) and verified with a stat.
+
+SFTP v3 carries whole-second mtimes: the transport declares that precision and verifies at
+it, while the engine records the source's exact version, so nothing is copied again forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import posixpath
+import stat
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass, field
+
+import anyio
+import asyncssh
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .._config import ReplicaConfig
+from .._errors import ErrorClass, FileError, ReplicaUnavailableError
+from .._inventory import Kind
+from ._base import Capabilities, DestStat, Progress, PutRequest, PutResult, PutStatus
+from ._errors import file_error
+from ._local import TEMP_RE, temp_name
+
+log = structlog.get_logger("replicator.transports.ssh")
+
+# One SFTP write call; asyncssh splits it into the server's max write length and sends the
+# pieces in parallel.
+CHUNK = 1 << 20
+# Files up to this size are read whole, many per thread call.
+SMALL_FILE = 1 << 20
+SMALL_GROUP_BYTES = 8 << 20
+SMALL_GROUP_FILES = 64
+# Files of one batch on the wire at once: per-file round trips dominate small files.
+FILES_IN_FLIGHT = 8
+# Chunks of one large file on the wire at once.
+CHUNKS_IN_FLIGHT = 2
+# Cleanup after cancellation or failure must not hang on a dead server.
+CLEANUP_TIMEOUT = 5.0
+WHOLE_SECOND = 1_000_000_000
+_GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+
+_PERMISSION = {asyncssh.FX_PERMISSION_DENIED, asyncssh.FX_WRITE_PROTECT}
+_NO_SPACE = {asyncssh.FX_NO_SPACE_ON_FILESYSTEM, asyncssh.FX_QUOTA_EXCEEDED}
+_PERMANENT = {asyncssh.FX_NOT_A_DIRECTORY, asyncssh.FX_FILE_IS_A_DIRECTORY,
+              asyncssh.FX_INVALID_FILENAME, asyncssh.FX_LINK_LOOP,
+              asyncssh.FX_FILE_ALREADY_EXISTS, asyncssh.FX_DIR_NOT_EMPTY,
+              asyncssh.FX_INVALID_PARAMETER, asyncssh.FX_OP_UNSUPPORTED}
+_CONNECTION = {asyncssh.FX_CONNECTION_LOST, asyncssh.FX_NO_CONNECTION}
+_NO_SPACE_TEXT = ("no space", "quota", "disk full")
+
+
+def classify_sftp(exc: asyncssh.SFTPError) -> ErrorClass:
+    """The error class of an SFTP status; v3 servers send most failures as FX_FAILURE."""
+    reason = str(exc.reason).lower()
+    if exc.code in _NO_SPACE or any(text in reason for text in _NO_SPACE_TEXT):
+        return ErrorClass.NO_SPACE
+    if exc.code in _PERMISSION or "permission denied" in reason:
+        return ErrorClass.PERMISSION
+    if exc.code in _PERMANENT:
+        return ErrorClass.PERMANENT
+    return ErrorClass.TRANSIENT
+
+
+def _show(path: bytes) -> str:
+    return repr(os.fsdecode(path))
+
+
+def confine(dest: bytes) -> bytes:
+    """``dest`` normalised and relative; FileError (permanent) if it could leave the root."""
+    if b"\0" in dest:
+        raise FileError(f"refused path with a NUL byte: {_show(dest)}", ErrorClass.PERMANENT)
+    if dest.startswith(b"/"):
+        raise FileError(f"refused absolute path {_show(dest)}", ErrorClass.PERMANENT)
+    parts = [p for p in dest.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise FileError(f"refused path escaping the replica: {_show(dest)}",
+                        ErrorClass.PERMANENT)
+    return b"/".join(parts)
+
+
+# --- connections ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SshOptions:
+    """How to reach one SSH host; equal options share one connection pool."""
+
+    host: str
+    port: int | None = None
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    insecure: bool = False
+    connect_timeout: float = 30.0
+    connections: int = 2
+    keepalive_interval: float = 15.0
+    keepalive_count_max: int = 3
+
+    @property
+    def where(self) -> str:
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"{user}{self.host}{port}"
+
+    @property
+    def known_hosts_path(self) -> str:
+        return self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+
+    def keyscan_hint(self) -> str:
+        port = f"-p {self.port} " if self.port else ""
+        return f"ssh-keyscan {port}{self.host} >> {self.known_hosts_path}"
+
+
+class _Conn:
+    """One SSH connection and its SFTP session, with what the server was found to offer."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient) -> None:
+        self.conn = conn
+        self.sftp = sftp
+        self.fsync = True
+        self.posix_rename = True
+        self.lsetstat = True
+        self.statvfs = True
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.is_closed()
+
+    def close(self) -> None:
+        self.sftp.exit()
+        self.conn.close()
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+class _Pool:
+    """Up to ``connections`` SSH connections to one host, reused and reopened when dropped.
+
+    A refused host key is remembered and not retried until the known_hosts file changes,
+    so a daemon does not knock on a host it must not trust every few seconds.
+    """
+
+    def __init__(self, options: SshOptions, loop: asyncio.AbstractEventLoop) -> None:
+        self.options = options
+        self.loop = loop
+        self.users = 0
+        self._slots: list[_Conn | None] = [None] * options.connections
+        self._locks = [anyio.Lock() for _ in range(options.connections)]
+        self._next = 0
+        self._refused: tuple[str, tuple[int, int] | None] | None = None
+        self._log = log.bind(host=options.where)
+
+    async def get(self) -> _Conn:
+        index = self._next
+        self._next = (index + 1) % len(self._slots)
+        conn = self._slots[index]
+        if conn is not None and not conn.closed:
+            return conn
+        async with self._locks[index]:
+            conn = self._slots[index]
+            if conn is None or conn.closed:
+                conn = await self._connect()
+                self._slots[index] = conn
+            return conn
+
+    def discard(self, conn: _Conn) -> None:
+        """Drop a connection that failed or timed out; the next ``get`` reopens it."""
+        for i, slot in enumerate(self._slots):
+            if slot is conn:
+                self._slots[i] = None
+        conn.close()
+
+    def close(self) -> None:
+        for conn in self._slots:
+            if conn is not None:
+                conn.close()
+        self._slots = [None] * len(self._slots)
+
+    async def _connect(self) -> _Conn:
+        o = self.options
+        if self._refused is not None:
+            message, stamp = self._refused
+            if stamp == _stamp(o.known_hosts_path):
+                raise ReplicaUnavailableError(message)
+            self._refused = None
+        known_hosts: str | None = o.known_hosts_path
+        if o.insecure:
+            known_hosts = None
+            self._log.warning("host key NOT verified (insecure_skip_host_key_check = true)")
+        elif _stamp(o.known_hosts_path) is None:
+            raise self._refuse(f"known_hosts file {o.known_hosts_path!r} does not exist")
+        try:
+            with anyio.fail_after(o.connect_timeout):
+                conn = await asyncssh.connect(
+                    o.host, port=o.port or (), username=o.user or (),
+                    client_keys=[o.identity_file] if o.identity_file else (),
+                    known_hosts=known_hosts, encryption_algs=_GCM_FIRST,
+                    keepalive_interval=o.keepalive_interval,
+                    keepalive_count_max=o.keepalive_count_max,
+                    connect_timeout=o.connect_timeout,
+                )
+                try:
+                    sftp = await conn.start_sftp_client()
+                except BaseException:
+                    conn.close()
+                    raise
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise self._refuse(f"host key not trusted ({exc.reason})") from None
+        except asyncssh.PermissionDenied as exc:
+            raise ReplicaUnavailableError(
+                f"ssh {o.where}: authentication failed ({exc.reason}); check identity_file"
+                " and the server's authorized_keys") from None
+        except TimeoutError:
+            raise ReplicaUnavailableError(
+                f"ssh {o.where}: no connection within {o.connect_timeout} s") from None
+        except (asyncssh.Error, OSError) as exc:
+            reason = exc.reason if isinstance(exc, asyncssh.Error) else (exc.strerror or exc)
+            raise ReplicaUnavailableError(f"ssh {o.where}: unreachable: {reason}") from None
+        self._log.debug("connected", sftp_version=sftp.version)
+        return _Conn(conn, sftp)
+
+    def _refuse(self, why: str) -> ReplicaUnavailableError:
+        o = self.options
+        message = (f"ssh {o.where}: {why}. If this is the right host, add its key with:"
+                   f" {o.keyscan_hint()}")
+        self._refused = (message, _stamp(o.known_hosts_path))
+        return ReplicaUnavailableError(message)
+
+
+_POOLS: dict[SshOptions, _Pool] = {}
+
+
+def _acquire_pool(options: SshOptions) -> _Pool:
+    loop = asyncio.get_running_loop()
+    pool = _POOLS.get(options)
+    if pool is None or pool.loop is not loop:
+        pool = _POOLS[options] = _Pool(options, loop)
+    pool.users += 1
+    return pool
+
+
+def _release_pool(pool: _Pool) -> None:
+    pool.users -= 1
+    if pool.users <= 0:
+        pool.close()
+        if _POOLS.get(pool.options) is pool:
+            del _POOLS[pool.options]
+
+
+# --- local side (worker threads) -----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Source:
+    """One request after its local side was looked at."""
+
+    index: int
+    request: PutRequest
+    result: PutResult | None = None  # decided locally: CHANGED, VANISHED, ERROR
+    before: os.stat_result | None = None
+    data: bytes | None = None  # a small file's whole content
+    fd: int = -1  # a large file, read chunk by chunk
+    target: bytes = b""
+    closed: bool = field(default=False)
+
+    def close(self) -> None:
+        if self.fd >= 0 and not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_dev, a.st_size, a.st_mtime_ns) == (
+        b.st_ino, b.st_dev, b.st_size, b.st_mtime_ns)
+
+
+def _load(sources: list[_Source]) -> None:
+    """Open (and for small files, read) a group of sources. Runs in a worker thread."""
+    for src in sources:
+        req = src.request
+        try:
+            if req.kind is Kind.SYMLINK:
+                src.before = os.stat(req.source, follow_symlinks=False)
+                src.target = os.readlink(req.source)
+                if src.target != req.target or src.before.st_mtime_ns != req.mtime_ns:
+                    src.result = PutResult(req, PutStatus.CHANGED)
+                continue
+            fd = os.open(req.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            src.result = PutResult(req, PutStatus.VANISHED)
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EINVAL):  # the file changed kind
+                src.result = PutResult(req, PutStatus.CHANGED)
+            else:
+                src.result = PutResult(req, PutStatus.ERROR,
+                                       error=file_error(exc, "read source", req.source))
+            continue
+        src.fd = fd
+        try:
+            src.before = before = os.fstat(fd)
+            if (before.st_size, before.st_mtime_ns) != (req.size, req.mtime_ns):
+                src.result = PutResult(req, PutStatus.CHANGED)
+            elif before.st_size <= SMALL_FILE:
+                chunks = []
+                while chunk := os.read(fd, SMALL_FILE + 1):
+                    chunks.append(chunk)
+                src.data = b"".join(chunks)
+                src.result = _check_unchanged(src)
+        except OSError as exc:
+            src.result = PutResult(req, PutStatus.ERROR,
+                                   error=file_error(exc, "read source", req.source))
+        if src.result is not None or src.data is not None:
+            src.close()
+
+
+def _check_unchanged(src: _Source) -> PutResult | None:
+    """CHANGED/VANISHED if the source moved on since ``before``; None if it did not."""
+    assert src.before is not None
+    after = os.fstat(src.fd)
+    try:
+        current = os.stat(src.request.source, follow_symlinks=False)
+    except FileNotFoundError:
+        return PutResult(src.request, PutStatus.VANISHED)
+    if not (_same(src.before, after) and _same(src.before, current)):
+        return PutResult(src.request, PutStatus.CHANGED)
+    return None
+
+
+def _read(fd: int, size: int) -> bytes:
+    return os.read(fd, size)
+
+
+# --- the transport -------------------------------------------------------------------------
+
+
+def options_for(replica: ReplicaConfig) -> SshOptions:
+    return SshOptions(
+        host=replica.ssh_host, port=replica.ssh_port, user=replica.ssh_user,
+        identity_file=replica.identity_file, known_hosts=replica.known_hosts,
+        insecure=replica.insecure_skip_host_key_check,
+        connect_timeout=replica.connect_timeout, connections=replica.connections,
+    )
+
+
+class SshTransport:
+    """A replica root on an SSH host, reached over SFTP.
+
+    Cancelling ``put`` abandons the batch: temp files are removed (shielded, time-bounded;
+    a later run removes what a dead server kept) and no partial file gets a final name.
+    """
+
+    def __init__(self, options: SshOptions, root: str, limiter: anyio.CapacityLimiter,
+                 op_timeout: float = 60.0) -> None:
+        self.options = options
+        self.root = os.fsencode(root)
+        self._limiter = limiter
+        self._op_timeout = op_timeout
+        self._pool: _Pool | None = None
+        self._caps = Capabilities(mtime_precision_ns=WHOLE_SECOND)
+        self._warned: set[str] = set()
+        self._log = log.bind(host=options.where, root=root)
+
+    @classmethod
+    def from_config(cls, replica: ReplicaConfig, limiter: anyio.CapacityLimiter
+                    ) -> SshTransport:
+        return cls(options_for(replica), replica.remote_path, limiter, replica.op_timeout)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    # -- plumbing --
+
+    def _path(self, rel: bytes) -> bytes:
+        if not rel:
+            return self.root
+        return self.root.rstrip(b"/") + b"/" + rel if self.root != b"/" else b"/" + rel
+
+    async def _conn(self) -> _Conn:
+        if self._pool is None:
+            self._pool = _acquire_pool(self.options)
+        return await self._pool.get()
+
+    def _discard(self, conn: _Conn) -> None:
+        if self._pool is not None:
+            self._pool.discard(conn)
+
+    @contextmanager
+    def _io(self, conn: _Conn, what: str, path: bytes,
+            timeout: float | None = None) -> Iterator[None]:
+        """One SFTP operation: time-bounded, its errors mapped to FileError.
+
+        ``SFTPOpUnsupported`` passes through: callers fall back, and say so.
+        """
+        seconds = self._op_timeout if timeout is None else timeout
+        try:
+            with anyio.fail_after(seconds):
+                yield
+        except asyncssh.SFTPOpUnsupported:
+            raise
+        except TimeoutError:
+            # A peer that does not answer in time is treated as gone: reconnect next time.
+            self._discard(conn)
+            raise FileError(f"{what} {_show(path)}: no answer within {seconds} s") from None
+        except asyncssh.SFTPError as exc:
+            if exc.code in _CONNECTION:
+                self._discard(conn)
+            raise FileError(f"{what} {_show(path)}: {exc.reason}", classify_sftp(exc)) from None
+        except (asyncssh.Error, OSError, EOFError) as exc:
+            self._discard(conn)
+            reason = exc.reason if isinstance(exc, asyncssh.Error) else str(exc)
+            raise FileError(f"{what} {_show(path)}: connection lost: {reason}") from None
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self._log.warning(message)
+
+    async def _lstat_or_none(self, conn: _Conn, rel: bytes) -> asyncssh.SFTPAttrs | None:
+        path = self._path(rel)
+        with self._io(conn, "stat", path):
+            try:
+                return await conn.sftp.lstat(path)
+            except asyncssh.SFTPNoSuchFile:
+                return None
+
+    async def _folders(self, conn: _Conn, reldir: bytes, create: bool,
+                       seen: set[bytes] | None = None) -> bool:
+        """Check (and create) each folder of ``reldir`` below the root, refusing symlinks.
+
+        Returns False if a folder is missing and ``create`` is false.
+        """
+        prefix = b""
+        for part in reldir.split(b"/") if reldir else ():
+            prefix = prefix + b"/" + part if prefix else part
+            if seen is not None and prefix in seen:
+                continue
+            attrs = await self._lstat_or_none(conn, prefix)
+            if attrs is None:
+                if not create:
+                    return False
+                path = self._path(prefix)
+                try:
+                    with self._io(conn, "mkdir", path):
+                        await conn.sftp.mkdir(path, asyncssh.SFTPAttrs(permissions=0o755))
+                except FileError:
+                    # Lost a race with another task creating it? Then it is there now.
+                    attrs = await self._lstat_or_none(conn, prefix)
+                    if attrs is None:
+                        raise
+                else:
+                    attrs = await self._lstat_or_none(conn, prefix)
+                    if attrs is None:
+                        raise FileError(f"mkdir {_show(path)}: folder vanished")
+            mode = attrs.permissions or 0
+            if stat.S_ISLNK(mode):
+                raise FileError(f"destination path blocked: {_show(prefix)} is a symlink;"
+                                " symlinked folders inside the replica are not followed",
+                                ErrorClass.PERMANENT)
+            if not stat.S_ISDIR(mode):
+                raise FileError(f"destination path blocked: {_show(prefix)} is not a folder",
+                                ErrorClass.PERMANENT)
+            if seen is not None:
+                seen.add(prefix)
+        return True
+
+    # -- the protocol --
+
+    async def probe(self) -> None:
+        where = f"{self.options.where}:{os.fsdecode(self.root)}"
+        conn = await self._conn()
+        try:
+            with self._io(conn, "stat", self.root):
+                try:
+                    attrs = await conn.sftp.stat(self.root)
+                except asyncssh.SFTPNoSuchFile:
+                    raise ReplicaUnavailableError(
+                        f"replica root {where} does not exist") from None
+            if not stat.S_ISDIR(attrs.permissions or 0):
+                raise ReplicaUnavailableError(f"replica root {where} is not a folder")
+            name = self._path(b".~rep-probe-" + os.urandom(4).hex().encode())
+            with self._io(conn, "create", name):
+                f = await conn.sftp.open(name, asyncssh.FXF_WRITE | asyncssh.FXF_CREAT
+                                         | asyncssh.FXF_EXCL,
+                                         asyncssh.SFTPAttrs(permissions=0o600), encoding=None)
+                await f.close()
+            with self._io(conn, "remove", name):
+                await conn.sftp.remove(name)
+        except FileError as exc:
+            raise ReplicaUnavailableError(f"replica root {where} is not usable: {exc}") from None
+
+    async def stat(self, dest: bytes) -> DestStat | None:
+        rel = confine(dest)
+        conn = await self._connected()
+        if not await self._folders(conn, posixpath.dirname(rel), create=False):
+            return None
+        attrs = await self._lstat_or_none(conn, rel)
+        if attrs is None:
+            return None
+        mode = attrs.permissions or 0
+        mtime_ns = (attrs.mtime or 0) * WHOLE_SECOND + (attrs.mtime_ns or 0)
+        return DestStat(attrs.size or 0, mtime_ns, stat.S_IMODE(mode), stat.S_ISDIR(mode),
+                        stat.S_ISLNK(mode))
+
+    async def listdir(self, dest: bytes) -> list[bytes]:
+        rel = confine(dest)
+        conn = await self._connected()
+        if not await self._folders(conn, rel, create=False):
+            raise FileError(f"list {_show(dest)}: no such folder")
+        path = self._path(rel)
+        with self._io(conn, "list", path):
+            names = await conn.sftp.listdir(path)
+        return [n for n in names if n not in (b".", b"..")]
+
+    async def remove(self, dest: bytes) -> None:
+        rel = confine(dest)
+        conn = await self._connected()
+        if not await self._folders(conn, posixpath.dirname(rel), create=False):
+            return
+        path = self._path(rel)
+        with self._io(conn, "remove", path), suppress(asyncssh.SFTPNoSuchFile):
+            await conn.sftp.remove(path)
+
+    async def remove_stale_temps(self, dirs: Iterable[bytes], run_id: str) -> int:
+        removed = 0
+        conn = await self._connected()
+        for dest in sorted(set(dirs)):
+            try:
+                rel = confine(dest)
+                if not await self._folders(conn, rel, create=False):
+                    continue
+                path = self._path(rel)
+                with self._io(conn, "list", path):
+                    names = await conn.sftp.listdir(path)
+            except FileError:
+                continue
+            for name in names:
+                match = TEMP_RE.match(name)
+                if match and match.group(1).decode() != run_id:
+                    temp = self._path(rel + b"/" + name if rel else name)
+                    with self._io(conn, "remove", temp), suppress(asyncssh.SFTPNoSuchFile):
+                        await conn.sftp.remove(temp)
+                        removed += 1
+        return removed
+
+    async def _connected(self) -> _Conn:
+        try:
+            return await self._conn()
+        except ReplicaUnavailableError as exc:
+            raise FileError(str(exc)) from None
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            _release_pool(self._pool)
+            self._pool = None
+
+    # -- put --
+
+    async def put(
+        self, requests: Sequence[PutRequest], run_id: str, progress: Progress
+    ) -> list[PutResult]:
+        sources = [_Source(i, r) for i, r in enumerate(requests)]
+        results: list[PutResult | None] = [None] * len(requests)
+        seen: set[bytes] = set()
+        try:
+            send, receive = anyio.create_memory_object_stream[_Source](FILES_IN_FLIGHT)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._feed, sources, send)
+                async with receive:
+                    for _ in range(min(FILES_IN_FLIGHT, len(sources))):
+                        tg.start_soon(self._upload_all, receive.clone(), run_id, progress,
+                                      seen, results)
+        finally:
+            for src in sources:
+                src.close()
+        done = [r for r in results if r is not None]
+        assert len(done) == len(requests)
+        # Handed over only once every file is durable and verified (see LocalTransport).
+        if not progress.cancelled:
+            progress.results.extend(done)
+        return done
+
+    async def _feed(self, sources: list[_Source], send: MemoryObjectSendStream[_Source]
+                    ) -> None:
+        """Open and read sources in worker threads, small files many per thread call."""
+        async with send:
+            group: list[_Source] = []
+            size = 0
+            for src in sources:
+                small = src.request.kind is Kind.SYMLINK or src.request.size <= SMALL_FILE
+                if group and (not small or len(group) >= SMALL_GROUP_FILES
+                              or size + src.request.size > SMALL_GROUP_BYTES):
+                    await self._load_and_send(group, send)
+                    group, size = [], 0
+                group.append(src)
+                size += src.request.size if small else 0
+                if not small:
+                    await self._load_and_send(group, send)
+                    group, size = [], 0
+            if group:
+                await self._load_and_send(group, send)
+
+    async def _load_and_send(self, group: list[_Source], send: MemoryObjectSendStream[_Source]
+                             ) -> None:
+        await anyio.to_thread.run_sync(_load, group, limiter=self._limiter)
+        for src in group:
+            await send.send(src)
+
+    async def _upload_all(self, receive: MemoryObjectReceiveStream[_Source], run_id: str,
+                          progress: Progress, seen: set[bytes],
+                          results: list[PutResult | None]) -> None:
+        async with receive:
+            async for src in receive:
+                try:
+                    result = src.result or await self._upload(src, run_id, progress, seen)
+                except FileError as exc:
+                    result = PutResult(src.request, PutStatus.ERROR, error=exc)
+                finally:
+                    src.close()
+                results[src.index] = result
+                progress.add(files=1)
+
+    async def _upload(self, src: _Source, run_id: str, progress: Progress, seen: set[bytes]
+                      ) -> PutResult:
+        req = src.request
+        assert src.before is not None
+        rel = confine(req.dest)
+        if not rel:
+            raise FileError("refused empty destination path", ErrorClass.PERMANENT)
+        reldir = posixpath.dirname(rel)
+        conn = await self._connected()
+        await self._folders(conn, reldir, create=True, seen=seen)
+        tmp_rel = reldir + b"/" + temp_name(run_id) if reldir else temp_name(run_id)
+        tmp, final = self._path(tmp_rel), self._path(rel)
+        async with self._temp(conn, tmp) as committed:
+            if req.kind is Kind.SYMLINK:
+                with self._io(conn, "create symlink", final):
+                    await conn.sftp.symlink(src.target, tmp)
+                await self._set_link_times(conn, tmp, src.before)
+            else:
+                changed = await self._write_file(conn, src, tmp, progress)
+                if changed is not None:
+                    return changed
+            await self._rename(conn, tmp, final, req.dest)
+            committed()
+        return await self._verify(conn, src, final)
+
+    @asynccontextmanager
+    async def _temp(self, conn: _Conn, tmp: bytes) -> AsyncIterator[Callable[[], None]]:
+        """Remove the temp file unless it was committed (renamed), also on cancellation."""
+        state = {"committed": False}
+
+        def committed() -> None:
+            state["committed"] = True
+
+        try:
+            yield committed
+        finally:
+            if not state["committed"]:
+                with (anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT),
+                      suppress(FileError), self._io(conn, "remove temp", tmp, CLEANUP_TIMEOUT),
+                      suppress(asyncssh.SFTPNoSuchFile)):
+                    await conn.sftp.remove(tmp)
+
+    async def _write_file(self, conn: _Conn, src: _Source, tmp: bytes, progress: Progress
+                          ) -> PutResult | None:
+        """Write the temp file, durable, with mode and mtime; CHANGED if the source moved."""
+        before = src.before
+        assert before is not None
+        with self._io(conn, "create", tmp):
+            f = await conn.sftp.open(tmp, asyncssh.FXF_WRITE | asyncssh.FXF_CREAT
+                                     | asyncssh.FXF_EXCL, asyncssh.SFTPAttrs(permissions=0o600),
+                                     encoding=None)
+        try:
+            if src.data is not None:
+                for offset in range(0, len(src.data), CHUNK):
+                    piece = src.data[offset:offset + CHUNK]
+                    await self._write(conn, f, piece, offset, tmp, src.request.size)
+                    progress.add(len(piece))
+            else:
+                await self._write_large(conn, f, src, tmp, progress)
+            attrs = asyncssh.SFTPAttrs(permissions=stat.S_IMODE(before.st_mode),
+                                       atime=before.st_atime_ns // WHOLE_SECOND,
+                                       mtime=before.st_mtime_ns // WHOLE_SECOND)
+            with self._io(conn, "set mode and mtime", tmp):
+                await f.setstat(attrs)
+            if conn.fsync:
+                try:
+                    with self._io(conn, "fsync", tmp):
+                        await f.fsync()
+                except asyncssh.SFTPOpUnsupported:
+                    conn.fsync = False
+            if not conn.fsync:
+                self._caps = Capabilities(WHOLE_SECOND, False, self._caps.atomic_rename)
+                self._warn_once("fsync", "server lacks fsync@openssh.com: copies are renamed"
+                                " without being flushed to disk first")
+        finally:
+            with (anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT),
+                  suppress(FileError), self._io(conn, "close", tmp, CLEANUP_TIMEOUT)):
+                await f.close()
+        if src.data is None:
+            return await anyio.to_thread.run_sync(_check_unchanged, src, limiter=self._limiter)
+        return None
+
+    async def _write(self, conn: _Conn, f: asyncssh.SFTPClientFile, data: bytes, offset: int,
+                     tmp: bytes, size: int) -> None:
+        try:
+            with self._io(conn, "write", tmp):
+                await f.write(data, offset)
+        except FileError as exc:
+            if exc.error_class is ErrorClass.TRANSIENT and await self._full(conn, tmp, size):
+                raise FileError(f"{exc}: no space left on the replica",
+                                ErrorClass.NO_SPACE) from None
+            raise
+
+    async def _full(self, conn: _Conn, tmp: bytes, size: int) -> bool:
+        """Whether a failed write was the disk filling up: v3 servers just say "Failure"."""
+        if not conn.statvfs or conn.closed:
+            return False
+        folder = posixpath.dirname(tmp) or b"."
+        try:
+            with anyio.fail_after(self._op_timeout):
+                vfs = await conn.sftp.statvfs(folder)
+        except asyncssh.SFTPOpUnsupported:
+            conn.statvfs = False
+            return False
+        except (asyncssh.Error, OSError, TimeoutError):
+            return False
+        return bool(vfs.bavail * vfs.frsize < size)
+
+    async def _write_large(self, conn: _Conn, f: asyncssh.SFTPClientFile, src: _Source,
+                           tmp: bytes, progress: Progress) -> None:
+        """Read the next chunk in a worker thread while earlier chunks are on the wire."""
+        window = anyio.Semaphore(CHUNKS_IN_FLIGHT)
+        size = src.request.size
+
+        async def write(data: bytes, offset: int) -> None:
+            try:
+                await self._write(conn, f, data, offset, tmp, size)
+                progress.add(len(data))
+            finally:
+                window.release()
+
+        async with anyio.create_task_group() as tg:
+            offset = 0
+            while True:
+                await window.acquire()
+                data = await anyio.to_thread.run_sync(_read, src.fd, CHUNK,
+                                                      limiter=self._limiter)
+                if not data:
+                    window.release()
+                    break
+                tg.start_soon(write, data, offset)
+                offset += len(data)
+
+    async def _set_link_times(self, conn: _Conn, tmp: bytes, before: os.stat_result) -> None:
+        if not conn.lsetstat:
+            return
+        attrs = asyncssh.SFTPAttrs(atime=before.st_atime_ns // WHOLE_SECOND,
+                                   mtime=before.st_mtime_ns // WHOLE_SECOND)
+        try:
+            with self._io(conn, "set symlink mtime", tmp):
+                await conn.sftp.setstat(tmp, attrs, follow_symlinks=False)
+        except asyncssh.SFTPOpUnsupported:
+            conn.lsetstat = False
+
+    async def _rename(self, conn: _Conn, tmp: bytes, final: bytes, dest: bytes) -> None:
+        try:
+            if conn.posix_rename:
+                try:
+                    with self._io(conn, "rename into", final):
+                        await conn.sftp.posix_rename(tmp, final)
+                    return
+                except asyncssh.SFTPOpUnsupported:
+                    conn.posix_rename = False
+            # Without posix-rename, SFTP v3 rename refuses to replace: remove first. The
+            # final name is briefly absent (never partial); say so instead of hiding it.
+            self._caps = Capabilities(WHOLE_SECOND, self._caps.fsync, False)
+            self._warn_once("rename", "server lacks posix-rename@openssh.com: replacing"
+                            " files by remove + rename (not atomic)")
+            with self._io(conn, "remove old", final), suppress(asyncssh.SFTPNoSuchFile):
+                await conn.sftp.remove(final)
+            with self._io(conn, "rename into", final):
+                await conn.sftp.rename(tmp, final)
+        except FileError as exc:
+            attrs = None
+            with suppress(FileError):
+                attrs = await self._lstat_or_none(conn, confine(dest))
+            if attrs is not None and stat.S_ISDIR(attrs.permissions or 0):
+                raise FileError(f"destination path blocked: {_show(dest)} is a folder",
+                                ErrorClass.PERMANENT) from None
+            raise exc from None
+
+    async def _verify(self, conn: _Conn, src: _Source, final: bytes) -> PutResult:
+        """Compare the final file with the source version read before the copy."""
+        req, before = src.request, src.before
+        assert before is not None
+        try:
+            with self._io(conn, "verify", final):
+                attrs = await conn.sftp.lstat(final)
+                target = None
+                if req.kind is Kind.SYMLINK:
+                    target = await conn.sftp.readlink(final)
+        except FileError as exc:
+            return PutResult(req, PutStatus.ERROR, error=exc)
+        mode = attrs.permissions or 0
+        if req.kind is Kind.SYMLINK:
+            ok = stat.S_ISLNK(mode) and os.fsencode(target or "") == src.target
+            what = f"symlink to {target!r}"
+        else:
+            ok = (stat.S_ISREG(mode) and attrs.size == before.st_size
+                  and attrs.mtime == before.st_mtime_ns // WHOLE_SECOND)
+            what = f"size/mtime {attrs.size}/{attrs.mtime}"
+        if not ok:
+            return PutResult(req, PutStatus.ERROR, error=FileError(
+                f"verification failed for {_show(req.dest)}: {what}, expected"
+                f" {before.st_size}/{before.st_mtime_ns // WHOLE_SECOND}"))
+        return PutResult(req, PutStatus.COPIED, before.st_size, before.st_mtime_ns)
+
+
