@@ -232,16 +232,33 @@ async def test_events_never_block_and_drops_are_reported(tmp_path: Path) -> None
                 except anyio.WouldBlock:
                     break
     assert len(received) == 5
-    more = [e for e in received if not isinstance(e, EventsDropped)]
-    assert more, "the first events are delivered"
-    # After reading, the next publish is preceded by the count of what was lost.
+    assert not any(isinstance(e, EventsDropped) for e in received)
     async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
         async with rep.subscribe(buffer=2) as events:
-            await rep.sync_once()  # ScanFinished, RunCompleted and more than fit
-            first = events.receive_nowait()
-            second = events.receive_nowait()
-            assert isinstance(first, ScanFinished)
-            assert second is not None
+            await rep.sync_once()  # ScanFinished, RunCompleted: fits
+            await rep.sync_once()  # two more: these are dropped
+            assert isinstance(events.receive_nowait(), ScanFinished)
+            events.receive_nowait()
+            with pytest.raises(anyio.WouldBlock):
+                events.receive_nowait()
+            # The reader caught up: the next event is preceded by the count it missed.
+            await rep.sync_once()
+            dropped = events.receive_nowait()
+            assert isinstance(dropped, EventsDropped)
+            assert dropped.count == 2
+            assert isinstance(events.receive_nowait(), ScanFinished)
+
+
+async def test_hard_links_are_copied_as_separate_files(tmp_path: Path) -> None:
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "a", b"shared")
+    os.link(origin / "a", origin / "b")
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        assert (await rep.sync_once()).copied == 2
+    a, b = replica_path(r1, origin / "a"), replica_path(r1, origin / "b")
+    assert a.read_bytes() == b.read_bytes() == b"shared"
+    assert a.stat().st_ino != b.stat().st_ino
 
 
 async def test_second_engine_on_the_same_inventory_is_refused(tmp_path: Path) -> None:
