@@ -24,7 +24,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -83,6 +83,12 @@ class ReplicaConfig:
     layout: str = "{host}/{path}"
     origins: tuple[str, ...] = ()
     local: bool | None = None
+    # ssh:// replicas only; see config.example.toml.
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    connect_timeout: float = 30.0
+    connections: int = 2
+    insecure_skip_host_key_check: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -275,6 +281,16 @@ def _optional_bool(value: object) -> bool | None:
     return value
 
 
+def _optional_string(value: object) -> str | None:
+    return None if value is None else _string(value)
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {_show(value)}")
+    return value
+
+
 def _strings(value: object) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise _Invalid(f"expected a list of strings, got {_show(value)}")
@@ -327,7 +343,17 @@ _REPLICA_KEYS: dict[str, _Check] = {
     "layout": _layout,
     "origins": _strings,
     "local": _optional_bool,
+    "identity_file": _optional_string,
+    "known_hosts": _optional_string,
+    "connect_timeout": _number(">"),
+    "connections": _integer(1),
+    "insecure_skip_host_key_check": _bool,
 }
+# Keys that only make sense for ssh:// replicas: an error on local ones, not silently ignored.
+_SSH_REPLICA_KEYS = ("identity_file", "known_hosts", "connect_timeout", "connections",
+                     "insecure_skip_host_key_check")
+_SSH_PATH_KEYS = ("identity_file", "known_hosts")
+_REPLICA_DEFAULTS = {f.name: f.default for f in fields(ReplicaConfig)}
 _INVENTORY_KEYS: dict[str, _Check] = {"path": _string}
 _TOP_KEYS = ("inventory", "engine", "origins", "replicas")
 
@@ -427,6 +453,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         values = report.table(key, raw, _REPLICA_KEYS)
         if url and not (_SCHEME_RE.match(url) or url.startswith("/") or _SCP_RE.match(url)):
             url = resolve(key, url)
+        try:
+            scheme = _parse_url(url).scheme
+        except ValueError:
+            scheme = "file"  # _validate reports the bad URL
+        for name in _SSH_REPLICA_KEYS:
+            if name in values and scheme != "ssh":
+                raise report.error(f"{key}.{name}", "only ssh:// replicas take this key")
+        for name in _SSH_PATH_KEYS:
+            if name in values:
+                values[name] = resolve(f"{key}.{name}", values[name])
         replicas.append(ReplicaConfig(url=url, **values))
 
     config = Config(
@@ -495,6 +531,10 @@ def _validate(config: Config, report: _Reporter) -> Config:
             raise report.error(f"{key}.local", "an ssh:// replica cannot be local")
         if url.scheme == "file" and replica.local is False:
             raise report.error(f"{key}.local", "a local path is always local; use ssh:// instead")
+        if url.scheme != "ssh":
+            for name in _SSH_REPLICA_KEYS:
+                if getattr(replica, name) != _REPLICA_DEFAULTS[name]:
+                    raise report.error(f"{key}.{name}", "only ssh:// replicas take this key")
         for wanted in replica.origins:
             if wanted not in seen:
                 known = _names(config.origins)

@@ -383,6 +383,11 @@ def cmd_add_replica(args: argparse.Namespace) -> int:
         table["workers"] = args.workers
     if args.layout:
         table["layout"] = args.layout
+    # Paths on the command line are relative to the current folder, in the file to the file's.
+    if args.identity_file:
+        table["identity_file"] = os.path.abspath(args.identity_file)
+    if args.known_hosts:
+        table["known_hosts"] = os.path.abspath(args.known_hosts)
     text = append_replica(text, args.url, table)
     name = _replica_keys(text, _write_checked(path, text))[args.url]
     print(f"added replica {name} ({args.url}) to {path}")
@@ -436,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name")
     p.add_argument("--workers", type=int)
     p.add_argument("--layout")
+    p.add_argument("--identity-file", metavar="PATH", help="ssh:// replicas: private key")
+    p.add_argument("--known-hosts", metavar="PATH",
+                   help="ssh:// replicas: known_hosts file (default ~/.ssh/known_hosts)")
     p.set_defaults(func=cmd_add_replica)
 
     p = sub.add_parser("remove-replica", help="remove a replica from the config file")

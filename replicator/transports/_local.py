@@ -22,6 +22,7 @@ from .._errors import FileError, ReplicaUnavailableError
 from .._inventory import Kind
 from ._base import Capabilities, DestStat, Progress, PutRequest, PutResult, PutStatus
 from ._errors import file_error
+from ._paths import confine
 
 log = structlog.get_logger("replicator.transports.local")
 
@@ -154,7 +155,7 @@ class LocalTransport:
     async def stat(self, dest: bytes) -> DestStat | None:
         def run() -> DestStat | None:
             try:
-                st = os.stat(os.path.join(self.root, dest), follow_symlinks=False)
+                st = os.stat(os.path.join(self.root, confine(dest)), follow_symlinks=False)
             except FileNotFoundError:
                 return None
             except OSError as exc:
@@ -167,7 +168,7 @@ class LocalTransport:
     async def listdir(self, dest: bytes) -> list[bytes]:
         def run() -> list[bytes]:
             try:
-                return os.listdir(os.path.join(self.root, dest) if dest else self.root)
+                return os.listdir(os.path.join(self.root, confine(dest)) if dest else self.root)
             except OSError as exc:
                 raise file_error(exc, "list", dest) from None
 
@@ -176,7 +177,7 @@ class LocalTransport:
     async def remove(self, dest: bytes) -> None:
         def run() -> None:
             try:
-                os.unlink(os.path.join(self.root, dest))
+                os.unlink(os.path.join(self.root, confine(dest)))
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -284,8 +285,8 @@ class LocalTransport:
     def _put_one(
         self, request: PutRequest, run_id: str, progress: Progress, dirs: _Dirs
     ) -> PutResult:
-        reldir, name = os.path.split(request.dest)
         try:
+            reldir, name = os.path.split(confine(request.dest))
             dir_fd = dirs.open(reldir, create=True)
         except FileError as exc:
             return PutResult(request, PutStatus.ERROR, error=exc)

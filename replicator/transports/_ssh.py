@@ -32,6 +32,7 @@ from .._inventory import Kind
 from ._base import Capabilities, DestStat, Progress, PutRequest, PutResult, PutStatus
 from ._errors import file_error
 from ._local import TEMP_RE, temp_name
+from ._paths import confine
 
 log = structlog.get_logger("replicator.transports.ssh")
 
@@ -44,8 +45,10 @@ SMALL_GROUP_BYTES = 8 << 20
 SMALL_GROUP_FILES = 64
 # Files of one batch on the wire at once: per-file round trips dominate small files.
 FILES_IN_FLIGHT = 8
-# Chunks of one large file on the wire at once.
-CHUNKS_IN_FLIGHT = 2
+# Write requests of one file on the wire at once, bounded in count and bytes.
+MAX_REQUESTS = 16
+BYTES_IN_FLIGHT = 4 << 20
+SAFE_WRITE = 16 << 10  # without the server's limits@openssh.com
 # Cleanup after cancellation or failure must not hang on a dead server.
 CLEANUP_TIMEOUT = 5.0
 WHOLE_SECOND = 1_000_000_000
@@ -75,19 +78,6 @@ def classify_sftp(exc: asyncssh.SFTPError) -> ErrorClass:
 
 def _show(path: bytes) -> str:
     return repr(os.fsdecode(path))
-
-
-def confine(dest: bytes) -> bytes:
-    """``dest`` normalised and relative; FileError (permanent) if it could leave the root."""
-    if b"\0" in dest:
-        raise FileError(f"refused path with a NUL byte: {_show(dest)}", ErrorClass.PERMANENT)
-    if dest.startswith(b"/"):
-        raise FileError(f"refused absolute path {_show(dest)}", ErrorClass.PERMANENT)
-    parts = [p for p in dest.split(b"/") if p not in (b"", b".")]
-    if b".." in parts:
-        raise FileError(f"refused path escaping the replica: {_show(dest)}",
-                        ErrorClass.PERMANENT)
-    return b"/".join(parts)
 
 
 # --- connections ---------------------------------------------------------------------------
@@ -417,6 +407,11 @@ class SshTransport:
                 yield
         except asyncssh.SFTPOpUnsupported:
             raise
+        except anyio.get_cancelled_exc_class():
+            # A request may still be outstanding, and the server answers in order: a session
+            # stuck behind it (a stalled peer) must not be reused for the cleanup or probe.
+            self._discard(conn)
+            raise
         except TimeoutError:
             # A peer that does not answer in time is treated as gone: reconnect next time.
             self._discard(conn)
@@ -676,28 +671,37 @@ class SshTransport:
             yield committed
         finally:
             if not state["committed"]:
-                with (anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT),
-                      suppress(FileError), self._io(conn, "remove temp", tmp, CLEANUP_TIMEOUT),
-                      suppress(asyncssh.SFTPNoSuchFile)):
-                    await conn.sftp.remove(tmp)
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
+                    await self._remove_temp(conn, tmp)
+
+    async def _remove_temp(self, conn: _Conn, tmp: bytes) -> None:
+        """Best effort: what stays behind is removed by a later run's remove_stale_temps."""
+        try:
+            if conn.closed:
+                conn = await self._conn()
+            with (self._io(conn, "remove temp", tmp, CLEANUP_TIMEOUT),
+                  suppress(asyncssh.SFTPNoSuchFile)):
+                await conn.sftp.remove(tmp)
+        except (FileError, ReplicaUnavailableError) as exc:
+            self._log.info("temp file left for a later run", path=os.fsdecode(tmp),
+                           error=str(exc))
 
     async def _write_file(self, conn: _Conn, src: _Source, tmp: bytes, progress: Progress
                           ) -> PutResult | None:
         """Write the temp file, durable, with mode and mtime; CHANGED if the source moved."""
         before = src.before
         assert before is not None
+        small = src.data is not None  # read whole and checked unchanged by _load
         with self._io(conn, "create", tmp):
+            # block_size=0: one request per write call. Requests are split and pipelined
+            # here, in our task group: asyncssh's own parallel writer leaves orphan tasks
+            # behind when cancelled.
             f = await conn.sftp.open(tmp, asyncssh.FXF_WRITE | asyncssh.FXF_CREAT
                                      | asyncssh.FXF_EXCL, asyncssh.SFTPAttrs(permissions=0o600),
-                                     encoding=None)
+                                     encoding=None, block_size=0)
+        closed = False
         try:
-            if src.data is not None:
-                for offset in range(0, len(src.data), CHUNK):
-                    piece = src.data[offset:offset + CHUNK]
-                    await self._write(conn, f, piece, offset, tmp, src.request.size)
-                    progress.add(len(piece))
-            else:
-                await self._write_large(conn, f, src, tmp, progress)
+            await self._send(conn, f, src, tmp, progress)
             attrs = asyncssh.SFTPAttrs(permissions=stat.S_IMODE(before.st_mode),
                                        atime=before.st_atime_ns // WHOLE_SECOND,
                                        mtime=before.st_mtime_ns // WHOLE_SECOND)
@@ -713,24 +717,67 @@ class SshTransport:
                 self._caps = Capabilities(WHOLE_SECOND, False, self._caps.atomic_rename)
                 self._warn_once("fsync", "server lacks fsync@openssh.com: copies are renamed"
                                 " without being flushed to disk first")
-        finally:
-            with (anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT),
-                  suppress(FileError), self._io(conn, "close", tmp, CLEANUP_TIMEOUT)):
+            with self._io(conn, "close", tmp):
                 await f.close()
-        if src.data is None:
-            return await anyio.to_thread.run_sync(_check_unchanged, src, limiter=self._limiter)
-        return None
+            closed = True
+        finally:
+            if not closed and not conn.closed:
+                with (anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT),
+                      suppress(FileError), self._io(conn, "close", tmp, CLEANUP_TIMEOUT)):
+                    await f.close()
+        if small:
+            return None
+        return await anyio.to_thread.run_sync(_check_unchanged, src, limiter=self._limiter)
 
-    async def _write(self, conn: _Conn, f: asyncssh.SFTPClientFile, data: bytes, offset: int,
-                     tmp: bytes, size: int) -> None:
-        try:
-            with self._io(conn, "write", tmp):
-                await f.write(data, offset)
-        except FileError as exc:
-            if exc.error_class is ErrorClass.TRANSIENT and await self._full(conn, tmp, size):
-                raise FileError(f"{exc}: no space left on the replica",
+    async def _send(self, conn: _Conn, f: asyncssh.SFTPClientFile, src: _Source, tmp: bytes,
+                    progress: Progress) -> None:
+        """Write the source with several requests in flight; large files are read chunk by
+        chunk in worker threads while earlier requests are on the wire."""
+        piece = max(4096, min(conn.sftp.limits.max_write_len or SAFE_WRITE, CHUNK))
+        window = anyio.Semaphore(max(1, min(MAX_REQUESTS, BYTES_IN_FLIGHT // piece)))
+        failed: list[FileError] = []
+
+        async def write(data: bytes, offset: int) -> None:
+            try:
+                with self._io(conn, "write", tmp):
+                    await f.write(data, offset)
+                progress.add(len(data))
+            except FileError as exc:
+                # Siblings are not cancelled (that would drop the shared connection): they
+                # finish or time out, and no new request is sent.
+                failed.append(exc)
+            finally:
+                window.release()
+
+        pending = src.data  # a small file, read already
+        async with anyio.create_task_group() as tg:
+            offset = 0
+            while not failed:
+                if pending is not None:
+                    data, pending = pending, b""
+                else:
+                    try:
+                        data = await anyio.to_thread.run_sync(_read, src.fd, CHUNK,
+                                                              limiter=self._limiter)
+                    except OSError as exc:
+                        failed.append(file_error(exc, "read source", src.request.source))
+                        break
+                if not data:
+                    break
+                for start in range(0, len(data), piece):
+                    await window.acquire()
+                    if failed:
+                        window.release()
+                        break
+                    tg.start_soon(write, data[start:start + piece], offset + start)
+                offset += len(data)
+        if failed:
+            error = failed[0]
+            if error.error_class is ErrorClass.TRANSIENT and await self._full(
+                    conn, tmp, src.request.size):
+                raise FileError(f"{error}: no space left on the replica",
                                 ErrorClass.NO_SPACE) from None
-            raise
+            raise error
 
     async def _full(self, conn: _Conn, tmp: bytes, size: int) -> bool:
         """Whether a failed write was the disk filling up: v3 servers just say "Failure"."""
@@ -746,31 +793,6 @@ class SshTransport:
         except (asyncssh.Error, OSError, TimeoutError):
             return False
         return bool(vfs.bavail * vfs.frsize < size)
-
-    async def _write_large(self, conn: _Conn, f: asyncssh.SFTPClientFile, src: _Source,
-                           tmp: bytes, progress: Progress) -> None:
-        """Read the next chunk in a worker thread while earlier chunks are on the wire."""
-        window = anyio.Semaphore(CHUNKS_IN_FLIGHT)
-        size = src.request.size
-
-        async def write(data: bytes, offset: int) -> None:
-            try:
-                await self._write(conn, f, data, offset, tmp, size)
-                progress.add(len(data))
-            finally:
-                window.release()
-
-        async with anyio.create_task_group() as tg:
-            offset = 0
-            while True:
-                await window.acquire()
-                data = await anyio.to_thread.run_sync(_read, src.fd, CHUNK,
-                                                      limiter=self._limiter)
-                if not data:
-                    window.release()
-                    break
-                tg.start_soon(write, data, offset)
-                offset += len(data)
 
     async def _set_link_times(self, conn: _Conn, tmp: bytes, before: os.stat_result) -> None:
         if not conn.lsetstat:
@@ -817,15 +839,14 @@ class SshTransport:
         try:
             with self._io(conn, "verify", final):
                 attrs = await conn.sftp.lstat(final)
-                target = None
-                if req.kind is Kind.SYMLINK:
-                    target = await conn.sftp.readlink(final)
         except FileError as exc:
             return PutResult(req, PutStatus.ERROR, error=exc)
         mode = attrs.permissions or 0
         if req.kind is Kind.SYMLINK:
-            ok = stat.S_ISLNK(mode) and os.fsencode(target or "") == src.target
-            what = f"symlink to {target!r}"
+            # A symlink's size is its target's length; readlink is not used because chrooted
+            # servers rewrite targets.
+            ok = stat.S_ISLNK(mode) and attrs.size == len(src.target)
+            what = f"symlink of size {attrs.size}"
         else:
             ok = (stat.S_ISREG(mode) and attrs.size == before.st_size
                   and attrs.mtime == before.st_mtime_ns // WHOLE_SECOND)

@@ -1,0 +1,24 @@
+"""Confinement of destination paths to the replica root, shared by every transport."""
+
+from __future__ import annotations
+
+import os
+
+from .._errors import ErrorClass, FileError
+
+
+def _show(path: bytes) -> str:
+    return repr(os.fsdecode(path))
+
+
+def confine(dest: bytes) -> bytes:
+    """``dest`` normalised and relative; FileError (permanent) if it could leave the root."""
+    if b"\0" in dest:
+        raise FileError(f"refused path with a NUL byte: {_show(dest)}", ErrorClass.PERMANENT)
+    if dest.startswith(b"/"):
+        raise FileError(f"refused absolute path {_show(dest)}", ErrorClass.PERMANENT)
+    parts = [p for p in dest.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise FileError(f"refused path escaping the replica: {_show(dest)}",
+                        ErrorClass.PERMANENT)
+    return b"/".join(parts)
