@@ -39,9 +39,9 @@ from .transports import Progress, PutRequest, PutResult, PutStatus, Transport
 
 log = structlog.get_logger("replicator.engine")
 
-CLAIM_BATCH = 512
+CLAIM_BATCH = 2048
 # Small files travel together: one worker-thread hand-off copies many of them.
-BATCH_FILES = 64
+BATCH_FILES = 256
 BATCH_BYTES = 16 << 20
 RECORD_BATCH = 1000
 IDLE_POLL = 2.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import re
 import secrets
@@ -33,8 +34,14 @@ TEMP_RE = re.compile(rb"^\.~rep-([0-9a-zx]+)-[0-9a-f]+\.tmp$")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+# Unique per process without a getrandom call per file: a random prefix and a counter.
+_TEMP_PREFIX = secrets.token_hex(4)
+_temp_counter = itertools.count()
+
+
 def temp_name(run_id: str) -> bytes:
-    return f".~rep-{run_id}-{secrets.token_hex(6)}.tmp".encode()
+    """A temp name carrying the run's id, so a later run can tell whose it is."""
+    return f".~rep-{run_id}-{_TEMP_PREFIX}{next(_temp_counter):x}.tmp".encode()
 
 
 class _Cancelled(Exception):
@@ -92,10 +99,12 @@ class _Dirs:
         self._fds.clear()
 
 
-def _copy_data(src: int, dst: int, progress: Progress) -> int:
+def _copy_data(src: int, dst: int, progress: Progress, expected: int) -> int:
+    """Copy until EOF, or until ``expected`` bytes: a source that grows is caught by the
+    stat check after the copy, so the extra read that would only see EOF is skipped."""
     total = 0
     use_range = True
-    while True:
+    while expected <= 0 or total < expected:
         if progress.cancelled:
             raise _Cancelled
         if use_range:
@@ -116,6 +125,7 @@ def _copy_data(src: int, dst: int, progress: Progress) -> int:
             return total
         total += n
         progress.add(n)
+    return total
 
 
 def _load_syncfs() -> Callable[[int], None] | None:
@@ -401,7 +411,7 @@ class LocalTransport:
                               | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
                 staged = _Staged(request, dir_fd, name, tmp, before)
                 try:
-                    _copy_data(src, dst, progress)
+                    _copy_data(src, dst, progress, before.st_size)
                     os.fchmod(dst, stat.S_IMODE(before.st_mode))
                     os.utime(dst, ns=(before.st_atime_ns, before.st_mtime_ns))
                     if self._fsync and _syncfs is None:
