@@ -46,15 +46,17 @@ class _Walker:
 
     def __init__(self, origin: OriginConfig, now: float) -> None:
         self.root = os.fsencode(origin.path)
+        self._skip = len(self.root.rstrip(b"/")) + 1
         self._include = GlobSet.compile(origin.include)
         self._exclude = GlobSet.compile(origin.exclude)
+        self._filtered = bool(self._include or self._exclude)
         self._settle_ns = int((now - origin.settle_seconds) * 1e9)
         self.todo: deque[bytes] = deque([self.root])
         self.visited: set[bytes] = set()
         self.unreadable: list[bytes] = []
 
     def _rel(self, path: bytes) -> str:
-        return os.fsdecode(os.path.relpath(path, self.root))
+        return os.fsdecode(path[self._skip :])
 
     def check_root(self) -> None:
         try:
@@ -101,15 +103,16 @@ class _Walker:
                 log.warning("entry unreadable", path=os.fsdecode(item.path), error=exc.strerror)
                 unsettled.add(item.name)
                 continue
-            rel = self._rel(item.path)
             if stat.S_ISDIR(st.st_mode):
-                if not (self._exclude and self._exclude(rel)):
+                if not (self._exclude and self._exclude(self._rel(item.path))):
                     self.todo.append(item.path)
                 continue
-            if self._exclude and self._exclude(rel):
-                continue
-            if self._include and not self._include(rel):
-                continue
+            if self._filtered:
+                rel = self._rel(item.path)
+                if self._exclude and self._exclude(rel):
+                    continue
+                if self._include and not self._include(rel):
+                    continue
             if stat.S_ISREG(st.st_mode):
                 kind, target = Kind.FILE, None
             elif stat.S_ISLNK(st.st_mode):
@@ -157,14 +160,28 @@ class Scanner:
         walker = _Walker(self.origin, now)
         await anyio.to_thread.run_sync(walker.check_root, limiter=self._limiter)
         delta = ScanDelta()
-        while walker.todo:
-            listings = await anyio.to_thread.run_sync(walker.next_batch, limiter=self._limiter)
-            batch = await self._inventory.apply_listings(
-                self.origin.name, self.origin.host, self._replicas, listings, now
-            )
-            delta += batch
-            if self._on_batch is not None and (batch.new or batch.changed):
-                self._on_batch(batch)
+        # Walking (a worker thread) and diffing (SQLite's thread) overlap: the walker runs one
+        # batch ahead, through a small bounded stream.
+        send, receive = anyio.create_memory_object_stream[list[DirListing]](1)
+
+        async def walk() -> None:
+            async with send:
+                while walker.todo:
+                    listings = await anyio.to_thread.run_sync(
+                        walker.next_batch, limiter=self._limiter
+                    )
+                    await send.send(listings)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(walk)
+            async with receive:
+                async for listings in receive:
+                    batch = await self._inventory.apply_listings(
+                        self.origin.name, self.origin.host, self._replicas, listings, now
+                    )
+                    delta += batch
+                    if self._on_batch is not None and (batch.new or batch.changed):
+                        self._on_batch(batch)
         deleted = await self._inventory.mark_missing_dirs(
             self.origin.name, self.origin.host, walker.visited, now
         )
