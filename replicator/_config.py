@@ -24,7 +24,8 @@ import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from contextlib import suppress
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -48,17 +49,61 @@ class EngineConfig:
 
 @dataclass(frozen=True, slots=True)
 class OriginConfig:
+    """A tree to replicate: a local folder, or ``ssh://[user@]host[:port]/path`` (pull mode).
+
+    ``host`` defaults to this machine's host name, or for ssh:// origins to the URL's host.
+    """
+
     name: str
     path: str
-    host: str = field(default_factory=socket.gethostname)
+    host: str = ""
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     settle_seconds: float = 60.0
     scan_interval: float = 60.0
+    # ssh:// origins only; the same keys as ssh:// replicas.
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    connect_timeout: float = 30.0
+    connections: int = 2
+    insecure_skip_host_key_check: bool = False
+    op_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.path.startswith("/"):
             object.__setattr__(self, "path", _normpath(self.path))
+        if not self.host:
+            host = None
+            if self.remote:
+                with suppress(ValueError):
+                    host = _parse_url(self.path, "ssh").host
+            object.__setattr__(self, "host", host or socket.gethostname())
+
+    @property
+    def remote(self) -> bool:
+        """Whether the origin lives on an SSH host (its path is an ssh:// URL)."""
+        m = _SCHEME_RE.match(self.path)
+        return m is not None and m.group(1).lower() == "ssh"
+
+    @property
+    def root(self) -> str:
+        """The folder scanned: the local path, or the path on the SSH host (absolute, or
+        relative to the login's home). File paths in the inventory start with it."""
+        return _parse_url(self.path, "ssh").path if self.remote else self.path
+
+    @property
+    def ssh_user(self) -> str | None:
+        return _parse_url(self.path, "ssh").user
+
+    @property
+    def ssh_host(self) -> str:
+        host = _parse_url(self.path, "ssh").host
+        assert host is not None  # _parse_url rejects ssh URLs without a host
+        return host
+
+    @property
+    def ssh_port(self) -> int | None:
+        return _parse_url(self.path, "ssh").port
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +367,8 @@ def _name(value: object) -> str:
 
 
 _Check = Callable[[object], Any]
+_SSH_KEYS_COMMON = ("identity_file", "known_hosts", "connect_timeout", "connections",
+                    "insecure_skip_host_key_check")
 
 _ENGINE_KEYS: dict[str, _Check] = {"retry_window": _number(">"), "shutdown_grace": _number(">=")}
 _ORIGIN_KEYS: dict[str, _Check] = {
@@ -331,7 +378,15 @@ _ORIGIN_KEYS: dict[str, _Check] = {
     "exclude": _globs,
     "settle_seconds": _number(">="),
     "scan_interval": _number(">"),
+    "identity_file": _optional_string,
+    "known_hosts": _optional_string,
+    "connect_timeout": _number(">"),
+    "connections": _integer(1),
+    "insecure_skip_host_key_check": _bool,
+    "op_timeout": _number(">"),
 }
+# Keys that only make sense for ssh:// origins.
+_SSH_ORIGIN_KEYS = (*_SSH_KEYS_COMMON, "op_timeout")
 _REPLICA_KEYS: dict[str, _Check] = {
     "name": _name,
     "workers": _integer(1),
@@ -350,10 +405,10 @@ _REPLICA_KEYS: dict[str, _Check] = {
     "insecure_skip_host_key_check": _bool,
 }
 # Keys that only make sense for ssh:// replicas: an error on local ones, not silently ignored.
-_SSH_REPLICA_KEYS = ("identity_file", "known_hosts", "connect_timeout", "connections",
-                     "insecure_skip_host_key_check")
+_SSH_REPLICA_KEYS = _SSH_KEYS_COMMON
 _SSH_PATH_KEYS = ("identity_file", "known_hosts")
 _REPLICA_DEFAULTS = {f.name: f.default for f in fields(ReplicaConfig)}
+_ORIGIN_DEFAULTS = {f.name: f.default for f in fields(OriginConfig)}
 _INVENTORY_KEYS: dict[str, _Check] = {"path": _string}
 _TOP_KEYS = ("inventory", "engine", "origins", "replicas")
 
@@ -441,7 +496,15 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         key = _key("origins", name)
         report.check(key, _name, name)
         values = report.table(key, raw, _ORIGIN_KEYS, required=("path",))
-        values["path"] = resolve(f"{key}.path", values["path"])
+        remote = bool(_SCHEME_RE.match(values["path"]))
+        if not remote:
+            values["path"] = resolve(f"{key}.path", values["path"])
+        for option in _SSH_ORIGIN_KEYS:
+            if option in values and not remote:
+                raise report.error(f"{key}.{option}", "only ssh:// origins take this key")
+        for option in _SSH_PATH_KEYS:
+            if option in values:
+                values[option] = resolve(f"{key}.{option}", values[option])
         origins.append(OriginConfig(name=name, **values))
 
     replicas = []
@@ -487,6 +550,23 @@ def _inside(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
+def _check_origin_path(report: _Reporter, key: str, origin: OriginConfig) -> None:
+    if not origin.remote:
+        if not origin.path.startswith("/"):
+            raise report.error(f"{key}.path", f"expected an absolute path, got {origin.path!r}")
+        for name in _SSH_ORIGIN_KEYS:
+            if getattr(origin, name) != _ORIGIN_DEFAULTS[name]:
+                raise report.error(f"{key}.{name}", "only ssh:// origins take this key")
+        return
+    try:
+        root = origin.root
+    except ValueError as exc:
+        raise report.error(f"{key}.path", str(exc)) from None
+    if root in ("/", "."):
+        raise report.error(f"{key}.path", "an ssh:// origin cannot be the whole file system"
+                           " or the whole home folder; name a folder below it")
+
+
 def _validate(config: Config, report: _Reporter) -> Config:
     for name, check in _ENGINE_KEYS.items():
         report.check(_key("engine", name), check, getattr(config.engine, name))
@@ -499,12 +579,13 @@ def _validate(config: Config, report: _Reporter) -> Config:
             raise report.error(key, "duplicate origin name")
         for name, check in _ORIGIN_KEYS.items():
             report.check(f"{key}.{name}", check, getattr(origin, name))
-        if not origin.path.startswith("/"):
-            raise report.error(f"{key}.path", f"expected an absolute path, got {origin.path!r}")
+        _check_origin_path(report, key, origin)
         for other in seen.values():
-            if other.host == origin.host and (
-                _inside(origin.path, other.path) or _inside(other.path, origin.path)
-            ):
+            # Origins are (host, folder): the same folder on two hosts is two origins. A
+            # home-relative remote folder is only compared with other home-relative ones.
+            if (other.host == origin.host
+                    and other.root.startswith("/") == origin.root.startswith("/")
+                    and (_inside(origin.root, other.root) or _inside(other.root, origin.root))):
                 raise report.error(
                     f"{key}.path",
                     f"{origin.path!r} overlaps origin {other.name!r} ({other.path!r})",
@@ -539,6 +620,14 @@ def _validate(config: Config, report: _Reporter) -> Config:
             if wanted not in seen:
                 known = _names(config.origins)
                 raise report.error(f"{key}.origins", f"unknown origin {wanted!r}; known: {known}")
+        if url.scheme == "ssh":
+            for origin in config.origins_for(replica):
+                if origin.remote:
+                    raise report.error(
+                        f"{key}.origins",
+                        f"ssh:// origin {origin.name!r} cannot be replicated to an ssh:// replica"
+                        " (not supported yet); pull into a local replica, or list the local"
+                        " origins of this replica in its 'origins' key")
         if replica.name in names:
             used_by = _key("replicas", names[replica.name].url)
             raise report.error(
@@ -548,6 +637,8 @@ def _validate(config: Config, report: _Reporter) -> Config:
         if url.scheme != "file":
             continue
         for origin in config.origins:
+            if origin.remote:
+                continue  # on another host: a local folder cannot overlap it
             if _inside(url.path, origin.path) or _inside(origin.path, url.path):
                 raise report.error(
                     key,

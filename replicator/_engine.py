@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -36,6 +37,9 @@ from ._inventory import Inventory, Outcome, OutcomeKind, Work
 from ._layout import Layout
 from ._scanner import OriginUnavailableError, Scanner
 from .transports import Progress, PutRequest, PutResult, PutStatus, Transport
+
+if TYPE_CHECKING:
+    from .transports._ssh_source import SshSource
 
 log = structlog.get_logger("replicator.engine")
 
@@ -108,7 +112,7 @@ class ReplicaRunner:
         self.name = config.name
         self.transport = transport
         self._origins = {o.name: o for o in origins}
-        self._roots = {o.name: os.fsencode(o.path) for o in origins}
+        self._roots = {o.name: os.fsencode(o.root) for o in origins}
         self._layout = Layout.parse(config.layout)
         self._stale_dirs = list(stale_dirs)
         self.wake = _Wake()
@@ -249,7 +253,7 @@ class ReplicaRunner:
         engine = self.engine
         requests = [
             PutRequest(work.path, work.dest, work.kind, work.size, work.mtime_ns, work.mode,
-                       work.target)
+                       work.target, engine.sources.get(work.origin))
             for work in batch
         ]
         for work in batch:
@@ -321,6 +325,11 @@ class ReplicaRunner:
         elif result.status is PutStatus.VANISHED:
             await self.engine.emit(self, work, Outcome(
                 self.name, work.file_id, OutcomeKind.VANISHED))
+        elif result.status is PutStatus.SOURCE_UNAVAILABLE:
+            # The origin's host is gone (pull mode): not this file's fault, not charged.
+            origin = self._origins[work.origin]
+            self.engine.origin_unavailable(origin.name, str(result.error or "unreachable"))
+            await self._release([work], time.time() + max(1.0, origin.scan_interval))
         elif result.status is PutStatus.NOT_STARTED:
             await self._release([work])
         else:
@@ -375,6 +384,13 @@ class Engine:
         self._runners: list[ReplicaRunner] = []
         self._send: MemoryObjectSendStream[_Record] | None = None
         self.origin_errors: dict[str, str] = {}
+        # Readers of ssh:// origins (pull mode), open for the run: scans and copies share them.
+        self.sources: dict[str, SshSource] = {}
+
+    def origin_unavailable(self, name: str, reason: str) -> None:
+        if self.origin_errors.get(name) != reason:
+            log.warning("origin unavailable", origin=name, error=reason)
+        self.origin_errors[name] = reason
 
     def stop(self) -> None:
         """Stop taking work; in-flight transfers get ``shutdown_grace`` seconds."""
@@ -407,6 +423,10 @@ class Engine:
                 self.config.origins_for(replica), stale.get(replica.name, ())))
         send, receive = anyio.create_memory_object_stream[_Record](RECORD_BATCH)
         self._send = send
+        if any(o.remote for o in self.config.origins):
+            from .transports._ssh_source import open_source
+
+            self.sources = {o.name: open_source(o) for o in self.config.origins if o.remote}
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._recorder, receive)
@@ -421,6 +441,8 @@ class Engine:
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await self.inventory.release_all()
+                for source in self.sources.values():
+                    await source.aclose()
 
     async def _scan_all(self, once: bool) -> None:
         try:
@@ -437,13 +459,13 @@ class Engine:
     async def _scan_loop(self, origin: OriginConfig, once: bool) -> None:
         replicas = [r.name for r in self.config.replicas
                     if origin in self.config.origins_for(r)]
-        scanner = Scanner(origin, self.inventory, replicas, self.limiter, self._woken)
+        scanner = Scanner(origin, self.inventory, replicas, self.limiter, self._woken,
+                          self.sources.get(origin.name))
         while not self.stopping:
             try:
                 result = await scanner.scan()
             except OriginUnavailableError as exc:
-                self.origin_errors[origin.name] = str(exc)
-                log.warning("origin unavailable", origin=origin.name, error=str(exc))
+                self.origin_unavailable(origin.name, str(exc))
             else:
                 self.origin_errors.pop(origin.name, None)
                 d = result.delta

@@ -12,6 +12,7 @@ __all__ = [
     "ErrorClass",
     "FileError",
     "InventoryError",
+    "OriginUnavailableError",
     "ReplicaUnavailableError",
     "ReplicatorError",
     "SourceChangedError",
@@ -51,6 +52,13 @@ class ReplicaUnavailableError(ReplicatorError):
     """The replica as a whole cannot be used now (root missing, unwritable, unreachable).
 
     Not charged to files: the replica is paused and its files stay pending.
+    """
+
+
+class OriginUnavailableError(ReplicatorError):
+    """The origin cannot be read now (root missing, SSH host unreachable, host key refused).
+
+    Nothing under it is taken as deleted, and copies from it are released, not charged.
     """
 
 

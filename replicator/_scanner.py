@@ -13,24 +13,24 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
 from ._config import OriginConfig
-from ._errors import ReplicatorError
+from ._errors import OriginUnavailableError as OriginUnavailableError
 from ._globs import GlobSet
 from ._inventory import DirListing, Entry, Inventory, Kind, ScanDelta
+
+if TYPE_CHECKING:
+    from .transports._ssh_source import SshSource
 
 log = structlog.get_logger("replicator.scanner")
 
 # Entries per thread hand-off: big enough to amortise the hand-off, small enough to keep the
 # loop responsive and memory flat.
 BATCH_ENTRIES = 4000
-
-
-class OriginUnavailableError(ReplicatorError):
-    """The origin root cannot be read; nothing under it is taken as deleted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +147,11 @@ class Scanner:
         replicas: Sequence[str],
         limiter: anyio.CapacityLimiter,
         on_batch: Callable[[ScanDelta], None] | None = None,
+        source: SshSource | None = None,
     ) -> None:
+        # ``source``: an ssh:// origin's open reader to list through (pull mode); without
+        # one, each scan opens its own.
+        self._source = source
         self.origin = origin
         self._inventory = inventory
         self._replicas = tuple(replicas)
@@ -155,6 +159,11 @@ class Scanner:
         self._on_batch = on_batch
 
     async def scan(self) -> ScanResult:
+        if self.origin.remote:
+            from ._remote_scanner import scan_remote  # asyncssh only when an origin needs it
+
+            return await scan_remote(self.origin, self._inventory, self._replicas,
+                                     self._on_batch, self._source)
         started = time.monotonic()
         now = time.time()
         walker = _Walker(self.origin, now)

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import anyio
 
 from . import _cli_logging
-from ._config import Config, load_config
+from ._config import Config, OriginConfig, load_config
 from ._config_edit import append_replica, remove_replica, render_initial_config
 from ._errors import ConfigError, EngineLockedError, InventoryError, ReplicatorError
 from ._events import ScanFinished, TransferCompleted
@@ -196,11 +196,30 @@ def _readable_folder(path: str) -> bool:
     return os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK)
 
 
+async def _remote_origin_ok(origin: OriginConfig) -> bool:
+    """An ssh:// origin (pull mode): the host answers and the root is a folder."""
+    from .transports._ssh_source import open_source
+
+    source = open_source(origin)
+    try:
+        with anyio.fail_after(origin.connect_timeout + origin.op_timeout):
+            await source.check_root()
+    except (ReplicatorError, TimeoutError) as exc:
+        print(f"origin {origin.name}: {exc or 'timed out'}", file=sys.stderr)
+        return False
+    finally:
+        await source.aclose()
+    return True
+
+
 async def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     problems = 0
     for origin in config.origins:
-        ok = await anyio.to_thread.run_sync(_readable_folder, origin.path)
+        if origin.remote:
+            ok = await _remote_origin_ok(origin)
+        else:
+            ok = await anyio.to_thread.run_sync(_readable_folder, origin.path)
         print(f"origin {origin.name}: {'ok' if ok else 'UNREACHABLE'} ({origin.path})")
         problems += not ok
     from .transports import open_transport

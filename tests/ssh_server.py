@@ -72,6 +72,7 @@ class Faults:
     deny_open: file names containing this text cannot be created (permission denied).
     full_after: writes fail with "No space left on device" after this many bytes.
     write_delay: seconds every write takes (a slow server).
+    drop_read_after: close the connection once this many bytes were read (once; pull mode).
     """
 
     enabled: bool = True
@@ -80,7 +81,9 @@ class Faults:
     deny_open: bytes | None = None
     full_after: int | None = None
     write_delay: float = 0.0
+    drop_read_after: int | None = None
     written: int = 0
+    read: int = 0
     dropped: int = 0
     stalled: int = 0
     released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -100,6 +103,28 @@ class FaultySFTPServer(asyncssh.SFTPServer):
         if f.enabled and f.deny_open is not None and f.deny_open in path:
             raise asyncssh.SFTPPermissionDenied("Permission denied")
         return super().open(path, pflags, attrs)
+
+    async def read(self, file_obj: object, offset: int, size: int) -> bytes:  # type: ignore[override]
+        f = self.faults
+        if (f.enabled and f.drop_read_after is not None and not f.dropped
+                and f.read + size > f.drop_read_after):
+            f.dropped += 1
+            self.connection.abort()
+            raise asyncssh.SFTPConnectionLost("connection dropped by the test")
+        result = super().read(file_obj, offset, size)
+        assert isinstance(result, bytes)
+        f.read += len(result)
+        return result
+
+    def readlink(self, path: bytes) -> bytes:
+        # asyncssh's chroot passes every target through realpath (relative ones against the
+        # server's working folder); return relative targets unchanged, as OpenSSH does.
+        target = os.readlink(self.map_path(path))
+        if target.startswith(b"/"):
+            result = super().readlink(path)
+            assert isinstance(result, bytes)
+            return result
+        return target
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:  # type: ignore[override]
         f = self.faults

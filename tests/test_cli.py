@@ -527,8 +527,9 @@ def test_second_engine_refused_and_sigterm_releases_the_lock(dirs: tuple[Path, P
     write_config(tmp_path, origin, replica)
 
     with background(tmp_path, "sync", "--continuous") as engine:
-        wait_for(lambda: len(files_below(replica)) == 3 or engine.poll() is not None, 30,
-                 "the continuous engine to copy the tree")
+        # Final names only: temp files of a batch exist side by side before their renames.
+        wait_for(lambda: all(replica_path(replica, origin / rel).exists() for rel in content)
+                 or engine.poll() is not None, 30, "the continuous engine to copy the tree")
         assert engine.poll() is None, (tmp_path / "bg.err").read_text()
         assert_replicated(origin, replica, content)
 

@@ -7,6 +7,9 @@ from ._base import (
     PutRequest,
     PutResult,
     PutStatus,
+    Source,
+    SourceReader,
+    SourceStat,
     Transport,
 )
 from ._factory import open_transport
@@ -20,6 +23,9 @@ __all__ = [
     "PutRequest",
     "PutResult",
     "PutStatus",
+    "Source",
+    "SourceReader",
+    "SourceStat",
     "Transport",
     "open_transport",
 ]

@@ -24,9 +24,65 @@ class Capabilities:
 
 
 @dataclass(frozen=True, slots=True)
-class PutRequest:
-    """Copy one origin file (a local path) to ``dest``, relative to the replica root.
+class SourceStat:
+    """An origin file as a remote source sees it (lstat), mtime at the source's precision.
 
+    ``kind`` is None for anything but a regular file or a symlink (folders, fifos...).
+    """
+
+    kind: Kind | None
+    size: int
+    mtime_ns: int
+    mode: int
+    target: bytes | None = None
+
+
+class SourceReader(Protocol):
+    """One origin file opened for reading on a remote source."""
+
+    @property
+    def stat(self) -> SourceStat:
+        """The file as it was when opened (fstat)."""
+
+    async def read(self, progress: Progress) -> bytes:
+        """The next block of the content, in order; b"" at the end of the file.
+        ``progress.add`` is called as bytes arrive.
+
+        Raises ``FileError`` (per file) or ``OriginUnavailableError``.
+        """
+
+    async def fstat(self) -> SourceStat:
+        """The open file now: compared with ``stat`` after the read."""
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Source(Protocol):
+    """An origin that is not a local folder (pull mode): its files are read through it.
+
+    Errors leave as ``FileError`` (this file) or ``OriginUnavailableError`` (the whole
+    origin cannot be reached: copies are released, not charged).
+    """
+
+    @property
+    def where(self) -> str: ...
+
+    @property
+    def mtime_precision_ns(self) -> int: ...
+
+    async def lstat(self, path: bytes) -> SourceStat | None:
+        """Stat ``path`` without following a final symlink; None if it does not exist."""
+
+    async def open(self, path: bytes) -> SourceReader | None:
+        """Open a regular file for reading; None if it does not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class PutRequest:
+    """Copy one origin file to ``dest``, relative to the replica root.
+
+    ``source`` is a local path, or a path on ``remote`` when that is set (pull mode).
     ``size``/``mtime_ns``/``target`` are the version the inventory expects; a source that
     no longer matches is reported as changed, not copied.
     """
@@ -38,6 +94,7 @@ class PutRequest:
     mtime_ns: int
     mode: int
     target: bytes | None = None
+    remote: Source | None = None
 
 
 class PutStatus(StrEnum):
@@ -46,6 +103,8 @@ class PutStatus(StrEnum):
     VANISHED = "vanished"
     ERROR = "error"
     NOT_STARTED = "not_started"
+    # The origin could not be reached (pull mode): released, not charged; ``error`` says why.
+    SOURCE_UNAVAILABLE = "source_unavailable"
 
 
 @dataclass(frozen=True, slots=True)

@@ -277,6 +277,10 @@ class LocalTransport:
     async def put(
         self, requests: Sequence[PutRequest], run_id: str, progress: Progress
     ) -> list[PutResult]:
+        # --- pull mode (issue 3): sources on a remote origin take their own path ----------
+        if any(request.remote is not None for request in requests):
+            return await self._put_remote(requests, run_id, progress)
+        # --- end pull mode ------------------------------------------------------------------
         results = progress.results
         try:
             await anyio.to_thread.run_sync(
@@ -288,6 +292,17 @@ class LocalTransport:
             progress.cancelled = True
             raise
         return results
+
+    # --- pull mode (issue 3) ----------------------------------------------------------------
+    async def _put_remote(
+        self, requests: Sequence[PutRequest], run_id: str, progress: Progress
+    ) -> list[PutResult]:
+        """Copy files of a remote origin (``PutRequest.remote``); see ``_pull``."""
+        from ._pull import put_from_source
+
+        return await put_from_source(self.root, self._limiter, self._fsync, requests, run_id,
+                                     progress)
+    # --- end pull mode ----------------------------------------------------------------------
 
     def _put_batch(
         self,
