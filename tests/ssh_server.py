@@ -39,8 +39,8 @@ class Keys:
     host_key_path: Path
     known_hosts: Path
 
-    def trust(self, port: int) -> None:
-        line = f"[127.0.0.1]:{port} {self.host_key.export_public_key().decode().strip()}\n"
+    def trust(self, port: int, host: str = "127.0.0.1") -> None:
+        line = f"[{host}]:{port} {self.host_key.export_public_key().decode().strip()}\n"
         self.known_hosts.write_text(line)
 
 
@@ -156,9 +156,11 @@ class SftpServer:
     faults: Faults
     connections: list[int]  # one entry per accepted connection
     user: str = "tester"
+    host: str = "127.0.0.1"
 
     def url(self, path: str = "/replica") -> str:
-        return f"ssh://{self.user}@127.0.0.1:{self.port}{path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ssh://{self.user}@{host}:{self.port}{path}"
 
     def options(self, **kwargs: Any) -> SshOptions:
         values: dict[str, Any] = dict(
@@ -183,7 +185,7 @@ class _CountingServer(asyncssh.SSHServer):
 
 @asynccontextmanager
 async def sftp_server(folder: Path, faults: Faults | None = None, *,
-                      trust: bool = True) -> AsyncIterator[SftpServer]:
+                      trust: bool = True, host: str = "127.0.0.1") -> AsyncIterator[SftpServer]:
     """Serve ``folder/root`` over SFTP on a free loopback port, for the test's event loop."""
     keys = make_keys(folder / "keys")
     root = folder / "root"
@@ -196,14 +198,14 @@ async def sftp_server(folder: Path, faults: Faults | None = None, *,
         return FaultySFTPServer(chan, chroot, faults)
 
     acceptor = await asyncssh.listen(
-        "127.0.0.1", 0, server_host_keys=[keys.host_key],
+        host, 0, server_host_keys=[keys.host_key],
         authorized_client_keys=str(keys.client_pub), sftp_factory=factory, allow_scp=False,
         server_factory=lambda: _CountingServer(connections))
     port = acceptor.get_port()
     if trust:
-        keys.trust(port)
+        keys.trust(port, host)
     try:
-        yield SftpServer(port, root, keys, faults, connections)
+        yield SftpServer(port, root, keys, faults, connections, host=host)
     finally:
         faults.released.set()
         acceptor.close()
