@@ -122,9 +122,10 @@ class ReplicaRunner:
         self._log = log.bind(replica=self.name)
 
     def destination(self, work: Work) -> bytes:
-        return self._layout.render(
-            host=work.host, origin=work.origin, root=self._roots[work.origin], path=work.path
-        )
+        root = self._roots.get(work.origin)
+        if root is None:
+            raise ValueError(f"origin {work.origin!r} is no longer replicated to {self.name!r}")
+        return self._layout.render(host=work.host, origin=work.origin, root=root, path=work.path)
 
     async def run(self, once: bool) -> None:
         delay = self.config.backoff_initial
@@ -143,8 +144,9 @@ class ReplicaRunner:
                 await self._set_unavailable(reason)
                 if once:
                     return
-                await self.engine.sleep(delay)
-                delay = min(self.config.backoff_max, delay * 2)
+                await self.engine.sleep(max(0.1, delay))
+                # Never faster than 0.1 s, even with backoff_initial = 0: no busy loop.
+                delay = min(self.config.backoff_max, max(0.1, delay * 2))
                 continue
             delay = self.config.backoff_initial
             await self._set_available()
@@ -221,8 +223,10 @@ class ReplicaRunner:
         batches: list[list[Work]] = []
         current: list[Work] = []
         size = 0
-        for work in claimed:
-            if current and (len(current) >= per_batch or size + work.size > BATCH_BYTES):
+        # One origin per batch: sources of different origins are read by different means.
+        for work in sorted(claimed, key=lambda w: w.origin):
+            if current and (len(current) >= per_batch or size + work.size > BATCH_BYTES
+                            or current[0].origin != work.origin):
                 batches.append(current)
                 current, size = [], 0
             current.append(work)
@@ -323,8 +327,10 @@ class ReplicaRunner:
             settle = self._origins[work.origin].settle_seconds
             await self._release([work], time.time() + max(1.0, settle))
         elif result.status is PutStatus.VANISHED:
+            # Not charged; the next scan tells whether the file is really gone.
+            retry = time.time() + max(1.0, self._origins[work.origin].settle_seconds)
             await self.engine.emit(self, work, Outcome(
-                self.name, work.file_id, OutcomeKind.VANISHED))
+                self.name, work.file_id, OutcomeKind.VANISHED, next_attempt=retry))
         elif result.status is PutStatus.SOURCE_UNAVAILABLE:
             # The origin's host is gone (pull mode): not this file's fault, not charged.
             origin = self._origins[work.origin]
@@ -415,7 +421,8 @@ class Engine:
 
     async def run(self, once: bool) -> None:
         stale: dict[str, list[bytes]] = {}
-        for name, dest in await self.inventory.recover():
+        names = [r.name for r in self._replicas]
+        for name, dest in await self.inventory.recover(names):
             stale.setdefault(name, []).append(dest)
         for replica in self._replicas:
             self._runners.append(ReplicaRunner(
@@ -434,15 +441,22 @@ class Engine:
                     tg.start_soon(self._scan_all, once)
                     for runner in self._runners:
                         tg.start_soon(runner.run, once)
-                    if not once:
-                        await self._stop.wait()
-                        tg.cancel_scope.deadline = (
-                            anyio.current_time() + self.config.engine.shutdown_grace + 5)
+                    # After stop(), whatever still runs (a long scan, a stuck transfer) gets
+                    # the grace period, then is cancelled.
+                    watcher = anyio.CancelScope()
+                    outer.start_soon(self._bound_after_stop, tg.cancel_scope, watcher)
+                watcher.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await self.inventory.release_all()
+                await self.inventory.release_all(names)
                 for source in self.sources.values():
                     await source.aclose()
+
+    async def _bound_after_stop(self, scope: anyio.CancelScope,
+                                watcher: anyio.CancelScope) -> None:
+        with watcher:
+            await self._stop.wait()
+            scope.deadline = anyio.current_time() + self.config.engine.shutdown_grace + 5
 
     async def _scan_all(self, once: bool) -> None:
         try:

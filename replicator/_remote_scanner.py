@@ -215,7 +215,7 @@ async def scan_remote(
             await source.aclose()
     if walker.complete:
         delta += ScanDelta(deleted=await inventory.mark_missing_dirs(
-            origin.name, origin.host, walker.visited, now))
+            origin.name, origin.host, walker.visited, now, walker.unreadable))
     result = ScanResult(origin.name, delta, time.monotonic() - started,
                         tuple(walker.unreadable))
     log.info("scan finished", origin=origin.name, method=walker.method, new=delta.new,

@@ -167,7 +167,8 @@ class Scanner:
         started = time.monotonic()
         now = time.time()
         walker = _Walker(self.origin, now)
-        await anyio.to_thread.run_sync(walker.check_root, limiter=self._limiter)
+        await anyio.to_thread.run_sync(walker.check_root, limiter=self._limiter,
+                                       abandon_on_cancel=True)
         delta = ScanDelta()
         # Walking (a worker thread) and diffing (SQLite's thread) overlap: the walker runs one
         # batch ahead, through a small bounded stream.
@@ -177,7 +178,7 @@ class Scanner:
             async with send:
                 while walker.todo:
                     listings = await anyio.to_thread.run_sync(
-                        walker.next_batch, limiter=self._limiter
+                        walker.next_batch, limiter=self._limiter, abandon_on_cancel=True
                     )
                     await send.send(listings)
 
@@ -192,7 +193,7 @@ class Scanner:
                     if self._on_batch is not None and (batch.new or batch.changed):
                         self._on_batch(batch)
         deleted = await self._inventory.mark_missing_dirs(
-            self.origin.name, self.origin.host, walker.visited, now
+            self.origin.name, self.origin.host, walker.visited, now, walker.unreadable
         )
         delta += ScanDelta(deleted=deleted)
         result = ScanResult(self.origin.name, delta, time.monotonic() - started,

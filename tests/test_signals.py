@@ -203,8 +203,11 @@ def test_second_sigterm_aborts_without_partial_files(dirs: tuple[Path, Path],
         code = proc.wait(timeout=GRACE)
     err = (tmp_path / "bg.err").read_text()
     assert "Traceback" not in err
-    if big_dest.exists():  # the copy won the race against the second signal
-        assert code == 0, err
+    if big_dest.exists():
+        # The copy won the race against the second signal: either the run recorded it (0),
+        # or the abandoned thread renamed its durable, checked copy just before the process
+        # ended (3: the inventory still says pending). Never a partial file.
+        assert code in (0, 3), err
         assert sha256(big_dest) == big_sha
     else:
         assert code == 3, err  # aborted: work remains, and no file has an error

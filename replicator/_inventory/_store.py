@@ -107,15 +107,19 @@ class Inventory:
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
         """One short write transaction. Cancellation rolls back, shielded."""
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
+            # Shielded: a BEGIN cancelled half-way would leave the connection inside a
+            # transaction that holds SQLite's write lock for good.
+            with anyio.CancelScope(shield=True):
+                await self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                with anyio.CancelScope(shield=True):
+                    await self._db.execute("COMMIT")
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:
+                        await self._db.execute("ROLLBACK")
                 raise
-            with anyio.CancelScope(shield=True):
-                await self._db.execute("COMMIT")
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         async with self._reader.execute(sql, params) as cursor:
@@ -321,14 +325,24 @@ class Inventory:
             )
 
     async def mark_missing_dirs(
-        self, origin: str, host: str, visited: set[bytes], now: float
+        self,
+        origin: str,
+        host: str,
+        visited: set[bytes],
+        now: float,
+        unreadable: Sequence[bytes] = (),
     ) -> int:
-        """Mark deleted every file of folders the scan no longer found."""
+        """Mark deleted every file of folders the scan no longer found.
+
+        Nothing below an ``unreadable`` folder counts as gone: the scan could not look.
+        """
         rows = await self._rows(
             "SELECT DISTINCT dir FROM files WHERE origin = ? AND host = ? AND deleted IS NULL",
             (origin, host),
         )
-        gone_dirs = [row[0] for row in rows if row[0] not in visited]
+        hidden = tuple(u.rstrip(b"/") + b"/" for u in unreadable)
+        gone_dirs = [row[0] for row in rows
+                     if row[0] not in visited and not (hidden and row[0].startswith(hidden))]
         total = 0
         for directory in gone_dirs:
             ids = [
@@ -425,15 +439,14 @@ class Inventory:
         """Apply a batch of transfer outcomes in one transaction."""
         replicated: list[tuple[Any, ...]] = []
         released: list[tuple[Any, ...]] = []
-        vanished: list[tuple[Any, ...]] = []
         errors: list[tuple[Any, ...]] = []
         for o in outcomes:
             if o.kind is OutcomeKind.REPLICATED:
                 replicated.append((o.size, o.mtime_ns, now, o.replica, o.file_id))
-            elif o.kind in (OutcomeKind.CHANGED, OutcomeKind.RELEASED):
+            elif o.kind in (OutcomeKind.CHANGED, OutcomeKind.RELEASED, OutcomeKind.VANISHED):
+                # A source missing at copy time may be back soon (a folder moved away and
+                # back, an automount): only the scanner decides that a file is gone.
                 released.append((o.next_attempt, o.replica, o.file_id))
-            elif o.kind is OutcomeKind.VANISHED:
-                vanished.append((o.replica, o.file_id))
             else:
                 state = CopyState.FAILED if o.final else CopyState.PENDING
                 errors.append(
@@ -455,46 +468,59 @@ class Inventory:
                 " WHERE replica = ? AND file_id = ? AND state = 'copying'",
                 released,
             )
-            # Nothing left to copy: a copy never made is dropped; an older copy is kept.
-            await db.executemany(
-                "DELETE FROM copies WHERE replica = ? AND file_id = ? AND state = 'copying'"
-                " AND size IS NULL",
-                vanished,
-            )
-            await db.executemany(
-                "UPDATE copies SET state = 'replicated' WHERE replica = ? AND file_id = ?"
-                " AND state = 'copying'",
-                vanished,
-            )
             await db.executemany(
                 "UPDATE copies SET state = ?, attempts = attempts + 1, next_attempt = ?,"
                 " error_class = ?, error = ? WHERE replica = ? AND file_id = ?"
                 " AND state = 'copying'",
                 errors,
             )
+            # The scanner found the file gone while it was in flight: drop, do not fail.
+            await db.executemany(
+                "DELETE FROM copies WHERE replica = ? AND file_id = ?"
+                " AND state IN ('pending', 'failed')"
+                " AND file_id IN (SELECT id FROM files WHERE deleted IS NOT NULL)",
+                [(o.replica, o.file_id) for o in outcomes
+                 if o.kind is not OutcomeKind.REPLICATED],
+            )
 
-    async def release_all(self) -> int:
-        """Every ``copying`` copy back to pending: the end of a run, or after a crash.
+    async def release_all(self, replicas: Sequence[str]) -> int:
+        """Every ``copying`` copy of these replicas back to pending, at the end of a run.
 
         Only call this while holding the engine lock: then no copy is in flight.
         """
+        if not replicas:
+            return 0
+        marks = ",".join("?" * len(replicas))
         async with self._write() as db:
             cursor = await db.execute(
-                "UPDATE copies SET state = 'pending' WHERE state = 'copying'"
+                f"UPDATE copies SET state = 'pending' WHERE state = 'copying'"
+                f" AND replica IN ({marks})",
+                tuple(replicas),
             )
             return cursor.rowcount
 
-    async def recover(self) -> list[tuple[str, bytes]]:
+    async def recover(self, replicas: Sequence[str]) -> list[tuple[str, bytes]]:
         """After a crash: every ``copying`` copy goes back to pending.
 
         Returns the (replica, destination) pairs so that temp files of dead runs next to
         them can be removed. Only call this while holding the engine lock.
         """
+        if not replicas:
+            return []
+        marks = ",".join("?" * len(replicas))
         rows = await self._rows(
             "SELECT replica, dest FROM copies WHERE state = 'copying' AND dest IS NOT NULL"
+            f" AND replica IN ({marks})",
+            tuple(replicas),
         )
         async with self._write() as db:
-            await db.execute("UPDATE copies SET state = 'pending' WHERE state = 'copying'")
+            # Only these replicas' copies: the others keep their record of where temp files
+            # of a dead run may lie until a run that serves them cleans up.
+            await db.execute(
+                f"UPDATE copies SET state = 'pending' WHERE state = 'copying'"
+                f" AND replica IN ({marks})",
+                tuple(replicas),
+            )
         return [(row[0], row[1]) for row in rows]
 
     # -- operators ----------------------------------------------------------------------

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -132,10 +133,11 @@ class Progress:
     chunks and clean up their temp files.
     """
 
-    __slots__ = ("_lock", "bytes", "cancelled", "files", "last_change", "results")
+    __slots__ = ("_flushing", "_lock", "bytes", "cancelled", "files", "last_change", "results")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._flushing = 0
         # Results in request order, appended as files finish: an abandoned batch still
         # reports the files it completed.
         self.results: list[PutResult] = []
@@ -151,7 +153,23 @@ class Progress:
             self.last_change = time.monotonic()
 
     def idle_for(self) -> float:
+        """Seconds without progress; a flush in progress counts as progress."""
+        if self._flushing:
+            return 0.0
         return time.monotonic() - self.last_change
+
+    @contextmanager
+    def flushing(self) -> Iterator[None]:
+        """Mark a flush to disk: it moves bytes the counters cannot see, so a long flush of
+        a large batch to a slow disk is not taken for a stall."""
+        with self._lock:
+            self._flushing += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._flushing -= 1
+                self.last_change = time.monotonic()
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ from .._errors import FileError, ReplicaUnavailableError
 from .._inventory import Kind
 from ._base import Capabilities, DestStat, Progress, PutRequest, PutResult, PutStatus
 from ._errors import file_error
-from ._paths import confine
+from ._paths import confine, copy_mode
 
 log = structlog.get_logger("replicator.transports.local")
 
@@ -334,10 +334,13 @@ class LocalTransport:
                 done.append(self._stage(request, run_id, progress, dirs))
                 progress.add(files=1)
             staged = [item for item in done if isinstance(item, _Staged)]
-            flush_error = self._flush(dirs, {item.dir_fd for item in staged}, "write")
+            with progress.flushing():
+                flush_error = self._flush(dirs, {item.dir_fd for item in staged}, "write")
             final: list[PutResult] = []
             renamed: list[_Staged] = []
             for item in done:
+                if progress.cancelled:
+                    return  # abandoned: the engine released these files; rename nothing more
                 if not isinstance(item, _Staged):
                     final.append(item)
                     continue
@@ -345,8 +348,9 @@ class LocalTransport:
                 if result.status is PutStatus.COPIED:
                     renamed.append(item)
                 final.append(result)
-            flush_error = self._flush(
-                dirs, {item.dir_fd for item in renamed} | dirs.touched_fds(), "rename")
+            with progress.flushing():
+                flush_error = self._flush(
+                    dirs, {item.dir_fd for item in renamed} | dirs.touched_fds(), "rename")
             by_request = {id(item.request): item for item in renamed}
             for index, result in enumerate(final):
                 if result.status is PutStatus.COPIED:
@@ -427,7 +431,7 @@ class LocalTransport:
                 staged = _Staged(request, dir_fd, name, tmp, before)
                 try:
                     _copy_data(src, dst, progress, before.st_size)
-                    os.fchmod(dst, stat.S_IMODE(before.st_mode))
+                    os.fchmod(dst, copy_mode(before.st_mode))
                     os.utime(dst, ns=(before.st_atime_ns, before.st_mtime_ns))
                     if self._fsync and _syncfs is None:
                         os.fsync(dst)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from .._errors import ErrorClass, FileError
 
@@ -22,3 +23,12 @@ def confine(dest: bytes) -> bytes:
         raise FileError(f"refused path escaping the replica: {_show(dest)}",
                         ErrorClass.PERMANENT)
     return b"/".join(parts)
+
+
+def copy_mode(mode: int) -> int:
+    """The permission bits a copy gets: never set-user-ID or set-group-ID.
+
+    A copy written by a privileged replicator must not turn a user's file into a setuid
+    executable owned by that account.
+    """
+    return stat.S_IMODE(mode) & 0o1777

@@ -35,7 +35,7 @@ from ._base import (
 )
 from ._errors import file_error
 from ._local import _DIR_FLAGS, _Dirs, _syncfs, temp_name
-from ._paths import confine
+from ._paths import confine, copy_mode
 
 log = structlog.get_logger("replicator.transports.pull")
 
@@ -100,7 +100,7 @@ class _Batch:
     def finish(self, fd: int, version: SourceStat, dest: bytes) -> None:
         """Mode and mtime of the source version, then close (flushed per batch later)."""
         try:
-            os.fchmod(fd, version.mode)
+            os.fchmod(fd, copy_mode(version.mode))
             os.utime(fd, ns=(version.mtime_ns, version.mtime_ns))
             if self.fsync and _syncfs is None:
                 os.fsync(fd)

@@ -32,7 +32,7 @@ from .._inventory import Kind
 from ._base import Capabilities, DestStat, Progress, PutRequest, PutResult, PutStatus
 from ._errors import file_error
 from ._local import TEMP_RE, temp_name
-from ._paths import confine
+from ._paths import confine, copy_mode
 
 log = structlog.get_logger("replicator.transports.ssh")
 
@@ -702,7 +702,7 @@ class SshTransport:
         closed = False
         try:
             await self._send(conn, f, src, tmp, progress)
-            attrs = asyncssh.SFTPAttrs(permissions=stat.S_IMODE(before.st_mode),
+            attrs = asyncssh.SFTPAttrs(permissions=copy_mode(before.st_mode),
                                        atime=before.st_atime_ns // WHOLE_SECOND,
                                        mtime=before.st_mtime_ns // WHOLE_SECOND)
             with self._io(conn, "set mode and mtime", tmp):
