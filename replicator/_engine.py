@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -36,7 +37,7 @@ from ._events import (
 from ._inventory import Inventory, Outcome, OutcomeKind, Work
 from ._layout import Layout
 from ._scanner import OriginUnavailableError, Scanner
-from .transports import Progress, PutRequest, PutResult, PutStatus, Transport
+from .transports import MARKER, Progress, PutRequest, PutResult, PutStatus, Transport
 
 if TYPE_CHECKING:
     from .transports._ssh_source import SshSource
@@ -133,6 +134,7 @@ class ReplicaRunner:
             try:
                 with anyio.fail_after(self.config.op_timeout):
                     await self.transport.probe()
+                    await self._check_marker()
                     if self._stale_dirs:
                         dirs = {os.path.dirname(d) for d in self._stale_dirs}
                         removed = await self.transport.remove_stale_temps(dirs, self.engine.run_id)
@@ -153,6 +155,28 @@ class ReplicaRunner:
             await self._serve(once)
             if self.unavailable is None or once:
                 return
+
+    async def _check_marker(self) -> None:
+        """The root must hold this replica's marker once the replica has been used.
+
+        An unmounted disk leaves an empty, writable mount point: copies made there would be
+        recorded as replicated and then hidden when the disk comes back.
+        """
+        inventory = self.engine.inventory
+        expected = await inventory.replica_marker(self.name)
+        found = await self.transport.read_marker()
+        if expected is None:
+            if found is None:
+                found = f"replicator {self.name} {uuid.uuid4()}"
+                await self.transport.write_marker(found)
+            await inventory.set_replica_marker(self.name, found)
+        elif found != expected:
+            what = "has no" if found is None else "has another replica's"
+            raise ReplicaUnavailableError(
+                f"replica root {self.config.url} {what} identity marker"
+                f" ({MARKER.decode()}): is the right disk mounted? If this folder really is"
+                f" this replica, write {expected!r} into that file"
+            )
 
     async def _set_unavailable(self, reason: str) -> None:
         self.unavailable = reason

@@ -97,12 +97,17 @@ class FaultySFTPServer(asyncssh.SFTPServer):
     def __init__(self, chan: asyncssh.SSHServerChannel, chroot: bytes, faults: Faults) -> None:
         super().__init__(chan, chroot=chroot)
         self.faults = faults
+        self._exempt: set[int] = set()
 
     def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
         f = self.faults
         if f.enabled and f.deny_open is not None and f.deny_open in path:
             raise asyncssh.SFTPPermissionDenied("Permission denied")
-        return super().open(path, pflags, attrs)
+        file_obj = super().open(path, pflags, attrs)
+        if b".replicator-replica" in path:
+            # The replica's identity marker is bookkeeping: faults target the data files.
+            self._exempt.add(id(file_obj))
+        return file_obj
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:  # type: ignore[override]
         f = self.faults
@@ -128,7 +133,7 @@ class FaultySFTPServer(asyncssh.SFTPServer):
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:  # type: ignore[override]
         f = self.faults
-        if f.enabled:
+        if f.enabled and id(file_obj) not in self._exempt:
             if f.write_delay:
                 await asyncio.sleep(f.write_delay)
             if f.stall and not f.stalled:

@@ -102,10 +102,12 @@ def write_config(
 
 
 def files_below(root: Path) -> dict[str, Path]:
-    """Regular files below ``root`` by relative path, temp files included."""
+    """Regular files below ``root`` by relative path, temp files included, marker excluded."""
     found: dict[str, Path] = {}
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
+            if name == ".replicator-replica" and Path(dirpath) == root:
+                continue  # the replica's identity marker, not a copy
             path = Path(dirpath, name)
             found[str(path.relative_to(root))] = path
     return found

@@ -9,6 +9,7 @@ import stat
 import time
 from collections.abc import Sequence
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -72,7 +73,8 @@ def assert_same_tree(origin: Path, replica_root: Path) -> int:
 
 
 def files_under(root: Path) -> int:
-    return sum(len(f) for _, _, f in os.walk(root))
+    """Files below a replica root, without its identity marker."""
+    return sum(len(f) for _, _, f in os.walk(root)) - (root / ".replicator-replica").exists()
 
 
 async def test_full_tree_to_two_replicas_then_changes(tmp_path: Path) -> None:
@@ -391,3 +393,45 @@ async def test_removed_folder_marks_its_files_deleted(tmp_path: Path) -> None:
         assert (second.deleted, second.unchanged) == (3, 1)
         stats = (await rep.inventory.replica_stats(time.time()))[0]
         assert (stats.files, stats.pending) == (1, 1)  # pending copies of deleted files dropped
+
+
+async def test_empty_mount_point_in_place_of_the_replica_is_refused(tmp_path: Path) -> None:
+    """An unmounted backup disk leaves an empty, writable folder: never fill it."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "a", b"a")
+    config = make_config(tmp_path, origin, [r1])
+    async with Replicator(config) as rep:
+        assert (await rep.sync_once()).copied == 1
+    assert (r1 / ".replicator-replica").read_text().startswith("replicator r1 ")
+    r1.rename(tmp_path / "disk")  # "unmount": the mount point stays, empty
+    r1.mkdir()
+    write(origin / "b", b"b")
+    async with Replicator(config) as rep:
+        summary = await rep.sync_once()
+        assert summary.exit_code == 3
+        reason = dict(summary.unavailable)["r1"]
+        assert "identity marker" in reason
+        assert "mounted" in reason
+    assert list(r1.iterdir()) == []  # nothing written into the mount point
+    r1.rmdir()
+    (tmp_path / "disk").rename(r1)  # "mount" again
+    async with Replicator(config) as rep:
+        summary = await rep.sync_once()
+        assert (summary.exit_code, summary.copied) == (0, 1)
+    assert replica_path(r1, origin / "b").read_bytes() == b"b"
+
+
+async def test_layout_cannot_overwrite_the_marker(tmp_path: Path) -> None:
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / ".replicator-replica", b"not a marker")
+    base = make_config(tmp_path, origin, [r1], max_attempts=1)
+    config = Config(inventory=base.inventory, origins=base.origins, engine=base.engine,
+                    replicas=(replace(base.replicas[0], layout="{name}"),))
+    async with Replicator(config) as rep:
+        summary = await rep.sync_once()
+        assert summary.exit_code == 1
+        [failed] = await rep.inventory.failed()
+        assert "marker" in (failed.error or "")
+    assert (r1 / ".replicator-replica").read_text().startswith("replicator r1 ")

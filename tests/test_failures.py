@@ -173,6 +173,12 @@ class FaultyTransport:
     async def remove_stale_temps(self, dirs: Iterable[bytes], run_id: str) -> int:
         return await self.inner.remove_stale_temps(dirs, run_id)
 
+    async def read_marker(self) -> str | None:
+        return await self.inner.read_marker()
+
+    async def write_marker(self, text: str) -> None:
+        await self.inner.write_marker(text)
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 

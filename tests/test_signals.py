@@ -103,10 +103,13 @@ def write_big(path: Path, size: int, mtime: float) -> str:
 
 
 def regular_files(root: Path) -> dict[str, Path]:
-    """Regular files below ``root`` by relative path (temp files included)."""
+    """Regular files below ``root`` by relative path (temp files included, the replica's
+    identity marker not)."""
     found: dict[str, Path] = {}
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
+            if name == ".replicator-replica" and Path(dirpath) == root:
+                continue
             path = Path(dirpath, name)
             found[str(path.relative_to(root))] = path
     return found

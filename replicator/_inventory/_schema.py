@@ -59,6 +59,10 @@ MIGRATIONS: tuple[str, ...] = (
         outcome TEXT
     );
     """,
+    # v2: the identity marker each replica root must hold (see transports.MARKER).
+    """
+    ALTER TABLE replicas ADD COLUMN marker TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -179,6 +179,14 @@ class Inventory:
                     backfilled.append(name)
         return backfilled
 
+    async def replica_marker(self, replica: str) -> str | None:
+        rows = await self._rows("SELECT marker FROM replicas WHERE name = ?", (replica,))
+        return rows[0][0] if rows else None
+
+    async def set_replica_marker(self, replica: str, marker: str) -> None:
+        async with self._write() as db:
+            await db.execute("UPDATE replicas SET marker = ? WHERE name = ?", (marker, replica))
+
     async def set_condition(self, replica: str, condition: str, error: str | None) -> None:
         async with self._write() as db:
             await db.execute(

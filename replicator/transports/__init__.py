@@ -1,6 +1,7 @@
 """Transports: the places replicas live in, behind one small protocol."""
 
 from ._base import (
+    MARKER,
     Capabilities,
     DestStat,
     Progress,
@@ -16,6 +17,7 @@ from ._factory import open_transport
 from ._local import LocalTransport
 
 __all__ = [
+    "MARKER",
     "Capabilities",
     "DestStat",
     "LocalTransport",

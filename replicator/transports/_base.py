@@ -13,6 +13,10 @@ from typing import Protocol, runtime_checkable
 from .._errors import FileError
 from .._inventory import Kind
 
+# A file in each replica root naming the replica: an empty mount point (an unmounted disk)
+# or another disk mounted in its place lacks it, and is then refused instead of filled.
+MARKER = b".replicator-replica"
+
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
@@ -203,5 +207,11 @@ class Transport(Protocol):
 
     async def remove_stale_temps(self, dirs: Iterable[bytes], run_id: str) -> int:
         """Remove temp files of other (dead) runs in the folders ``dirs`` (relative)."""
+
+    async def read_marker(self) -> str | None:
+        """The replica's identity marker (``MARKER`` in the root), or None if absent."""
+
+    async def write_marker(self, text: str) -> None:
+        """Write the identity marker durably (temp name, flush, rename)."""
 
     async def aclose(self) -> None: ...

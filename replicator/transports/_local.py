@@ -23,7 +23,15 @@ import structlog
 
 from .._errors import FileError, ReplicaUnavailableError
 from .._inventory import Kind
-from ._base import Capabilities, DestStat, Progress, PutRequest, PutResult, PutStatus
+from ._base import (
+    MARKER,
+    Capabilities,
+    DestStat,
+    Progress,
+    PutRequest,
+    PutResult,
+    PutStatus,
+)
 from ._errors import file_error
 from ._paths import confine, copy_mode
 
@@ -219,6 +227,45 @@ class LocalTransport:
             ) from None
         finally:
             os.close(fd)
+
+    async def read_marker(self) -> str | None:
+        def run() -> str | None:
+            try:
+                fd = os.open(os.path.join(self.root, MARKER),
+                             os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise ReplicaUnavailableError(f"replica marker: {exc.strerror}") from None
+            try:
+                return os.read(fd, 4096).decode(errors="replace").strip()
+            finally:
+                os.close(fd)
+
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+
+    async def write_marker(self, text: str) -> None:
+        def run() -> None:
+            tmp = os.path.join(self.root, MARKER + b".tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o644)
+                try:
+                    os.write(fd, text.encode() + b"\n")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, os.path.join(self.root, MARKER))
+                root_fd = os.open(self.root, _DIR_FLAGS)
+                try:
+                    os.fsync(root_fd)
+                finally:
+                    os.close(root_fd)
+            except OSError as exc:
+                raise ReplicaUnavailableError(
+                    f"cannot write the replica marker: {exc.strerror}") from None
+
+        await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
 
     async def stat(self, dest: bytes) -> DestStat | None:
         def run() -> DestStat | None:

@@ -22,6 +22,8 @@ def confine(dest: bytes) -> bytes:
     if b".." in parts:
         raise FileError(f"refused path escaping the replica: {_show(dest)}",
                         ErrorClass.PERMANENT)
+    if parts == [b".replicator-replica"]:
+        raise FileError("refused path: the replica's identity marker", ErrorClass.PERMANENT)
     return b"/".join(parts)
 
 

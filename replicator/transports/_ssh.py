@@ -29,7 +29,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .._config import ReplicaConfig
 from .._errors import ErrorClass, FileError, ReplicaUnavailableError
 from .._inventory import Kind
-from ._base import Capabilities, DestStat, Progress, PutRequest, PutResult, PutStatus
+from ._base import (
+    MARKER,
+    Capabilities,
+    DestStat,
+    Progress,
+    PutRequest,
+    PutResult,
+    PutStatus,
+)
 from ._errors import file_error
 from ._local import TEMP_RE, temp_name
 from ._paths import confine, copy_mode
@@ -502,6 +510,44 @@ class SshTransport:
                 await conn.sftp.remove(name)
         except FileError as exc:
             raise ReplicaUnavailableError(f"replica root {where} is not usable: {exc}") from None
+
+    async def read_marker(self) -> str | None:
+        conn = await self._conn()
+        path = self._path(MARKER)
+        try:
+            with self._io(conn, "read marker", path):
+                try:
+                    f = await conn.sftp.open(path, "rb", encoding=None)
+                except asyncssh.SFTPNoSuchFile:
+                    return None
+                try:
+                    data = await f.read(4096)
+                finally:
+                    await f.close()
+        except FileError as exc:
+            raise ReplicaUnavailableError(f"replica marker: {exc}") from None
+        text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+        return text.strip()
+
+    async def write_marker(self, text: str) -> None:
+        conn = await self._conn()
+        path, tmp = self._path(MARKER), self._path(MARKER + b".tmp")
+        try:
+            with self._io(conn, "write marker", tmp):
+                f = await conn.sftp.open(tmp, "wb", encoding=None)
+                try:
+                    await f.write(text.encode() + b"\n")
+                    if conn.fsync:
+                        await f.fsync()
+                finally:
+                    await f.close()
+            with self._io(conn, "rename marker", path):
+                if conn.posix_rename:
+                    await conn.sftp.posix_rename(tmp, path)
+                else:
+                    await conn.sftp.rename(tmp, path)
+        except FileError as exc:
+            raise ReplicaUnavailableError(f"cannot write the replica marker: {exc}") from None
 
     async def stat(self, dest: bytes) -> DestStat | None:
         rel = confine(dest)
