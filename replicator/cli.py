@@ -533,6 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = args.func(args)
     except (ConfigError, EngineLockedError, InventoryError, _Usage) as exc:
         _fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        # The inventory, its lock or the config file cannot be opened or written.
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(f"{exc.strerror or exc}{where}", EXIT_USAGE)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     return code

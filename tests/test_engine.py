@@ -435,3 +435,20 @@ async def test_layout_cannot_overwrite_the_marker(tmp_path: Path) -> None:
         [failed] = await rep.inventory.failed()
         assert "marker" in (failed.error or "")
     assert (r1 / ".replicator-replica").read_text().startswith("replicator r1 ")
+
+
+async def test_two_files_never_share_a_destination(tmp_path: Path) -> None:
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "x" / "same.fits", b"first", mtime=OLD)
+    write(origin / "y" / "same.fits", b"second", mtime=OLD + 1)
+    base = make_config(tmp_path, origin, [r1], max_attempts=1)
+    config = Config(inventory=base.inventory, origins=base.origins, engine=base.engine,
+                    replicas=(replace(base.replicas[0], layout="{name}"),))
+    async with Replicator(config) as rep:
+        summary = await rep.sync_once()
+        assert (summary.copied, summary.exit_code) == (1, 1)
+        [failed] = await rep.inventory.failed()
+        assert failed.path.endswith(b"y/same.fits")
+        assert "another origin file" in (failed.error or "")
+    assert (r1 / "same.fits").read_bytes() == b"first"  # not overwritten

@@ -63,6 +63,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE replicas ADD COLUMN marker TEXT;
     """,
+    # v3: which file owns a destination path, looked up at every claim.
+    """
+    CREATE INDEX copies_dest ON copies (replica, dest);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

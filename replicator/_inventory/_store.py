@@ -408,6 +408,7 @@ class Inventory:
                          work.name, work.kind, work.size, work.mtime_ns, work.mode,
                          work.target, work.attempts, dest)
                 )
+            claimed = await self._one_file_per_destination(db, replica, claimed, refused)
             await db.executemany(
                 "UPDATE copies SET state = 'copying', dest = ? WHERE replica = ? AND file_id = ?",
                 [(w.dest, replica, w.file_id) for w in claimed],
@@ -418,6 +419,35 @@ class Inventory:
                 [(reason, replica, w.file_id) for w, reason in refused],
             )
         return claimed, refused
+
+    async def _one_file_per_destination(
+        self,
+        db: aiosqlite.Connection,
+        replica: str,
+        claimed: list[Work],
+        refused: list[tuple[Work, str]],
+    ) -> list[Work]:
+        """Refuse work whose destination belongs to another file (a layout such as
+        ``{name}`` can map two origin files to one path: the second would overwrite the
+        first while both are recorded as replicated)."""
+        owners: dict[bytes, int] = {}
+        for chunk in _chunks(sorted({w.dest for w in claimed}), _MAX_PARAMS):
+            marks = ",".join("?" * len(chunk))
+            async with db.execute(
+                f"SELECT dest, file_id FROM copies WHERE replica = ? AND dest IN ({marks})",
+                (replica, *chunk),
+            ) as cursor:
+                for dest, file_id in await cursor.fetchall():
+                    owners.setdefault(dest, file_id)
+        kept: list[Work] = []
+        for work in claimed:
+            owner = owners.setdefault(work.dest, work.file_id)
+            if owner == work.file_id:
+                kept.append(work)
+            else:
+                refused.append((work, f"destination {os.fsdecode(work.dest)!r} already holds"
+                                      " the copy of another origin file; change the layout"))
+        return kept
 
     async def next_retry(
         self, replica: str, now: float, deadline: float, run_started: float | None = None

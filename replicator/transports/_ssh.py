@@ -695,7 +695,11 @@ class SshTransport:
         async with self._temp(conn, tmp) as committed:
             if req.kind is Kind.SYMLINK:
                 with self._io(conn, "create symlink", final):
-                    await conn.sftp.symlink(src.target, tmp)
+                    try:
+                        await conn.sftp.symlink(src.target, tmp)
+                    except asyncssh.SFTPOpUnsupported:
+                        raise FileError(f"the server at {self.options.where} cannot create"
+                                        " symlinks", ErrorClass.PERMANENT) from None
                 await self._set_link_times(conn, tmp, src.before)
             else:
                 changed = await self._write_file(conn, src, tmp, progress)

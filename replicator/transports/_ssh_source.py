@@ -286,8 +286,9 @@ class SshSource:
         command = _find_command(os.fsdecode(self.root))
         pending: dict[bytes, list[RemoteEntry]] = {}
         try:
-            process = await conn.conn.create_process(command, encoding=None)
-        except (asyncssh.Error, OSError) as exc:
+            with anyio.fail_after(self._op_timeout):
+                process = await conn.conn.create_process(command, encoding=None)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
             self._discard(conn)
             raise FileError(f"remote find on {self.options.where}: {exc}") from None
         errors = b""
