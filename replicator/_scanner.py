@@ -7,6 +7,7 @@ so memory follows the batch, not the size of the tree.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import time
@@ -39,6 +40,15 @@ class ScanResult:
     delta: ScanDelta
     seconds: float
     unreadable: tuple[bytes, ...] = ()
+
+
+def _fingerprint(entries: list[Entry]) -> bytes:
+    """A digest of a folder's settled entries, independent of the listing order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for e in sorted(entries, key=lambda e: e.name):
+        digest.update(b"%b\0%d %d %d %d\0%b\0" % (e.name, e.kind, e.size, e.mtime_ns, e.mode,
+                                                   e.target or b""))
+    return digest.digest()
 
 
 class _Walker:
@@ -130,7 +140,8 @@ class _Walker:
                 Entry(item.name, kind, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
                       target)
             )
-        return DirListing(folder, tuple(entries), frozenset(unsettled))
+        return DirListing(folder, tuple(entries), frozenset(unsettled),
+                          fingerprint=None if unsettled else _fingerprint(entries))
 
 
 class Scanner:

@@ -452,3 +452,24 @@ async def test_two_files_never_share_a_destination(tmp_path: Path) -> None:
         assert failed.path.endswith(b"y/same.fits")
         assert "another origin file" in (failed.error or "")
     assert (r1 / "same.fits").read_bytes() == b"first"  # not overwritten
+
+
+async def test_folder_that_comes_back_identical_is_not_left_deleted(tmp_path: Path) -> None:
+    """Unchanged folders are skipped by digest; a folder found missing loses its digest, so
+    when it comes back exactly as it was its files are live again."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    for i in range(5):
+        write(origin / "night" / f"f{i}", b"%d" % i)
+    write(origin / "other" / "g", b"g")
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        assert (await rep.scan())[0].new == 6
+        assert (await rep.scan())[0].unchanged == 6  # from the folder digests
+        (origin / "night").rename(tmp_path / "away")
+        assert (await rep.scan())[0].deleted == 5
+        (tmp_path / "away").rename(origin / "night")
+        again = (await rep.scan())[0]
+        assert (again.changed, again.unchanged) == (5, 1)  # undeleted, not skipped
+        assert [s.files for s in await rep.inventory.origin_stats()] == [6]
+        os.utime(origin / "night" / "f0", (OLD + 5, OLD + 5))
+        assert (await rep.scan())[0].changed == 1

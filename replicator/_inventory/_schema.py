@@ -67,6 +67,18 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX copies_dest ON copies (replica, dest);
     """,
+    # v4: per-folder digests of the last diffed listing, so a rescan skips unchanged folders;
+    # last_seen of the files of such a folder is the folder's last_seen.
+    """
+    CREATE TABLE dirs (
+        origin TEXT NOT NULL,
+        host TEXT NOT NULL,
+        dir BLOB NOT NULL,
+        fingerprint BLOB,
+        last_seen REAL NOT NULL,
+        PRIMARY KEY (origin, host, dir)
+    ) WITHOUT ROWID;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

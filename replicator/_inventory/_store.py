@@ -212,6 +212,28 @@ class Inventory:
         """
         if not listings:
             return ScanDelta()
+        recorded: dict[bytes, bytes | None] = {}
+        for chunk in _chunks([lst.dir for lst in listings if lst.fingerprint], _MAX_PARAMS):
+            marks = ",".join("?" * len(chunk))
+            for d, fingerprint in await self._rows(
+                "SELECT dir, fingerprint FROM dirs"
+                f" WHERE origin = ? AND host = ? AND dir IN ({marks})",
+                (origin, host, *chunk),
+            ):
+                recorded[d] = fingerprint
+        same = [lst for lst in listings
+                if lst.fingerprint is not None and recorded.get(lst.dir) == lst.fingerprint]
+        listings = [lst for lst in listings
+                    if lst.fingerprint is None or recorded.get(lst.dir) != lst.fingerprint]
+        if same:
+            async with self._write() as db:
+                await db.executemany(
+                    "UPDATE dirs SET last_seen = ? WHERE origin = ? AND host = ? AND dir = ?",
+                    [(now, origin, host, lst.dir) for lst in same],
+                )
+        skipped = sum(len(lst.entries) for lst in same)
+        if not listings:
+            return ScanDelta(unchanged=skipped)
         dirs = [listing.dir for listing in listings]
         known: dict[bytes, dict[bytes, tuple[int, int, int, int, int, float | None]]] = {
             d: {} for d in dirs
@@ -290,7 +312,14 @@ class Inventory:
                 )
             if gone_ids:
                 await self._mark_deleted(db, gone_ids, now)
-        return ScanDelta(len(inserts), len(updates), len(gone_ids), unchanged)
+            # The rows of these folders now match their listings: record the digests.
+            await db.executemany(
+                "INSERT INTO dirs (origin, host, dir, fingerprint, last_seen)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (origin, host, dir) DO UPDATE SET"
+                " fingerprint = excluded.fingerprint, last_seen = excluded.last_seen",
+                [(origin, host, lst.dir, lst.fingerprint, now) for lst in listings],
+            )
+        return ScanDelta(len(inserts), len(updates), len(gone_ids), unchanged + skipped)
 
     async def _reopen_copies(
         self, db: aiosqlite.Connection, file_ids: Sequence[int], replicas: Sequence[str]
@@ -361,10 +390,15 @@ class Inventory:
                     (origin, host, directory),
                 )
             ]
-            if ids:
-                async with self._write() as db:
+            async with self._write() as db:
+                if ids:
                     await self._mark_deleted(db, ids, now)
-                total += len(ids)
+                # Its rows changed outside a diff: the next listing of it is diffed in full.
+                await db.execute(
+                    "DELETE FROM dirs WHERE origin = ? AND host = ? AND dir = ?",
+                    (origin, host, directory),
+                )
+            total += len(ids)
         return total
 
     # -- the engine's work ----------------------------------------------------------------

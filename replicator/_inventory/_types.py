@@ -45,6 +45,9 @@ class DirListing:
     entries: tuple[Entry, ...]
     unsettled: frozenset[bytes] = frozenset()
     complete: bool = True
+    # A digest of ``entries`` (None: diff file by file). A folder whose digest equals the one
+    # recorded after its last diff is unchanged: its rows need not be loaded at all.
+    fingerprint: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
