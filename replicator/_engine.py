@@ -44,9 +44,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("replicator.engine")
 
-CLAIM_BATCH = 2048
+CLAIM_BATCH = 4096
 # Small files travel together: one worker-thread hand-off copies many of them.
-BATCH_FILES = 256
+BATCH_FILES = 1024
 BATCH_BYTES = 16 << 20
 RECORD_BATCH = 1000
 IDLE_POLL = 2.0
@@ -121,6 +121,8 @@ class ReplicaRunner:
         self._idle = _Wake()
         self.unavailable: str | None = None
         self._log = log.bind(replica=self.name)
+        # Outcomes of the transfer in progress, sent to the recorder together at its end.
+        self.buffer: list[_Record] | None = None
 
     def destination(self, work: Work) -> bytes:
         root = self._roots.get(work.origin)
@@ -273,9 +275,13 @@ class ReplicaRunner:
                 await self._transfer(batch)
 
     async def _release(self, batch: Sequence[Work], next_attempt: float = 0.0) -> None:
-        for work in batch:
-            await self.engine.emit(self, work, Outcome(
-                self.name, work.file_id, OutcomeKind.RELEASED, next_attempt=next_attempt))
+        records = [_Record(self, work, Outcome(self.name, work.file_id, OutcomeKind.RELEASED,
+                                               next_attempt=next_attempt))
+                   for work in batch]
+        if self.buffer is not None:
+            self.buffer += records
+        else:
+            await self.engine.emit_many(records)
 
     async def _transfer(self, batch: list[Work]) -> None:
         engine = self.engine
@@ -284,9 +290,20 @@ class ReplicaRunner:
                        work.target, engine.sources.get(work.origin))
             for work in batch
         ]
-        for work in batch:
-            engine.bus.publish(TransferStarted(
-                replica=self.name, origin=work.origin, path=work.path, size=work.size))
+        if engine.bus.active:
+            for work in batch:
+                engine.bus.publish(TransferStarted(
+                    replica=self.name, origin=work.origin, path=work.path, size=work.size))
+        self.buffer = []
+        try:
+            await self._transfer_batch(batch, requests)
+        finally:
+            records, self.buffer = self.buffer, None
+            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                await engine.emit_many(records)
+
+    async def _transfer_batch(self, batch: list[Work], requests: list[PutRequest]) -> None:
+        engine = self.engine
         progress = Progress()
         stalled = False
         crashed: FileError | None = None
@@ -412,7 +429,7 @@ class Engine:
         self._transports = transports
         self._replicas = tuple(replicas)
         self._runners: list[ReplicaRunner] = []
-        self._send: MemoryObjectSendStream[_Record] | None = None
+        self._send: MemoryObjectSendStream[list[_Record]] | None = None
         self.origin_errors: dict[str, str] = {}
         # Readers of ssh:// origins (pull mode), open for the run: scans and copies share them.
         self.sources: dict[str, SshSource] = {}
@@ -441,7 +458,22 @@ class Engine:
 
     async def emit(self, runner: ReplicaRunner, work: Work, outcome: Outcome) -> None:
         assert self._send is not None
-        await self._send.send(_Record(runner, work, outcome))
+        record = _Record(runner, work, outcome)
+        if runner.buffer is not None:
+            runner.buffer.append(record)  # a transfer in progress: sent as one batch
+        else:
+            await self._send.send([record])
+
+    async def emit_many(self, records: list[_Record]) -> None:
+        """Hand a transfer's outcomes to the recorder in one message."""
+        assert self._send is not None
+        if records:
+            try:
+                await self._send.send(records)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                # The run is being torn down: these copies stay 'copying' in the inventory
+                # and are released at the end of the run (or recovered by the next one).
+                pass
 
     async def run(self, once: bool) -> None:
         stale: dict[str, list[bytes]] = {}
@@ -452,7 +484,8 @@ class Engine:
             self._runners.append(ReplicaRunner(
                 self, replica, self._transports[replica.name],
                 self.config.origins_for(replica), stale.get(replica.name, ())))
-        send, receive = anyio.create_memory_object_stream[_Record](RECORD_BATCH)
+        # Bounded in messages; a message is one transfer's outcomes (a batch of files).
+        send, receive = anyio.create_memory_object_stream[list[_Record]](64)
         self._send = send
         if any(o.remote for o in self.config.origins):
             from .transports._ssh_source import open_source
@@ -518,17 +551,16 @@ class Engine:
         for runner in self._runners:
             runner.wake.set()
 
-    async def _recorder(self, receive: MemoryObjectReceiveStream[_Record]) -> None:
+    async def _recorder(self, receive: MemoryObjectReceiveStream[list[_Record]]) -> None:
         async with receive:
             while True:
                 try:
-                    first = await receive.receive()
+                    records = list(await receive.receive())
                 except anyio.EndOfStream:
                     return
-                records = [first]
                 while len(records) < RECORD_BATCH:
                     try:
-                        records.append(receive.receive_nowait())
+                        records += receive.receive_nowait()
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
                 await self.inventory.record([r.outcome for r in records], time.time())

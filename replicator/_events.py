@@ -124,6 +124,11 @@ class EventBus:
     def __init__(self) -> None:
         self._subscribers: list[_Subscriber] = []
 
+    @property
+    def active(self) -> bool:
+        """Whether anyone listens: lets publishers skip building events nobody reads."""
+        return bool(self._subscribers)
+
     def publish(self, event: Event) -> None:
         """Hand ``event`` to every subscriber without waiting."""
         for subscriber in self._subscribers:

@@ -440,7 +440,7 @@ class Inventory:
                 claimed.append(
                     Work(work.replica, work.file_id, work.origin, work.host, work.dir,
                          work.name, work.kind, work.size, work.mtime_ns, work.mode,
-                         work.target, work.attempts, dest)
+                         work.target, work.attempts, dest, work.path)
                 )
             claimed = await self._one_file_per_destination(db, replica, claimed, refused)
             await db.executemany(

@@ -83,10 +83,11 @@ class Work:
     target: bytes | None
     attempts: int
     dest: bytes
+    path: bytes = b""  # dir/name, computed once
 
-    @property
-    def path(self) -> bytes:
-        return os.path.join(self.dir, self.name)
+    def __post_init__(self) -> None:
+        if not self.path:
+            object.__setattr__(self, "path", os.path.join(self.dir, self.name))
 
 
 class OutcomeKind(StrEnum):
