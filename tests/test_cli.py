@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -576,3 +577,24 @@ def test_lock_of_a_killed_engine_does_not_block(dirs: tuple[Path, Path], tmp_pat
     assert_replicated(origin, replica, content)
     assert temp_files(replica) == []
 
+
+
+def test_demo_replicates_a_sample_tree_and_shows_the_status(tmp_path: Path) -> None:
+    """The README's first command runs ``replicator demo``: check what it leaves behind."""
+    result = ok(tmp_path, "demo", "--dir", "scratch")
+    assert "copied 124 files" in result.stdout
+    scratch = tmp_path / "scratch"
+    status = as_json(scratch, "-c", "replicator.toml", "status", "--json")
+    [replica] = status["replicas"]
+    assert (replica["files"], replica["replicated"], replica["pending"]) == (124, 124, 0)
+    origin = scratch / "instrument"
+    copied = [p for p in (scratch / "backup").rglob("*") if p.is_file() or p.is_symlink()]
+    sources = [p for p in origin.rglob("*") if p.is_file() or p.is_symlink()]
+    assert len(sources) == 124
+    assert len(copied) == 124 + 1  # and the replica's identity marker
+    for source in sources:
+        copy = replica_path(scratch / "backup", source, socket.gethostname())
+        if source.is_symlink():
+            assert os.readlink(copy) == os.readlink(source)
+        else:
+            assert copy.read_bytes() == source.read_bytes()
