@@ -161,7 +161,16 @@ async def cmd_failed(args: argparse.Namespace) -> int:
 
 
 def _paths(raw: Sequence[str]) -> list[bytes]:
-    return [os.fsencode(os.path.abspath(p)) for p in raw]
+    """Origin file paths as given and made absolute: a local origin's relative path is
+    relative to the current folder, but an ``ssh://host/~/x`` origin records its files as
+    given (relative to the remote login folder), and ``failed`` prints them so."""
+    paths: list[bytes] = []
+    for path in raw:
+        paths.append(os.fsencode(path))
+        absolute = os.fsencode(os.path.abspath(path))
+        if absolute != paths[-1]:
+            paths.append(absolute)
+    return paths
 
 
 async def _set_state(args: argparse.Namespace, to: CopyState,
@@ -172,7 +181,11 @@ async def _set_state(args: argparse.Namespace, to: CopyState,
     async with await _open_inventory(config) as inventory:
         changed = await inventory.set_state(to=to, from_states=from_states,
                                             replica=args.replica, paths=paths)
+        in_flight = await inventory.count_copying(args.replica, paths)
     print(f"{changed} cop{'y' if changed == 1 else 'ies'} now {to}")
+    if in_flight:
+        print(f"{in_flight} matching cop{'y is' if in_flight == 1 else 'ies are'} being"
+              " transferred by a running engine and did not change; try again after it")
     return EXIT_OK
 
 

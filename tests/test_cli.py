@@ -598,3 +598,22 @@ def test_demo_replicates_a_sample_tree_and_shows_the_status(tmp_path: Path) -> N
             assert os.readlink(copy) == os.readlink(source)
         else:
             assert copy.read_bytes() == source.read_bytes()
+
+
+def test_retry_and_ignore_say_when_a_copy_is_in_flight(dirs: tuple[Path, Path],
+                                                       tmp_path: Path) -> None:
+    origin, replica = dirs
+    small_tree(origin)
+    write_config(tmp_path, origin, replica)
+    ok(tmp_path, "scan")
+    with contextlib.closing(sqlite3.connect(tmp_path / "inventory.db")) as db:
+        # What a running engine's claim looks like from another process.
+        changed = db.execute("UPDATE copies SET state = 'copying' WHERE file_id IN"
+                             " (SELECT id FROM files WHERE name = ?)", (b"a.dat",)).rowcount
+        assert changed == 1
+        db.commit()
+    result = ok(tmp_path, "ignore", str(origin / "a.dat"))
+    assert result.stdout.startswith("0 copies now ignored")
+    assert "1 matching copy is being transferred" in result.stdout
+    result = ok(tmp_path, "retry", "--all")
+    assert "1 matching copy is being transferred" in result.stdout

@@ -674,6 +674,24 @@ class Inventory:
         )
         return [(row[0], row[1]) for row in rows]
 
+    async def count_copying(self, replica: str | None, paths: Sequence[bytes] | None) -> int:
+        """Copies (of these origin paths; None: all) that an engine is transferring now."""
+        if paths is None:
+            rows = await self._rows(
+                "SELECT COUNT(*) FROM copies WHERE state = 'copying'"
+                " AND (?1 IS NULL OR replica = ?1)", (replica,))
+            return int(rows[0][0])
+        total = 0
+        for path in paths:
+            directory, name = os.path.split(path)
+            rows = await self._rows(
+                "SELECT COUNT(*) FROM copies WHERE state = 'copying'"
+                " AND (?1 IS NULL OR replica = ?1)"
+                " AND file_id IN (SELECT id FROM files WHERE dir = ?2 AND name = ?3)",
+                (replica, directory, name))
+            total += int(rows[0][0])
+        return total
+
     async def set_state(
         self,
         *,
