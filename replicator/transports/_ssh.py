@@ -538,13 +538,18 @@ class SshTransport:
                 try:
                     await f.write(text.encode() + b"\n")
                     if conn.fsync:
-                        await f.fsync()
+                        try:
+                            await f.fsync()
+                        except asyncssh.SFTPOpUnsupported:
+                            conn.fsync = False
                 finally:
                     await f.close()
             with self._io(conn, "rename marker", path):
-                if conn.posix_rename:
+                try:
                     await conn.sftp.posix_rename(tmp, path)
-                else:
+                except asyncssh.SFTPOpUnsupported:
+                    # Written once, where no marker exists: a plain rename does.
+                    conn.posix_rename = False
                     await conn.sftp.rename(tmp, path)
         except FileError as exc:
             raise ReplicaUnavailableError(f"cannot write the replica marker: {exc}") from None
