@@ -155,6 +155,36 @@ def _load_syncfs() -> Callable[[int], None] | None:
 _syncfs = _load_syncfs() if sys.platform == "linux" else None
 
 
+def flush_folders(dirs: _Dirs, dir_fds: set[int], what: str) -> FileError | None:
+    """Make everything written below these folders durable: one syncfs per filesystem
+    (an fsync per folder where syncfs is missing). Returns the error, if any."""
+    if not dir_fds:
+        return None
+    try:
+        if _syncfs is None:
+            for fd in dir_fds:
+                os.fsync(fd)
+        else:
+            for fd in dirs.one_per_device(dir_fds):
+                _syncfs(fd)
+    except OSError as exc:
+        return file_error(exc, f"flush after {what}", b"")
+    return None
+
+
+def rename_into_place(tmp: bytes, name: bytes, dir_fd: int, dest: bytes) -> FileError | None:
+    """Rename a temp file to its final name in the same folder; the error, if any."""
+    try:
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as exc:
+        error = file_error(exc, "rename into", dest)
+        if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+            error = FileError(f"destination path blocked: {os.fsdecode(dest)!r} is a folder",
+                              error.error_class)
+        return error
+    return None
+
+
 class _Staged:
     """A temp file written next to its destination, waiting for flush and rename."""
 
@@ -414,19 +444,7 @@ class LocalTransport:
             os.close(root_fd)
 
     def _flush(self, dirs: _Dirs, dir_fds: set[int], what: str) -> FileError | None:
-        """Make everything written below these folders durable: one syncfs per filesystem."""
-        if not self._fsync or not dir_fds:
-            return None
-        try:
-            if _syncfs is None:
-                for fd in dir_fds:
-                    os.fsync(fd)
-            else:
-                for fd in dirs.one_per_device(dir_fds):
-                    _syncfs(fd)
-        except OSError as exc:
-            return file_error(exc, f"flush after {what}", b"")
-        return None
+        return flush_folders(dirs, dir_fds, what) if self._fsync else None
 
     def _verify(self, result: PutResult, dir_fd: int) -> PutResult:
         """Compare the final file with the source version read before the copy."""
@@ -514,13 +532,8 @@ class LocalTransport:
             return PutResult(request, PutStatus.CHANGED)
         if not _same(item.before, current):
             return PutResult(request, PutStatus.CHANGED)
-        try:
-            os.rename(item.tmp, item.name, src_dir_fd=item.dir_fd, dst_dir_fd=item.dir_fd)
-        except OSError as exc:
-            error = file_error(exc, "rename into", request.dest)
-            if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-                error = FileError(f"destination path blocked: {os.fsdecode(request.dest)!r}"
-                                  " is a folder", error.error_class)
+        error = rename_into_place(item.tmp, item.name, item.dir_fd, request.dest)
+        if error is not None:
             return PutResult(request, PutStatus.ERROR, error=error)
         item.committed = True
         return PutResult(request, PutStatus.COPIED, item.before.st_size, item.before.st_mtime_ns)

@@ -12,7 +12,6 @@ An origin that cannot be reached releases the batch's remaining files uncharged
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ from ._base import (
     SourceStat,
 )
 from ._errors import file_error
-from ._local import _DIR_FLAGS, _Dirs, _syncfs, temp_name
+from ._local import _DIR_FLAGS, _Dirs, _syncfs, flush_folders, rename_into_place, temp_name
 from ._paths import confine, copy_mode
 
 log = structlog.get_logger("replicator.transports.pull")
@@ -144,19 +143,8 @@ class _Batch:
         return dir_fd, tmp
 
     def flush(self, dir_fds: set[int], what: str) -> FileError | None:
-        if not self.fsync or not dir_fds:
-            return None
         assert self.dirs is not None
-        try:
-            if _syncfs is None:
-                for fd in dir_fds:
-                    os.fsync(fd)
-            else:
-                for fd in self.dirs.one_per_device(dir_fds):
-                    _syncfs(fd)
-        except OSError as exc:
-            return file_error(exc, f"flush after {what}", b"")
-        return None
+        return flush_folders(self.dirs, dir_fds, what) if self.fsync else None
 
     def commit(self, staged: list[_Staged]) -> list[PutResult]:
         """Flush, rename, flush the renames, verify: results of durable copies only."""
@@ -169,13 +157,8 @@ class _Batch:
             if error is not None:
                 results.append(PutResult(req, PutStatus.ERROR, error=error))
                 continue
-            try:
-                os.rename(item.tmp, item.name, src_dir_fd=item.dir_fd, dst_dir_fd=item.dir_fd)
-            except OSError as exc:
-                failure = file_error(exc, "rename into", req.dest)
-                if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-                    failure = FileError(f"destination path blocked: {os.fsdecode(req.dest)!r}"
-                                        " is a folder", failure.error_class)
+            failure = rename_into_place(item.tmp, item.name, item.dir_fd, req.dest)
+            if failure is not None:
                 results.append(PutResult(req, PutStatus.ERROR, error=failure))
                 continue
             item.committed = True

@@ -26,7 +26,7 @@ import asyncssh
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .._config import ReplicaConfig
+from .._config import OriginConfig, ReplicaConfig
 from .._errors import ErrorClass, FileError, ReplicaUnavailableError
 from .._inventory import Kind
 from ._base import (
@@ -350,12 +350,13 @@ def _read(fd: int, size: int) -> bytes:
 # --- the transport -------------------------------------------------------------------------
 
 
-def options_for(replica: ReplicaConfig) -> SshOptions:
+def options_for(config: ReplicaConfig | OriginConfig) -> SshOptions:
+    """Connection options of an ssh:// replica or origin (both carry the same keys)."""
     return SshOptions(
-        host=replica.ssh_host, port=replica.ssh_port, user=replica.ssh_user,
-        identity_file=replica.identity_file, known_hosts=replica.known_hosts,
-        insecure=replica.insecure_skip_host_key_check,
-        connect_timeout=replica.connect_timeout, connections=replica.connections,
+        host=config.ssh_host, port=config.ssh_port, user=config.ssh_user,
+        identity_file=config.identity_file, known_hosts=config.known_hosts,
+        insecure=config.insecure_skip_host_key_check,
+        connect_timeout=config.connect_timeout, connections=config.connections,
     )
 
 

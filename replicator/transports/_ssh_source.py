@@ -39,6 +39,7 @@ from ._ssh import (
     _Pool,
     _release_pool,
     classify_sftp,
+    options_for,
 )
 
 log = structlog.get_logger("replicator.transports.ssh_source")
@@ -103,15 +104,6 @@ def _stat_of(attrs: asyncssh.SFTPAttrs, target: bytes | None = None) -> SourceSt
                       stat.S_IMODE(attrs.permissions or 0), target)
 
 
-def options_for_origin(origin: OriginConfig) -> SshOptions:
-    return SshOptions(
-        host=origin.ssh_host, port=origin.ssh_port, user=origin.ssh_user,
-        identity_file=origin.identity_file, known_hosts=origin.known_hosts,
-        insecure=origin.insecure_skip_host_key_check,
-        connect_timeout=origin.connect_timeout, connections=origin.connections,
-    )
-
-
 class SshSource:
     """An origin folder on an SSH host: lists its tree and reads its files (a ``Source``).
 
@@ -130,7 +122,7 @@ class SshSource:
 
     @classmethod
     def from_config(cls, origin: OriginConfig) -> SshSource:
-        return cls(options_for_origin(origin), origin.root, origin.op_timeout)
+        return cls(options_for(origin), origin.root, origin.op_timeout)
 
     @property
     def where(self) -> str:
