@@ -18,8 +18,6 @@ from ._errors import (
     InventoryError,
     ReplicatorError,
     ReplicaUnavailableError,
-    SourceChangedError,
-    SourceVanishedError,
     TransferStalledError,
 )
 from ._events import (
@@ -57,8 +55,6 @@ __all__ = [
     "RunCompleted",
     "ScanFinished",
     "ScanSummary",
-    "SourceChangedError",
-    "SourceVanishedError",
     "SyncSummary",
     "TransferCompleted",
     "TransferFailed",

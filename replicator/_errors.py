@@ -15,8 +15,6 @@ __all__ = [
     "OriginUnavailableError",
     "ReplicaUnavailableError",
     "ReplicatorError",
-    "SourceChangedError",
-    "SourceVanishedError",
     "TransferStalledError",
 ]
 
@@ -75,11 +73,3 @@ class TransferStalledError(FileError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, ErrorClass.TRANSIENT)
-
-
-class SourceChangedError(ReplicatorError):
-    """The source changed while it was read: the copy was discarded, the file stays pending."""
-
-
-class SourceVanishedError(ReplicatorError):
-    """The source file disappeared before or while it was read."""

@@ -664,16 +664,6 @@ class Inventory:
             for row in rows
         ]
 
-    async def pending(self, replica: str) -> list[tuple[bytes, bytes]]:
-        """(origin path, attempts) of every pending copy on a replica, oldest first."""
-        rows = await self._rows(
-            "SELECT f.dir, f.name FROM copies c JOIN files f ON f.id = c.file_id"
-            " WHERE c.replica = ? AND c.state IN ('pending', 'copying')"
-            " ORDER BY c.src_mtime_ns, f.id",
-            (replica,),
-        )
-        return [(row[0], row[1]) for row in rows]
-
     async def count_copying(self, replica: str | None, paths: Sequence[bytes] | None) -> int:
         """Copies (of these origin paths; None: all) that an engine is transferring now."""
         if paths is None:
