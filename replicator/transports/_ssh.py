@@ -1,6 +1,8 @@
-"""Replicas on SSH hosts, over SFTP (asyncssh).
+"""Replicas on SSH hosts (asyncssh): a stream of files to a receiver, or SFTP.
 
-Only SFTP is used, so chrooted ``internal-sftp`` servers work. Local reads happen in worker
+Where the host runs ``python3``, batches go through one exec channel to a small receiver
+(``_ssh_stream``, ``_receiver``): no round trip per file. Elsewhere (chrooted ``internal-sftp``
+servers, no python3) every file goes over SFTP, the portable path. Local reads happen in worker
 threads: small files of a batch are read together in one thread call, large ones chunk by
 chunk while the previous chunk is on the wire. Each file is written to a temp name in its
 destination folder, given its mode and mtime, fsynced (``fsync@openssh.com``), checked
@@ -41,6 +43,18 @@ from ._base import (
 from ._errors import file_error
 from ._local import TEMP_RE, temp_name
 from ._paths import confine, copy_mode
+from ._ssh_stream import (
+    ABORT,
+    COMMIT,
+    DATA_CHUNK,
+    NoReceiver,
+    StreamLost,
+    StreamSession,
+    data_frame,
+    file_frame,
+    link_frame,
+    result_error,
+)
 
 log = structlog.get_logger("replicator.transports.ssh")
 
@@ -283,6 +297,7 @@ class _Source:
         if self.fd >= 0 and not self.closed:
             self.closed = True
             os.close(self.fd)
+            self.fd = -1  # the number may be reused by the next file opened
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
@@ -347,6 +362,52 @@ def _read(fd: int, size: int) -> bytes:
     return os.read(fd, size)
 
 
+def _groups(sources: list[_Source]) -> Iterator[list[_Source]]:
+    """Small files (and symlinks) in groups read by one thread call; a large file alone."""
+    group: list[_Source] = []
+    size = 0
+    for src in sources:
+        small = src.request.kind is Kind.SYMLINK or src.request.size <= SMALL_FILE
+        if group and (not small or len(group) >= SMALL_GROUP_FILES
+                      or size + src.request.size > SMALL_GROUP_BYTES):
+            yield group
+            group, size = [], 0
+        group.append(src)
+        size += src.request.size if small else 0
+        if not small:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def _load_frames(sources: list[_Source], run_id: str) -> bytes:
+    """``_load`` a group, then the receiver's frames of its small files and symlinks (a
+    large file is streamed afterwards, chunk by chunk). Runs in a worker thread."""
+    _load(sources)
+    frames: list[bytes] = []
+    for src in sources:
+        if src.result is not None or src.before is None:
+            continue
+        req = src.request
+        try:
+            dest = confine(req.dest)
+            if not dest:
+                raise FileError("refused empty destination path", ErrorClass.PERMANENT)
+        except FileError as exc:
+            src.result = PutResult(req, PutStatus.ERROR, error=exc)
+            src.close()
+            continue
+        if req.kind is Kind.SYMLINK:
+            frames.append(link_frame(src.index, src.before.st_mtime_ns, dest,
+                                     temp_name(run_id), src.target))
+        elif src.data is not None:
+            frames += (file_frame(src.index, copy_mode(src.before.st_mode),
+                                  src.before.st_mtime_ns, dest, temp_name(run_id)),
+                       data_frame(src.data), COMMIT)
+    return b"".join(frames)
+
+
 # --- the transport -------------------------------------------------------------------------
 
 
@@ -368,8 +429,11 @@ class SshTransport:
     """
 
     def __init__(self, options: SshOptions, root: str, limiter: anyio.CapacityLimiter,
-                 op_timeout: float = 60.0) -> None:
+                 op_timeout: float = 60.0, stream: bool = True) -> None:
         self.options = options
+        # False once the host turned out not to run the receiver: SFTP from then on.
+        self._stream = stream
+        self._sessions: list[tuple[_Conn, StreamSession]] = []
         self.root = os.fsencode(root)
         self._limiter = limiter
         self._op_timeout = op_timeout
@@ -616,6 +680,10 @@ class SshTransport:
             raise FileError(str(exc)) from None
 
     async def aclose(self) -> None:
+        sessions, self._sessions = self._sessions, []
+        with anyio.CancelScope(shield=True):
+            for _, session in sessions:
+                await session.quit()
         if self._pool is not None:
             _release_pool(self._pool)
             self._pool = None
@@ -625,6 +693,13 @@ class SshTransport:
     async def put(
         self, requests: Sequence[PutRequest], run_id: str, progress: Progress
     ) -> list[PutResult]:
+        if self._stream and all(r.remote is None for r in requests):
+            try:
+                session = await self._session()
+            except FileError as exc:
+                return [PutResult(r, PutStatus.ERROR, error=exc) for r in requests]
+            if session is not None:
+                return await self._put_stream(*session, requests, run_id, progress)
         sources = [_Source(i, r) for i, r in enumerate(requests)]
         results: list[PutResult | None] = [None] * len(requests)
         seen: set[bytes] = set()
@@ -646,24 +721,142 @@ class SshTransport:
             progress.results.extend(done)
         return done
 
+    # -- the stream data path --
+
+    async def _session(self) -> tuple[_Conn, StreamSession] | None:
+        """An idle receiver session, or a new one; None if the host cannot run one."""
+        while self._sessions:
+            conn, session = self._sessions.pop()
+            if not conn.closed and not session.broken:
+                return conn, session
+            session.close()
+        conn = await self._connected()
+        try:
+            session = await StreamSession.start(conn.conn, self.root, self._op_timeout)
+        except NoReceiver as exc:
+            self._stream = False
+            self._log.warning("the host does not run the stream receiver (python3): copies go"
+                              " over SFTP, one round trip per file", reason=str(exc))
+            return None
+        except StreamLost as exc:
+            if conn.closed:
+                self._discard(conn)
+            raise FileError(f"stream to {self.options.where}: {exc}") from None
+        return conn, session
+
+    async def _put_stream(self, conn: _Conn, session: StreamSession,
+                          requests: Sequence[PutRequest], run_id: str, progress: Progress
+                          ) -> list[PutResult]:
+        """One batch through the receiver: small files framed many per thread call and
+        written while the next group is read; then one sync, which renames and reports."""
+        sources = [_Source(i, r) for i, r in enumerate(requests)]
+        results: list[PutResult | None] = [None] * len(requests)
+        reusable = False
+        try:
+            send, receive = anyio.create_memory_object_stream[tuple[list[_Source], bytes]](2)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._frame_groups, sources, run_id, send)
+                async with receive:
+                    async for group, frames in receive:
+                        if frames:
+                            await session.send(frames)
+                        for src in group:
+                            if src.result is not None:
+                                results[src.index] = src.result
+                            elif src.fd >= 0:
+                                results[src.index] = await self._stream_large(
+                                    session, src, run_id, progress)
+                        progress.add(len(frames), files=len(group))
+            with progress.flushing():
+                reply = await session.sync()
+            reusable = True
+        except StreamLost as exc:
+            if conn.closed:
+                self._discard(conn)
+            error = FileError(f"stream to {self.options.where}: {exc}")
+            results = [r or PutResult(s.request, PutStatus.ERROR, error=error)
+                       for s, r in zip(sources, results, strict=True)]
+            reply = []
+        finally:
+            for src in sources:
+                src.close()
+            if reusable:
+                self._sessions.append((conn, session))
+            else:
+                session.close()
+        for entry in reply:
+            src = sources[int(str(entry[0]))]
+            results[src.index] = self._stream_result(src, entry)
+        done = [r or PutResult(s.request, PutStatus.ERROR, error=FileError(
+                    f"the receiver on {self.options.where} did not report"
+                    f" {_show(s.request.dest)}")) for s, r in zip(sources, results, strict=True)]
+        if not progress.cancelled:
+            progress.results.extend(done)
+        return done
+
+    async def _frame_groups(self, sources: list[_Source], run_id: str,
+                            send: MemoryObjectSendStream[tuple[list[_Source], bytes]]) -> None:
+        async with send:
+            for group in _groups(sources):
+                frames = await anyio.to_thread.run_sync(_load_frames, group, run_id,
+                                                        limiter=self._limiter)
+                await send.send((group, frames))
+
+    async def _stream_large(self, session: StreamSession, src: _Source, run_id: str,
+                            progress: Progress) -> PutResult | None:
+        """Stream one large file chunk by chunk; CHANGED (and discarded) if it changed."""
+        req, before = src.request, src.before
+        assert before is not None
+        try:
+            dest = confine(req.dest)
+        except FileError as exc:
+            return PutResult(req, PutStatus.ERROR, error=exc)
+        await session.send(file_frame(src.index, copy_mode(before.st_mode),
+                                      before.st_mtime_ns, dest, temp_name(run_id)))
+        result: PutResult | None = None
+        while True:
+            try:
+                data = await anyio.to_thread.run_sync(_read, src.fd, DATA_CHUNK,
+                                                      limiter=self._limiter)
+                if not data:
+                    result = await anyio.to_thread.run_sync(_check_unchanged, src,
+                                                            limiter=self._limiter)
+            except OSError as exc:
+                result = PutResult(req, PutStatus.ERROR,
+                                   error=file_error(exc, "read source", req.source))
+                data = b""
+            if not data:
+                break
+            await session.send(data_frame(data))
+            progress.add(len(data))
+        await session.send(COMMIT if result is None else ABORT)
+        return result
+
+    def _stream_result(self, src: _Source, entry: list[object]) -> PutResult:
+        """A receiver's report on one file, checked against the version that was read."""
+        req, before = src.request, src.before
+        assert before is not None
+        if entry[1] != 0:
+            return PutResult(req, PutStatus.ERROR, error=result_error(entry, req.dest))
+        size, mtime_ns, kind_ok = (int(str(x)) for x in entry[2:5])
+        if req.kind is Kind.SYMLINK:
+            ok = bool(kind_ok) and size == len(src.target)
+        else:
+            ok = (bool(kind_ok) and size == before.st_size
+                  and mtime_ns // WHOLE_SECOND == before.st_mtime_ns // WHOLE_SECOND)
+        if not ok:
+            return PutResult(req, PutStatus.ERROR, error=FileError(
+                f"verification failed for {_show(req.dest)}: size/mtime {size}/{mtime_ns},"
+                f" expected {before.st_size}/{before.st_mtime_ns}"))
+        return PutResult(req, PutStatus.COPIED, before.st_size, before.st_mtime_ns)
+
+    # -- the SFTP data path --
+
     async def _feed(self, sources: list[_Source], send: MemoryObjectSendStream[_Source]
                     ) -> None:
         """Open and read sources in worker threads, small files many per thread call."""
         async with send:
-            group: list[_Source] = []
-            size = 0
-            for src in sources:
-                small = src.request.kind is Kind.SYMLINK or src.request.size <= SMALL_FILE
-                if group and (not small or len(group) >= SMALL_GROUP_FILES
-                              or size + src.request.size > SMALL_GROUP_BYTES):
-                    await self._load_and_send(group, send)
-                    group, size = [], 0
-                group.append(src)
-                size += src.request.size if small else 0
-                if not small:
-                    await self._load_and_send(group, send)
-                    group, size = [], 0
-            if group:
+            for group in _groups(sources):
                 await self._load_and_send(group, send)
 
     async def _load_and_send(self, group: list[_Source], send: MemoryObjectSendStream[_Source]

@@ -1,0 +1,331 @@
+"""The remote end of the SSH stream data path: run on the replica's host with its own python3.
+
+``transports._ssh_stream`` sends this file's source as ``python3 -c SOURCE ROOT`` through an
+SSH exec channel, then streams many files through the channel: no round trip per file. It
+keeps the guarantees of every other data path: each file is written to a temp name in its
+destination folder, given its mode and mtime, and only renamed into place after the client
+said the source did not change during the read (``C``, else ``A`` discards it) and after the
+batch was made durable (one ``syncfs`` per filesystem, else an fsync per file). Paths are
+confined to the root: no absolute paths, no ``..``, folders opened one by one without
+following symlinks. When the stream ends without a final sync (dropped connection, killed
+client) the temp files of the unfinished batch are removed.
+
+Frames from the client, each one byte of kind then a fixed header (network order):
+  F seq:I mode:I mtime_ns:q dest_len:H tmp_len:H, dest, tmp   a regular file begins
+  D len:I, bytes                                               content of the current file
+  C / A                                                        commit / abort the current file
+  L seq:I mtime_ns:q dest_len:H tmp_len:H target_len:H, ...    a symlink
+  S                                                            flush, rename, report
+  Q                                                            quit
+Replies, one line each: the greeting ``replicator-receiver 1``, and for each ``S`` a JSON list
+of ``[seq, 0, size, mtime_ns, is_link]`` (in place) or ``[seq, errno, what, strerror]``.
+
+Written for Python 3.6 and later, standard library only: it runs on whatever the host has.
+"""
+
+import errno
+import json
+import os
+import stat
+import struct
+import sys
+from typing import BinaryIO, Callable, Dict, List, Optional, Set, Tuple
+
+GREETING = b"replicator-receiver 1\n"
+FILE = struct.Struct("!IIqHH")
+LINK = struct.Struct("!IqHHH")
+LENGTH = struct.Struct("!I")
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+TEMP_PREFIX = b".~rep-"
+
+
+class Refused(Exception):
+    """A frame this receiver will not act on: the stream is broken or hostile."""
+
+
+def _syncfs() -> Optional[Callable[[int], None]]:
+    """``syncfs(2)`` through ctypes (``os`` lacks it), or None where there is none."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (ImportError, AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+
+    def syncfs(fd: int) -> None:
+        if fn(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return syncfs
+
+
+class Receiver:
+    def __init__(self, root: bytes, out: BinaryIO) -> None:
+        self.root_fd = os.open(root, DIR_FLAGS)
+        self.out = out
+        self.syncfs = _syncfs()
+        self.dirs: Dict[bytes, int] = {b"": self.root_fd}
+        self.made: Set[int] = set()  # folders in which this batch created sub-folders
+        self.staged: List[Tuple[int, int, bytes, bytes, bool]] = []
+        self.results: List[List[object]] = []
+        # The current file: (seq, folder fd, temp name, final name, fd); fd -1 once failed.
+        self.current: Optional[Tuple[int, int, bytes, bytes, int]] = None
+        self.mode = 0
+        self.mtime_ns = 0
+
+    # -- paths --
+
+    def folder(self, reldir: bytes) -> int:
+        fd = self.dirs.get(reldir)
+        if fd is not None:
+            return fd
+        parent_rel, name = reldir.rpartition(b"/")[::2]
+        parent = self.folder(parent_rel)
+        try:
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            try:
+                os.mkdir(name, 0o755, dir_fd=parent)
+                self.made.add(parent)
+            except FileExistsError:
+                pass
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+        self.dirs[reldir] = fd
+        return fd
+
+    @staticmethod
+    def split(dest: bytes, tmp: bytes) -> Tuple[bytes, bytes]:
+        parts = dest.split(b"/")
+        if (not dest or dest.startswith(b"/")
+                or any(p in (b"", b".", b"..") for p in parts)):
+            raise Refused("path outside the root: %r" % dest)
+        if b"/" in tmp or not tmp.startswith(TEMP_PREFIX):
+            raise Refused("bad temp name: %r" % tmp)
+        return b"/".join(parts[:-1]), parts[-1]
+
+    # -- frames --
+
+    def begin(self, seq: int, mode: int, mtime_ns: int, dest: bytes, tmp: bytes) -> None:
+        reldir, name = self.split(dest, tmp)
+        self.mode, self.mtime_ns = mode & 0o1777, mtime_ns
+        dir_fd, fd, what = -1, -1, "mkdir"
+        try:
+            dir_fd = self.folder(reldir)
+            what = "write"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | getattr(os, "O_CLOEXEC", 0), 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            self.fail(seq, exc, what)
+        self.current = (seq, dir_fd, tmp, name, fd)
+
+    def data(self, chunk: memoryview) -> None:
+        cur = self.current
+        if cur is None:
+            raise Refused("content outside a file")
+        fd = cur[4]
+        if fd < 0:
+            return  # failed already: the rest of its content is skipped
+        try:
+            while chunk:
+                chunk = chunk[os.write(fd, chunk):]
+        except OSError as exc:
+            self.drop(cur)
+            self.fail(cur[0], exc, "write")
+
+    def end(self, commit: bool) -> None:
+        cur = self.current
+        if cur is None:
+            raise Refused("end outside a file")
+        self.current = None
+        seq, dir_fd, tmp, name, fd = cur
+        if fd < 0:
+            return
+        if not commit:
+            self.drop(cur)
+            return
+        try:
+            os.fchmod(fd, self.mode)
+            os.utime(fd, ns=(self.mtime_ns, self.mtime_ns))
+            if self.syncfs is None:
+                os.fsync(fd)
+        except OSError as exc:
+            self.drop(cur)
+            self.fail(seq, exc, "write")
+            return
+        os.close(fd)
+        self.staged.append((seq, dir_fd, tmp, name, False))
+
+    def link(self, seq: int, mtime_ns: int, dest: bytes, tmp: bytes, target: bytes) -> None:
+        reldir, name = self.split(dest, tmp)
+        what = "mkdir"
+        try:
+            dir_fd = self.folder(reldir)
+            what = "create symlink"
+            os.symlink(target, tmp, dir_fd=dir_fd)
+            what = "set symlink mtime"
+            os.utime(tmp, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:
+            self.fail(seq, exc, what)
+            return
+        self.staged.append((seq, dir_fd, tmp, name, True))
+
+    def sync(self) -> None:
+        """Flush the staged files, rename them into place, flush the renames, report."""
+        staged, self.staged = self.staged, []
+        folders = {dir_fd for _, dir_fd, _, _, _ in staged}
+        try:
+            self.flush(folders)
+        except OSError as exc:
+            for seq, dir_fd, tmp, _, _ in staged:
+                self.unlink(dir_fd, tmp)
+                self.fail(seq, exc, "flush")
+            staged = []
+        placed = []
+        for seq, dir_fd, tmp, name, is_link in staged:
+            try:
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except OSError as exc:
+                self.unlink(dir_fd, tmp)
+                self.fail(seq, exc, "rename into")
+                continue
+            placed.append((seq, dir_fd, name, is_link))
+        try:
+            self.flush(folders | self.made)
+        except OSError as exc:
+            for seq, _, _, _ in placed:
+                self.fail(seq, exc, "flush")
+            placed = []
+        for seq, dir_fd, name, is_link in placed:
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError as exc:
+                self.fail(seq, exc, "verify")
+                continue
+            ok = stat.S_ISLNK(st.st_mode) if is_link else stat.S_ISREG(st.st_mode)
+            self.results.append([seq, 0, st.st_size, st.st_mtime_ns, int(ok)])
+        self.close_folders()
+        self.out.write(json.dumps(self.results).encode() + b"\n")
+        self.out.flush()
+        self.results = []
+
+    def flush(self, folders: Set[int]) -> None:
+        if self.syncfs is not None:
+            devices: Dict[int, int] = {}
+            for fd in folders:
+                devices.setdefault(os.fstat(fd).st_dev, fd)
+            for fd in devices.values():
+                self.syncfs(fd)
+        else:
+            for fd in folders:
+                os.fsync(fd)
+
+    # -- helpers --
+
+    def fail(self, seq: int, exc: OSError, what: str) -> None:
+        self.results.append([seq, exc.errno or errno.EIO, what, exc.strerror or str(exc)])
+
+    def drop(self, cur: Tuple[int, int, bytes, bytes, int]) -> None:
+        if cur[4] >= 0:
+            os.close(cur[4])
+            self.unlink(cur[1], cur[2])
+        self.current = (cur[0], cur[1], cur[2], cur[3], -1)
+
+    @staticmethod
+    def unlink(dir_fd: int, name: bytes) -> None:
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except OSError:
+            pass
+
+    def close_folders(self) -> None:
+        for rel, fd in list(self.dirs.items()):
+            if rel:
+                os.close(fd)
+        self.dirs = {b"": self.root_fd}
+        self.made = set()
+
+    def abandon(self) -> None:
+        """The stream ended without a sync: nothing of the unfinished batch stays behind."""
+        if self.current is not None:
+            self.drop(self.current)
+        for _, dir_fd, tmp, _, _ in self.staged:
+            self.unlink(dir_fd, tmp)
+        self.staged = []
+
+
+class Stream:
+    """Frames from stdin, read in large blocks. Through ``sys.stdin.buffer``, not its file
+    descriptor: the loader read this source from that buffer, which may hold what follows."""
+
+    def __init__(self, inp: BinaryIO) -> None:
+        self.inp = inp
+        self.buf = bytearray()
+        self.pos = 0
+
+    def take(self, n: int) -> memoryview:
+        while len(self.buf) - self.pos < n:
+            if self.pos:
+                del self.buf[:self.pos]
+                self.pos = 0
+            block = self.inp.read1(max(1 << 20, n))  # type: ignore[attr-defined]
+            if not block:
+                raise EOFError
+            self.buf += block
+        view = memoryview(self.buf)[self.pos:self.pos + n]
+        self.pos += n
+        return view
+
+
+def serve(root: bytes, inp: BinaryIO, out: BinaryIO) -> None:
+    receiver = Receiver(root, out)
+    stream = Stream(inp)
+    out.write(GREETING)
+    out.flush()
+    try:
+        while True:
+            kind = bytes(stream.take(1))
+            if kind == b"F":
+                seq, mode, mtime_ns, dlen, tlen = FILE.unpack(stream.take(FILE.size))
+                names = bytes(stream.take(dlen + tlen))
+                receiver.begin(seq, mode, mtime_ns, names[:dlen], names[dlen:])
+            elif kind == b"D":
+                (n,) = LENGTH.unpack(stream.take(LENGTH.size))
+                chunk = stream.take(n)
+                receiver.data(chunk)
+                chunk.release()
+            elif kind in (b"C", b"A"):
+                receiver.end(kind == b"C")
+            elif kind == b"L":
+                seq, mtime_ns, dlen, tlen, glen = LINK.unpack(stream.take(LINK.size))
+                names = bytes(stream.take(dlen + tlen + glen))
+                receiver.link(seq, mtime_ns, names[:dlen], names[dlen:dlen + tlen],
+                              names[dlen + tlen:])
+            elif kind == b"S":
+                receiver.sync()
+            elif kind == b"Q":
+                return
+            else:
+                raise Refused("unknown frame %r" % kind)
+    except EOFError:
+        pass
+    finally:
+        receiver.abandon()
+
+
+def main() -> int:
+    root = os.fsencode(sys.argv[1])
+    try:
+        serve(root, sys.stdin.buffer, sys.stdout.buffer)
+    except Refused as exc:
+        sys.stderr.write("replicator-receiver: refused: %s\n" % exc)
+        return 2
+    except OSError as exc:
+        sys.stderr.write("replicator-receiver: %s\n" % exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
