@@ -134,6 +134,9 @@ class ReplicaConfig:
     connect_timeout: float = 30.0
     connections: int = 2
     insecure_skip_host_key_check: bool = False
+    # How files travel: "auto" streams them to a receiver through the OpenSSH client (or
+    # asyncssh), falling back to SFTP; "openssh", "asyncssh" or "sftp" pin one way.
+    transfer: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -320,6 +323,19 @@ def _string(value: object) -> str:
     return value
 
 
+def _choice(*choices: str) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        if value not in choices:
+            raise _Invalid(f"expected one of {', '.join(map(repr, choices))}, got {_show(value)}")
+        assert isinstance(value, str)
+        return value
+
+    return check
+
+
+TRANSFERS = ("auto", "openssh", "asyncssh", "sftp")
+
+
 def _optional_bool(value: object) -> bool | None:
     if value is not None and not isinstance(value, bool):
         raise _Invalid(f"expected true or false, got {_show(value)}")
@@ -403,9 +419,10 @@ _REPLICA_KEYS: dict[str, _Check] = {
     "connect_timeout": _number(">"),
     "connections": _integer(1),
     "insecure_skip_host_key_check": _bool,
+    "transfer": _choice(*TRANSFERS),
 }
 # Keys that only make sense for ssh:// replicas: an error on local ones, not silently ignored.
-_SSH_REPLICA_KEYS = _SSH_KEYS_COMMON
+_SSH_REPLICA_KEYS = (*_SSH_KEYS_COMMON, "transfer")
 _SSH_PATH_KEYS = ("identity_file", "known_hosts")
 _REPLICA_DEFAULTS = {f.name: f.default for f in fields(ReplicaConfig)}
 _ORIGIN_DEFAULTS = {f.name: f.default for f in fields(OriginConfig)}

@@ -7,6 +7,7 @@ Not a test module: test files import it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import getpass
 import os
@@ -14,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,9 +190,15 @@ class _CountingServer(asyncssh.SSHServer):
 
 
 @asynccontextmanager
-async def sftp_server(folder: Path, faults: Faults | None = None, *,
-                      trust: bool = True, host: str = "127.0.0.1") -> AsyncIterator[SftpServer]:
-    """Serve ``folder/root`` over SFTP on a free loopback port, for the test's event loop."""
+async def sftp_server(folder: Path, faults: Faults | None = None, *, trust: bool = True,
+                      host: str = "127.0.0.1", commands: bool = False
+                      ) -> AsyncIterator[SftpServer]:
+    """Serve ``folder/root`` over SFTP on a free loopback port, for the test's event loop.
+
+    With ``commands``, exec requests run too, as real shell commands in ``folder/root`` (the
+    login's home; use ``~/`` paths), their stdin passing through the faults. Without, the
+    server is SFTP-only, like a chrooted ``internal-sftp``.
+    """
     keys = make_keys(folder / "keys")
     root = folder / "root"
     root.mkdir(parents=True, exist_ok=True)
@@ -202,10 +209,14 @@ async def sftp_server(folder: Path, faults: Faults | None = None, *,
     def factory(chan: asyncssh.SSHServerChannel) -> asyncssh.SFTPServer:
         return FaultySFTPServer(chan, chroot, faults)
 
+    def run(process: asyncssh.SSHServerProcess[bytes]) -> Awaitable[None]:
+        return run_command(process, root, faults)
+
     acceptor = await asyncssh.listen(
         host, 0, server_host_keys=[keys.host_key],
         authorized_client_keys=str(keys.client_pub), sftp_factory=factory, allow_scp=False,
-        server_factory=lambda: _CountingServer(connections))
+        server_factory=lambda: _CountingServer(connections),
+        process_factory=run if commands else None, encoding=None)
     port = acceptor.get_port()
     if trust:
         keys.trust(port, host)
@@ -215,6 +226,67 @@ async def sftp_server(folder: Path, faults: Faults | None = None, *,
         faults.released.set()
         acceptor.close()
         await acceptor.wait_closed()
+
+
+STALL_AFTER = 256 << 10  # bytes into a command before a stalling server stops reading
+
+
+async def run_command(process: asyncssh.SSHServerProcess[bytes], home: Path, faults: Faults
+                      ) -> None:
+    """Run an exec request as a shell command in ``home``; its stdin passes the faults.
+
+    A dropped connection ends the command's stdin (as sshd does when its peer goes away);
+    a stall stops reading it until the test releases the server.
+    """
+    assert process.command is not None
+    proc = await asyncio.create_subprocess_shell(
+        process.command, cwd=home, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    f = faults
+
+    async def pump_in() -> None:
+        assert proc.stdin is not None
+        try:
+            while data := await process.stdin.read(1 << 16):
+                if f.enabled:
+                    if f.write_delay:
+                        await asyncio.sleep(f.write_delay)
+                    if f.stall and not f.stalled and f.written + len(data) > STALL_AFTER:
+                        f.stalled += 1
+                        await f.released.wait()
+                    if (f.drop_after is not None and not f.dropped
+                            and f.written + len(data) > f.drop_after):
+                        f.dropped += 1
+                        process.channel.get_connection().abort()
+                        break
+                f.written += len(data)
+                proc.stdin.write(data)
+                await proc.stdin.drain()
+        except (asyncssh.Error, OSError):
+            pass
+        finally:
+            proc.stdin.close()
+
+    async def pump_out(source: asyncio.StreamReader, sink: asyncssh.SSHWriter[bytes]) -> None:
+        while data := await source.read(1 << 16):
+            try:
+                sink.write(data)
+            except (asyncssh.Error, OSError):
+                pass
+
+    try:
+        await asyncio.gather(pump_in(), pump_out(proc.stdout, process.stdout),
+                             pump_out(proc.stderr, process.stderr))
+        status = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    with contextlib.suppress(asyncssh.Error, OSError):
+        process.exit(status)
 
 
 # --- OpenSSH sshd --------------------------------------------------------------------------

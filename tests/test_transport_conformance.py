@@ -1,4 +1,6 @@
-"""One conformance suite for every transport: local folders, asyncssh's SFTP server, OpenSSH.
+"""One conformance suite for every transport and data path: local folders; SSH over SFTP
+(the in-process asyncssh server, SFTP-only, and OpenSSH sshd); SSH streams to the receiver
+carried by the OpenSSH client and by an asyncssh channel (to sshd and to the in-process server).
 
 Every backend keeps its replica in a local folder, so the suite checks results on disk.
 """
@@ -39,13 +41,26 @@ BIG = 5 << 20  # several chunks of every transport
 class Target:
     transport: Transport
     root: Path  # the replica root on disk
+    transfer: str = ""  # the SSH data path this target must use
 
     @property
     def precision(self) -> int:
         return self.transport.capabilities.mtime_precision_ns
 
 
-@pytest.fixture(params=["local", "asyncssh", "openssh"])
+# name: (server, transfer); servers: "sftp-only" and "commands" are the in-process asyncssh
+# server without and with exec requests, "sshd" is OpenSSH.
+SSH_TARGETS = {
+    "asyncssh": ("sftp-only", "sftp"),
+    "asyncssh+stream": ("commands", "asyncssh"),
+    "asyncssh+openssh-client": ("commands", "openssh"),
+    "openssh": ("sshd", "openssh"),
+    "openssh+stream": ("sshd", "asyncssh"),
+    "openssh+sftp": ("sshd", "sftp"),
+}
+
+
+@pytest.fixture(params=["local", *SSH_TARGETS])
 async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Target]:
     limiter = anyio.CapacityLimiter(4)
     transport: Transport
@@ -55,20 +70,27 @@ async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         transport = LocalTransport(str(root), limiter)
         yield Target(transport, root)
         await transport.aclose()
-    elif request.param == "asyncssh":
-        async with sftp_server(tmp_path / "server") as server:
-            root = server.root / "replica"
-            root.mkdir()
-            transport = SshTransport(server.options(), "/replica", limiter, op_timeout=10)
-            yield Target(transport, root)
-            await transport.aclose()
-    else:
+        return
+    server_kind, transfer = SSH_TARGETS[request.param]
+    carriers = () if transfer == "sftp" else (transfer,)
+    if server_kind == "sshd":
         with run_sshd(tmp_path / "sshd") as sshd:
             root = tmp_path / "replica"
             root.mkdir()
-            transport = SshTransport(sshd.options(), str(root), limiter, op_timeout=10)
-            yield Target(transport, root)
+            transport = SshTransport(sshd.options(), str(root), limiter, op_timeout=10,
+                                     carriers=carriers)
+            yield Target(transport, root, transfer)
             await transport.aclose()
+        return
+    commands = server_kind == "commands"
+    async with sftp_server(tmp_path / "server", commands=commands) as server:
+        root = server.root / "replica"
+        root.mkdir()
+        # Commands run in the server's root, its "home": the replica path is relative.
+        transport = SshTransport(server.options(), "replica" if commands else "/replica",
+                                 limiter, op_timeout=10, carriers=carriers)
+        yield Target(transport, root, transfer)
+        await transport.aclose()
 
 
 def request_for(path: Path, dest: bytes) -> PutRequest:
@@ -86,6 +108,9 @@ async def put(target: Target, requests: list[PutRequest], run_id: str = "1x1"
     results = await target.transport.put(requests, run_id, progress)
     assert progress.results == results
     assert len(results) == len(requests)
+    if isinstance(target.transport, SshTransport):
+        # The data path under test was used: no silent fallback to another one.
+        assert target.transport.transfer == target.transfer
     return results
 
 

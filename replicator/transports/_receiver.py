@@ -29,7 +29,7 @@ import os
 import stat
 import struct
 import sys
-from typing import BinaryIO, Callable, Dict, List, Optional, Set, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 GREETING = b"replicator-receiver 1\n"
 FILE = struct.Struct("!IIqHH")
@@ -120,7 +120,7 @@ class Receiver:
             self.fail(seq, exc, what)
         self.current = (seq, dir_fd, tmp, name, fd)
 
-    def data(self, chunk: memoryview) -> None:
+    def data(self, chunk: bytes) -> None:
         cur = self.current
         if cur is None:
             raise Refused("content outside a file")
@@ -128,8 +128,9 @@ class Receiver:
         if fd < 0:
             return  # failed already: the rest of its content is skipped
         try:
-            while chunk:
-                chunk = chunk[os.write(fd, chunk):]
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
         except OSError as exc:
             self.drop(cur)
             self.fail(cur[0], exc, "write")
@@ -265,17 +266,32 @@ class Stream:
         self.pos = 0
 
     def take(self, n: int) -> memoryview:
+        """The next ``n`` bytes (headers and names: small)."""
         while len(self.buf) - self.pos < n:
             if self.pos:
                 del self.buf[:self.pos]
                 self.pos = 0
-            block = self.inp.read1(max(1 << 20, n))  # type: ignore[attr-defined]
+            block = self.inp.read1(1 << 20)  # type: ignore[attr-defined]
             if not block:
                 raise EOFError
             self.buf += block
         view = memoryview(self.buf)[self.pos:self.pos + n]
         self.pos += n
         return view
+
+    def pieces(self, n: int) -> Iterator[bytes]:
+        """The next ``n`` bytes (content) as they arrive, without gathering them first."""
+        buffered = min(len(self.buf) - self.pos, n)
+        if buffered:
+            yield bytes(self.buf[self.pos:self.pos + buffered])
+            self.pos += buffered
+            n -= buffered
+        while n > 0:
+            block = self.inp.read1(min(n, 1 << 20))  # type: ignore[attr-defined]
+            if not block:
+                raise EOFError
+            n -= len(block)
+            yield block
 
 
 def serve(root: bytes, inp: BinaryIO, out: BinaryIO) -> None:
@@ -292,9 +308,8 @@ def serve(root: bytes, inp: BinaryIO, out: BinaryIO) -> None:
                 receiver.begin(seq, mode, mtime_ns, names[:dlen], names[dlen:])
             elif kind == b"D":
                 (n,) = LENGTH.unpack(stream.take(LENGTH.size))
-                chunk = stream.take(n)
-                receiver.data(chunk)
-                chunk.release()
+                for piece in stream.pieces(n):
+                    receiver.data(piece)
             elif kind in (b"C", b"A"):
                 receiver.end(kind == b"C")
             elif kind == b"L":

@@ -18,6 +18,7 @@ import asyncio
 import errno
 import os
 import posixpath
+import shutil
 import stat
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -43,16 +44,23 @@ from ._base import (
 from ._errors import file_error
 from ._local import TEMP_RE, temp_name
 from ._paths import confine, copy_mode
+from ._ssh_carriers import (
+    AsyncsshCarrier,
+    Carrier,
+    OpensshCarrier,
+    StreamLost,
+    openssh_argv,
+)
 from ._ssh_stream import (
     ABORT,
     COMMIT,
     DATA_CHUNK,
     NoReceiver,
-    StreamLost,
     StreamSession,
     data_frame,
     file_frame,
     link_frame,
+    receiver_command,
     result_error,
 )
 
@@ -429,11 +437,13 @@ class SshTransport:
     """
 
     def __init__(self, options: SshOptions, root: str, limiter: anyio.CapacityLimiter,
-                 op_timeout: float = 60.0, stream: bool = True) -> None:
+                 op_timeout: float = 60.0, carriers: Sequence[str] = ("openssh", "asyncssh")
+                 ) -> None:
         self.options = options
-        # False once the host turned out not to run the receiver: SFTP from then on.
-        self._stream = stream
-        self._sessions: list[tuple[_Conn, StreamSession]] = []
+        # How the stream of files reaches the receiver, in order of preference; a carrier
+        # that cannot start the receiver is dropped, and with none left files go over SFTP.
+        self._carriers = [c for c in carriers if c != "openssh" or shutil.which("ssh")]
+        self._sessions: list[StreamSession] = []
         self.root = os.fsencode(root)
         self._limiter = limiter
         self._op_timeout = op_timeout
@@ -445,11 +455,19 @@ class SshTransport:
     @classmethod
     def from_config(cls, replica: ReplicaConfig, limiter: anyio.CapacityLimiter
                     ) -> SshTransport:
-        return cls(options_for(replica), replica.remote_path, limiter, replica.op_timeout)
+        carriers = {"auto": ("openssh", "asyncssh"), "sftp": ()}.get(
+            replica.transfer, (replica.transfer,))
+        return cls(options_for(replica), replica.remote_path, limiter, replica.op_timeout,
+                   carriers)
 
     @property
     def capabilities(self) -> Capabilities:
         return self._caps
+
+    @property
+    def transfer(self) -> str:
+        """How files go now: "openssh" or "asyncssh" (a stream to the receiver), or "sftp"."""
+        return self._carriers[0] if self._carriers else "sftp"
 
     # -- plumbing --
 
@@ -682,7 +700,7 @@ class SshTransport:
     async def aclose(self) -> None:
         sessions, self._sessions = self._sessions, []
         with anyio.CancelScope(shield=True):
-            for _, session in sessions:
+            for session in sessions:
                 await session.quit()
         if self._pool is not None:
             _release_pool(self._pool)
@@ -693,13 +711,13 @@ class SshTransport:
     async def put(
         self, requests: Sequence[PutRequest], run_id: str, progress: Progress
     ) -> list[PutResult]:
-        if self._stream and all(r.remote is None for r in requests):
+        if self._carriers and all(r.remote is None for r in requests):
             try:
                 session = await self._session()
             except FileError as exc:
                 return [PutResult(r, PutStatus.ERROR, error=exc) for r in requests]
             if session is not None:
-                return await self._put_stream(*session, requests, run_id, progress)
+                return await self._put_stream(session, requests, run_id, progress)
         sources = [_Source(i, r) for i, r in enumerate(requests)]
         results: list[PutResult | None] = [None] * len(requests)
         seen: set[bytes] = set()
@@ -723,30 +741,38 @@ class SshTransport:
 
     # -- the stream data path --
 
-    async def _session(self) -> tuple[_Conn, StreamSession] | None:
-        """An idle receiver session, or a new one; None if the host cannot run one."""
+    async def _session(self) -> StreamSession | None:
+        """An idle receiver session, or a new one; None if no carrier can start one."""
         while self._sessions:
-            conn, session = self._sessions.pop()
-            if not conn.closed and not session.broken:
-                return conn, session
+            session = self._sessions.pop()
+            if not session.broken:
+                return session
             session.close()
+        # The asyncssh connection comes first even for the OpenSSH client: a refused host
+        # key or login then makes the replica unavailable exactly as for SFTP.
         conn = await self._connected()
-        try:
-            session = await StreamSession.start(conn.conn, self.root, self._op_timeout)
-        except NoReceiver as exc:
-            self._stream = False
-            self._log.warning("the host does not run the stream receiver (python3): copies go"
-                              " over SFTP, one round trip per file", reason=str(exc))
-            return None
-        except StreamLost as exc:
-            if conn.closed:
-                self._discard(conn)
-            raise FileError(f"stream to {self.options.where}: {exc}") from None
-        return conn, session
+        command = receiver_command(self.root)
+        while self._carriers:
+            kind = self._carriers[0]
+            try:
+                if kind == "openssh":
+                    carrier: Carrier = await OpensshCarrier.open(
+                        openssh_argv(self.options, command), self._op_timeout)
+                else:
+                    carrier = await AsyncsshCarrier.open(conn.conn, command, self._op_timeout)
+                return await StreamSession.start(carrier)
+            except (NoReceiver, StreamLost) as exc:
+                if isinstance(exc, StreamLost) and conn.closed:
+                    raise FileError(f"stream to {self.options.where}: {exc}") from None
+                self._carriers.pop(0)
+                then = ("the " + self._carriers[0] if self._carriers
+                        else "SFTP, one round trip per file")
+                self._log.warning(f"the receiver did not start through {kind}: using {then}",
+                                  reason=str(exc))
+        return None
 
-    async def _put_stream(self, conn: _Conn, session: StreamSession,
-                          requests: Sequence[PutRequest], run_id: str, progress: Progress
-                          ) -> list[PutResult]:
+    async def _put_stream(self, session: StreamSession, requests: Sequence[PutRequest],
+                          run_id: str, progress: Progress) -> list[PutResult]:
         """One batch through the receiver: small files framed many per thread call and
         written while the next group is read; then one sync, which renames and reports."""
         sources = [_Source(i, r) for i, r in enumerate(requests)]
@@ -771,8 +797,6 @@ class SshTransport:
                 reply = await session.sync()
             reusable = True
         except StreamLost as exc:
-            if conn.closed:
-                self._discard(conn)
             error = FileError(f"stream to {self.options.where}: {exc}")
             results = [r or PutResult(s.request, PutStatus.ERROR, error=error)
                        for s, r in zip(sources, results, strict=True)]
@@ -781,7 +805,7 @@ class SshTransport:
             for src in sources:
                 src.close()
             if reusable:
-                self._sessions.append((conn, session))
+                self._sessions.append(session)
             else:
                 session.close()
         for entry in reply:

@@ -1,7 +1,8 @@
 """The client end of the SSH stream data path (see ``_receiver`` for the remote end).
 
-Per-file SFTP round trips cap small files far below rsync; one exec channel carrying many
-files does not. The receiver is sent over the channel itself (``python3 -c`` with a one-line
+Per-file SFTP round trips cap small files far below rsync; one stream carrying many files
+does not. The stream runs over a carrier (``_ssh_carriers``: the OpenSSH client, else an
+asyncssh exec channel). The receiver is sent over the stream itself (``python3 -c`` with a one-line
 loader that reads the source from stdin), so nothing is installed on the host and the login
 shell only sees one quoted line. Hosts without ``python3``, or that refuse commands (chrooted
 ``internal-sftp``), are told apart by the missing greeting; the transport then keeps SFTP.
@@ -14,23 +15,16 @@ import json
 import os
 import shlex
 import struct
-from contextlib import suppress
 from pathlib import Path
-
-import anyio
-import asyncssh
 
 from .._errors import ErrorClass, FileError
 from ._errors import file_error
+from ._ssh_carriers import Carrier, StreamLost
 
 _FILE = struct.Struct("!cIIqHH")
 _LINK = struct.Struct("!cIqHHH")
 _DATA = struct.Struct("!cI")
 GREETING = b"replicator-receiver 1\n"
-# Channel window and packet size: the 2 MiB default window caps one channel at 2 MiB per
-# round trip (20 MB/s at 100 ms), and large packets cut per-packet work on both ends.
-WINDOW = 16 << 20
-PACKET = 256 << 10
 DATA_CHUNK = 1 << 20
 
 _SOURCE = (Path(__file__).with_name("_receiver.py")).read_bytes()
@@ -61,97 +55,58 @@ ABORT = b"A"
 
 
 class NoReceiver(Exception):
-    """The host did not start the receiver (no python3, commands refused)."""
-
-
-class StreamLost(Exception):
-    """The channel broke: the files of the batch not yet reported are in an unknown state
-    (either in place and complete, or absent: never partial)."""
+    """The host did not start the receiver (no python3, commands refused, ssh failed)."""
 
 
 class StreamSession:
-    """One exec channel running the receiver for one replica root."""
+    """The receiver for one replica root, at the far end of a carrier."""
 
-    def __init__(self, process: asyncssh.SSHClientProcess[bytes], timeout: float) -> None:
-        self._process = process
-        self._timeout = timeout
-        self.broken = False
+    def __init__(self, carrier: Carrier) -> None:
+        self.carrier = carrier
+
+    @property
+    def broken(self) -> bool:
+        return self.carrier.lost
 
     @classmethod
-    async def start(cls, conn: asyncssh.SSHClientConnection, root: bytes,
-                    op_timeout: float) -> StreamSession:
-        """Start the receiver; NoReceiver if the host cannot run it, StreamLost if the
-        connection failed."""
-        try:
-            with anyio.fail_after(op_timeout):
-                process = await conn.create_process(
-                    receiver_command(root), encoding=None, window=WINDOW, max_pktsize=PACKET)
-        except asyncssh.ChannelOpenError as exc:
-            raise NoReceiver(f"commands refused: {exc.reason}") from None
-        except (asyncssh.Error, OSError, TimeoutError) as exc:
-            raise StreamLost(f"cannot open a channel: {_reason(exc)}") from None
-        session = cls(process, op_timeout)
+    async def start(cls, carrier: Carrier) -> StreamSession:
+        """Send the receiver's source and wait for its greeting: NoReceiver without one."""
+        session = cls(carrier)
         why = ""
         try:
-            with anyio.fail_after(op_timeout):
-                process.stdin.write(_SOURCE)
-                await process.stdin.drain()
-                greeting = await process.stdout.readline()
-        except (asyncssh.Error, OSError, TimeoutError) as exc:
-            greeting, why = b"", _reason(exc)
+            await carrier.write(_SOURCE)
+            greeting = await carrier.readline()
+        except StreamLost as exc:
+            greeting, why = b"", str(exc)
         except BaseException:
-            session.close()
+            carrier.close()
             raise
         if greeting == GREETING:
             return session
-        stderr = b""
-        if not conn.is_closed():
-            with anyio.move_on_after(1):
-                with suppress(asyncssh.Error, OSError):
-                    stderr = await process.stderr.read(4096)
-        session.close()
-        if conn.is_closed():
-            raise StreamLost(f"connection lost: {why or 'closed'}")
-        lines = os.fsdecode(stderr).strip().splitlines()
-        raise NoReceiver(lines[-1] if lines else why or f"unexpected reply {greeting[:40]!r}")
+        text = await carrier.error_text()
+        carrier.close()
+        raise NoReceiver(text or why or f"unexpected reply {greeting[:40]!r}")
 
     async def send(self, data: bytes) -> None:
-        """Write to the receiver; waits while the channel window is full."""
-        try:
-            with anyio.fail_after(self._timeout):
-                self._process.stdin.write(data)
-                await self._process.stdin.drain()
-        except (asyncssh.Error, OSError, TimeoutError) as exc:
-            self.broken = True
-            raise StreamLost(f"connection lost: {_reason(exc)}") from None
+        """Write to the receiver; waits while it is not reading. StreamLost on failure."""
+        await self.carrier.write(data)
 
     async def sync(self) -> list[list[object]]:
         """Ask the receiver to flush, rename and report the files sent since the last sync."""
-        await self.send(b"S")
-        try:
-            with anyio.fail_after(self._timeout):
-                line = await self._process.stdout.readline()
-        except (asyncssh.Error, OSError, TimeoutError) as exc:
-            self.broken = True
-            raise StreamLost(f"connection lost: {_reason(exc)}") from None
+        await self.carrier.write(b"S")
+        line = await self.carrier.readline()
         if not line.endswith(b"\n"):
-            self.broken = True
+            self.carrier.close()
             raise StreamLost("the receiver stopped")
         reply: list[list[object]] = json.loads(line)
         return reply
 
     def close(self) -> None:
-        """Close the channel: a receiver that did not sync removes its temp files."""
-        self.broken = True
-        self._process.close()
+        """Stop at once: a receiver that did not sync removes its temp files."""
+        self.carrier.close()
 
     async def quit(self) -> None:
-        if not self.broken:
-            with anyio.move_on_after(1), suppress(asyncssh.Error, OSError):
-                self._process.stdin.write(b"Q")
-                self._process.stdin.write_eof()
-                await self._process.wait_closed()
-        self.close()
+        await self.carrier.quit()
 
 
 def result_error(entry: list[object], dest: bytes) -> FileError:
@@ -167,11 +122,3 @@ def result_error(entry: list[object], dest: bytes) -> FileError:
         return FileError(f"destination path blocked: {os.fsdecode(dest)!r} is a folder",
                          ErrorClass.PERMANENT)
     return file_error(exc, what, dest)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, asyncssh.Error):
-        return exc.reason
-    if isinstance(exc, TimeoutError):
-        return "no answer in time"
-    return str(exc) or type(exc).__name__

@@ -1,0 +1,260 @@
+"""What carries the stream to the receiver: the OpenSSH client, or an asyncssh exec channel.
+
+The OpenSSH client encrypts in C in its own process, so on a small machine the bytes cost
+this process only a pipe write; asyncssh does the same work in this process, packet by
+packet. Both obey the same rules: host keys checked against the same known_hosts file (or
+not at all only with ``insecure_skip_host_key_check``), the same identity, user and port,
+and no prompts. Each write and read is bounded by the operation timeout.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+from collections.abc import Callable
+from contextlib import suppress
+from math import ceil
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import anyio
+import asyncssh
+
+if TYPE_CHECKING:
+    from ._ssh import SshOptions
+
+# Channel window and packet size for asyncssh: the 2 MiB default window caps one channel at
+# 2 MiB per round trip (20 MB/s at 100 ms), and large packets cut per-packet work.
+WINDOW = 16 << 20
+PACKET = 256 << 10
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+T = TypeVar("T")
+_GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+
+
+class StreamLost(Exception):
+    """The carrier broke: files not yet reported are either complete in place or absent."""
+
+
+class Carrier(Protocol):
+    @property
+    def lost(self) -> bool:
+        """Whether the carrier can no longer be used."""
+
+    async def write(self, data: bytes) -> None:
+        """Send bytes; waits while the peer is not reading. StreamLost on failure."""
+
+    async def readline(self) -> bytes:
+        """One reply line; b"" when the receiver ended. StreamLost on failure."""
+
+    async def error_text(self) -> str:
+        """What the far side said on stderr, once it failed (best effort, bounded)."""
+
+    def close(self) -> None:
+        """Stop at once: a receiver that did not sync removes its temp files."""
+
+    async def quit(self) -> None:
+        """End politely (the receiver is told to exit), bounded in time."""
+
+
+def _quote_option(value: str) -> str:
+    # ssh splits -o values on whitespace (UserKnownHostsFile takes several files).
+    return f'"{value}"' if any(c.isspace() for c in value) else value
+
+
+def openssh_argv(o: SshOptions, command: str) -> list[str]:
+    """The ``ssh`` command line running ``command`` with the transport's own rules."""
+    argv = ["ssh", "-T", "-x", "-a", "-o", "BatchMode=yes", "-o", "ClearAllForwardings=yes",
+            "-o", "ControlPath=none", "-o", f"ConnectTimeout={ceil(o.connect_timeout)}",
+            "-o", f"ServerAliveInterval={ceil(o.keepalive_interval)}",
+            "-o", f"ServerAliveCountMax={o.keepalive_count_max}", "-o", f"Ciphers={_GCM_FIRST}"]
+    if o.insecure:
+        argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                 "-o", "LogLevel=ERROR"]
+    else:
+        argv += ["-o", "StrictHostKeyChecking=yes",
+                 "-o", f"UserKnownHostsFile={_quote_option(o.known_hosts_path)}",
+                 "-o", "GlobalKnownHostsFile=/dev/null"]
+    if o.identity_file:
+        argv += ["-i", o.identity_file, "-o", "IdentitiesOnly=yes"]
+    if o.port:
+        argv += ["-p", str(o.port)]
+    if o.user:
+        argv += ["-l", o.user]
+    return [*argv, "--", o.host, command]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class OpensshCarrier:
+    """An ``ssh`` client process; its pipes are served by worker threads (they block)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        self._proc = proc
+        self._timeout = timeout
+        self._lost = False
+
+    @classmethod
+    async def open(cls, argv: list[str], op_timeout: float) -> OpensshCarrier:
+        try:
+            proc = await anyio.to_thread.run_sync(_spawn, argv)
+        except OSError as exc:
+            raise StreamLost(f"cannot run ssh: {exc}") from None
+        return cls(proc, op_timeout)
+
+    @property
+    def lost(self) -> bool:
+        return self._lost or self._proc.poll() is not None
+
+    async def write(self, data: bytes) -> None:
+        assert self._proc.stdin is not None
+        await self._blocking(_write_all, self._proc.stdin.fileno(), data)
+
+    async def readline(self) -> bytes:
+        assert self._proc.stdout is not None
+        line: bytes = await self._blocking(self._proc.stdout.readline)
+        return line
+
+    async def _blocking(self, fn: Callable[..., T], *args: object) -> T:
+        # A thread stuck on a pipe cannot be interrupted: it is abandoned, and killing the
+        # process (close) ends its call.
+        try:
+            with anyio.fail_after(self._timeout):
+                return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+        except TimeoutError:
+            self.close()
+            raise StreamLost(f"no answer within {self._timeout} s") from None
+        except (OSError, ValueError) as exc:
+            self.close()
+            raise StreamLost(f"ssh ended: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    async def error_text(self) -> str:
+        proc = self._proc
+        with anyio.move_on_after(2):
+            await anyio.to_thread.run_sync(_reap, proc, 2.0, abandon_on_cancel=True)
+        if proc.poll() is None:
+            self.close()
+        text = b""
+        if proc.stderr is not None:
+            with suppress(OSError, ValueError):
+                os.set_blocking(proc.stderr.fileno(), False)
+                text = proc.stderr.read(8192) or b""
+        lines = os.fsdecode(text).strip().splitlines()
+        tail = lines[-1] if lines else ""
+        return f"ssh exit {proc.returncode}: {tail}" if tail else f"ssh exit {proc.returncode}"
+
+    def close(self) -> None:
+        self._lost = True
+        proc = self._proc
+        if proc.poll() is None:
+            with suppress(OSError):
+                proc.kill()
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(0.5)  # reaps a killed child: milliseconds
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                with suppress(OSError):
+                    pipe.close()
+
+    async def quit(self) -> None:
+        if not self.lost and self._proc.stdin is not None:
+            with suppress(StreamLost, OSError):
+                await self.write(b"Q")
+                self._proc.stdin.close()
+                with anyio.move_on_after(2):
+                    await anyio.to_thread.run_sync(_reap, self._proc, 2.0,
+                                                   abandon_on_cancel=True)
+        self.close()
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
+    assert proc.stdin is not None
+    with suppress(OSError):  # a larger pipe: fewer hand-offs per MiB
+        fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
+    return proc
+
+
+def _reap(proc: subprocess.Popen[bytes], seconds: float) -> None:
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(seconds)
+
+
+class AsyncsshCarrier:
+    """An exec channel on the transport's own asyncssh connection."""
+
+    def __init__(self, process: asyncssh.SSHClientProcess[bytes], timeout: float) -> None:
+        self._process = process
+        self._timeout = timeout
+        self._lost = False
+
+    @classmethod
+    async def open(cls, conn: asyncssh.SSHClientConnection, command: str, op_timeout: float
+                   ) -> AsyncsshCarrier:
+        try:
+            with anyio.fail_after(op_timeout):
+                process = await conn.create_process(command, encoding=None, window=WINDOW,
+                                                    max_pktsize=PACKET)
+        except asyncssh.ChannelOpenError as exc:
+            raise StreamLost(f"commands refused: {exc.reason}") from None
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            raise StreamLost(f"cannot open a channel: {_reason(exc)}") from None
+        return cls(process, op_timeout)
+
+    @property
+    def lost(self) -> bool:
+        return self._lost or self._process.channel.get_connection().is_closed()
+
+    async def write(self, data: bytes) -> None:
+        try:
+            with anyio.fail_after(self._timeout):
+                self._process.stdin.write(data)
+                await self._process.stdin.drain()
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            self.close()
+            raise StreamLost(f"connection lost: {_reason(exc)}") from None
+
+    async def readline(self) -> bytes:
+        try:
+            with anyio.fail_after(self._timeout):
+                return await self._process.stdout.readline()
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            self.close()
+            raise StreamLost(f"connection lost: {_reason(exc)}") from None
+
+    async def error_text(self) -> str:
+        text = b""
+        if not self.lost:
+            with anyio.move_on_after(1), suppress(asyncssh.Error, OSError):
+                text = await self._process.stderr.read(8192)
+        lines = os.fsdecode(text).strip().splitlines()
+        return lines[-1] if lines else "no reply"
+
+    def close(self) -> None:
+        self._lost = True
+        self._process.close()
+
+    async def quit(self) -> None:
+        if not self.lost:
+            with anyio.move_on_after(1), suppress(asyncssh.Error, OSError):
+                self._process.stdin.write(b"Q")
+                self._process.stdin.write_eof()
+                await self._process.wait_closed()
+        self.close()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncssh.Error):
+        return exc.reason
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
