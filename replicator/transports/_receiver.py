@@ -17,8 +17,9 @@ Frames from the client, each one byte of kind then a fixed header (network order
   L seq:I mtime_ns:q dest_len:H tmp_len:H target_len:H, ...    a symlink
   S                                                            flush, rename, report
   Q                                                            quit
-Replies, one line each: the greeting ``replicator-receiver 1``, and for each ``S`` a JSON list
-of ``[seq, 0, size, mtime_ns, is_link]`` (in place) or ``[seq, errno, what, strerror]``.
+Replies, one line each: the greeting ``replicator-receiver 1``, and for each ``S`` the line
+``flushing`` (all frames were read) then a JSON list of ``[seq, 0, size, mtime_ns, kind_ok]``
+(in place) or ``[seq, errno, what, strerror]``.
 
 Written for Python 3.6 and later, standard library only: it runs on whatever the host has.
 """
@@ -32,6 +33,7 @@ import sys
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 GREETING = b"replicator-receiver 1\n"
+FLUSHING = b"flushing\n"
 FILE = struct.Struct("!IIqHH")
 LINK = struct.Struct("!IqHHH")
 LENGTH = struct.Struct("!I")
@@ -174,6 +176,9 @@ class Receiver:
 
     def sync(self) -> None:
         """Flush the staged files, rename them into place, flush the renames, report."""
+        # Everything sent was read: a client waiting from now on waits for the disk.
+        self.out.write(FLUSHING)
+        self.out.flush()
         staged, self.staged = self.staged, []
         folders = {dir_fd for _, dir_fd, _, _, _ in staged}
         try:

@@ -764,11 +764,12 @@ class SshTransport:
             except (NoReceiver, StreamLost) as exc:
                 if isinstance(exc, StreamLost) and conn.closed:
                     raise FileError(f"stream to {self.options.where}: {exc}") from None
-                self._carriers.pop(0)
-                then = ("the " + self._carriers[0] if self._carriers
-                        else "SFTP, one round trip per file")
-                self._log.warning(f"the receiver did not start through {kind}: using {then}",
-                                  reason=str(exc))
+                if self._carriers and self._carriers[0] == kind:  # not yet dropped by a
+                    self._carriers.pop(0)                         # concurrent batch
+                    then = (f"{self._carriers[0]}" if self._carriers
+                            else "SFTP, one round trip per file")
+                    self._log.warning(f"the receiver did not start through {kind}: using"
+                                      f" {then}", reason=str(exc))
         return None
 
     async def _put_stream(self, session: StreamSession, requests: Sequence[PutRequest],
@@ -793,8 +794,7 @@ class SshTransport:
                                 results[src.index] = await self._stream_large(
                                     session, src, run_id, progress)
                         progress.add(len(frames), files=len(group))
-            with progress.flushing():
-                reply = await session.sync()
+            reply = await session.sync(progress)
             reusable = True
         except StreamLost as exc:
             error = FileError(f"stream to {self.options.where}: {exc}")

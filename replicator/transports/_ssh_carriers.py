@@ -212,7 +212,7 @@ class AsyncsshCarrier:
 
     @property
     def lost(self) -> bool:
-        return self._lost or self._process.channel.get_connection().is_closed()
+        return self._lost or self._process.channel.is_closing()
 
     async def write(self, data: bytes) -> None:
         try:

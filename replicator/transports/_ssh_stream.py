@@ -18,6 +18,7 @@ import struct
 from pathlib import Path
 
 from .._errors import ErrorClass, FileError
+from ._base import Progress
 from ._errors import file_error
 from ._ssh_carriers import Carrier, StreamLost
 
@@ -25,6 +26,7 @@ _FILE = struct.Struct("!cIIqHH")
 _LINK = struct.Struct("!cIqHHH")
 _DATA = struct.Struct("!cI")
 GREETING = b"replicator-receiver 1\n"
+FLUSHING = b"flushing\n"
 DATA_CHUNK = 1 << 20
 
 _SOURCE = (Path(__file__).with_name("_receiver.py")).read_bytes()
@@ -91,11 +93,18 @@ class StreamSession:
         """Write to the receiver; waits while it is not reading. StreamLost on failure."""
         await self.carrier.write(data)
 
-    async def sync(self) -> list[list[object]]:
-        """Ask the receiver to flush, rename and report the files sent since the last sync."""
+    async def sync(self, progress: Progress) -> list[list[object]]:
+        """Ask the receiver to flush, rename and report the files sent since the last sync.
+
+        Until the receiver says it read everything, a silent peer is a stall; after that,
+        the wait is the far disk flushing (bounded by the operation timeout).
+        """
         await self.carrier.write(b"S")
         line = await self.carrier.readline()
-        if not line.endswith(b"\n"):
+        if line == FLUSHING:
+            with progress.flushing():
+                line = await self.carrier.readline()
+        if not line.endswith(b"\n") or line == FLUSHING:
             self.carrier.close()
             raise StreamLost("the receiver stopped")
         reply: list[list[object]] = json.loads(line)

@@ -1,0 +1,169 @@
+"""The SSH stream data path under faults: a receiver fed through the OpenSSH client or an
+asyncssh channel, by the in-process server running real commands (the receiver with the
+host's python3), and by OpenSSH sshd with real read-only and full filesystems.
+
+Each ends with every file copied once conditions recover, or a clear per-file failure, never
+a partial file under its final name, and no temp file left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from conftest import temp_files
+from ssh_server import Faults, run_sshd, sftp_server
+from structlog.testing import capture_logs
+from test_ssh import (
+    assert_all_copied,
+    assert_no_partial,
+    copy_errors,
+    copy_of,
+    make_origin,
+    ssh_config,
+    sync,
+)
+
+pytestmark = pytest.mark.anyio
+
+CARRIERS = ["asyncssh", "openssh"]
+
+RECOVERS: dict[str, Callable[[Faults], None]] = {
+    "connection dropped mid-file": lambda f: setattr(f, "drop_after", 1 << 20),
+    "server stops reading": lambda f: setattr(f, "stall", True),
+    "slow server": lambda f: setattr(f, "write_delay", 0.002),
+}
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+@pytest.mark.parametrize("fault", list(RECOVERS))
+async def test_faults_that_recover_within_the_run(tmp_path: Path, fault: str, carrier: str
+                                                  ) -> None:
+    origin = tmp_path / "origin"
+    files = make_origin(origin)
+    faults = Faults()
+    RECOVERS[fault](faults)
+    async with sftp_server(tmp_path / "server", faults, commands=True) as server:
+        replica = server.root / "replica"
+        replica.mkdir()
+        config = ssh_config(tmp_path, origin, server.url("/~/replica"), retry_window=15.0,
+                            stall_timeout=1.0, transfer=carrier, **server.replica_keys())
+        with capture_logs() as logs:
+            summary = await sync(config)
+        assert (summary.exit_code, summary.copied, summary.pending) == (0, len(files), 0), [
+            (e["event"], e.get("error")) for e in logs if e["log_level"] != "debug"]
+        assert_all_copied(replica, origin, files)
+        # The receiver removed the temp files of the broken stream (the server saw the
+        # connection go and ended the command's input).
+        await wait_for_no_temps(replica)
+    assert not [e for e in logs if "did not start" in e["event"]]  # no fallback to SFTP
+    if fault != "slow server":
+        assert faults.dropped + faults.stalled == 1  # the fault did happen
+
+
+async def wait_for_no_temps(replica: Path) -> None:
+    with anyio.fail_after(10):
+        while temp_files(replica):  # noqa: ASYNC110 (files on disk: no event to wait on)
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+async def test_a_host_without_python3_falls_back_to_sftp(tmp_path: Path, carrier: str,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    origin = tmp_path / "origin"
+    files = make_origin(origin)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # The commands run with the test's environment: a PATH without python3 is a host
+    # without it (sh and ssh stay reachable through their own folders).
+    for tool in ("sh", "ssh"):
+        found = shutil.which(tool)
+        assert found is not None
+        os.symlink(found, bin_dir / tool)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    async with sftp_server(tmp_path / "server", commands=True) as server:
+        replica = server.root / "replica"
+        replica.mkdir()
+        config = ssh_config(tmp_path, origin, server.url("/~/replica"), transfer=carrier,
+                            **server.replica_keys())
+        with capture_logs() as logs:
+            summary = await sync(config)
+        assert (summary.exit_code, summary.copied) == (0, len(files))
+        assert_all_copied(replica, origin, files)
+    warnings = [e for e in logs if "did not start" in e["event"]]
+    assert len(warnings) == 1
+    assert "SFTP" in warnings[0]["event"]
+
+
+# --- real filesystems on the far side (OpenSSH sshd) ---------------------------------------
+
+
+@pytest.fixture
+def mount() -> Iterator[Callable[..., None]]:
+    mounted: list[str] = []
+
+    def do(*args: str) -> None:
+        done = subprocess.run(["mount", *args], capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount ({' '.join(args)}): needs root: {done.stderr.strip()}")
+        mounted.append(args[-1])
+
+    yield do
+    for target in reversed(mounted):
+        subprocess.run(["umount", "-l", target], check=False)
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+async def test_full_disk_fails_the_file_then_recovers(tmp_path: Path, carrier: str,
+                                                      mount: Callable[..., None]) -> None:
+    origin = tmp_path / "origin"
+    files = make_origin(origin)  # one 3 MiB file: more than the 1 MiB disk holds
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(replica))
+    with run_sshd(tmp_path / "sshd") as sshd:
+        keys = {"identity_file": str(sshd.keys.client_key),
+                "known_hosts": str(sshd.keys.known_hosts), "connect_timeout": 5.0}
+        config = ssh_config(tmp_path, origin, sshd.url(replica), transfer=carrier, **keys)
+        summary = await sync(config)
+        assert summary.exit_code == 1
+        assert summary.copied == len(files) - 1
+        assert_no_partial(replica, origin, files)
+        assert temp_files(replica) == []
+        assert not copy_of(replica, origin, "big/cube.fits").exists()
+        assert {cls for cls, _ in copy_errors(config)} == {"no_space"}
+        # More room: the next run copies the file that did not fit, once.
+        mount("-o", "remount,size=8m", str(replica))
+        await anyio.sleep(0.3)  # the retry backoff of the failed file
+        again = await sync(config)
+        assert (again.exit_code, again.copied, again.pending) == (0, 1, 0)
+        assert_all_copied(replica, origin, files)
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+async def test_read_only_folder_fails_its_files(tmp_path: Path, carrier: str,
+                                                mount: Callable[..., None]) -> None:
+    origin = tmp_path / "origin"
+    files = make_origin(origin)
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    locked = copy_of(replica, origin, "locked")
+    locked.mkdir(parents=True)
+    mount("--bind", str(locked), str(locked))
+    mount("-o", "remount,bind,ro", str(locked))
+    with run_sshd(tmp_path / "sshd") as sshd:
+        keys = {"identity_file": str(sshd.keys.client_key),
+                "known_hosts": str(sshd.keys.known_hosts), "connect_timeout": 5.0}
+        config = ssh_config(tmp_path, origin, sshd.url(replica), transfer=carrier, **keys)
+        summary = await sync(config)
+        assert summary.exit_code == 1
+        assert summary.copied == len(files) - 1
+        assert not copy_of(replica, origin, "locked/secret.dat").exists()
+        assert {cls for cls, _ in copy_errors(config)} == {"permission"}
+        assert temp_files(replica) == []
