@@ -54,20 +54,26 @@ class Layout:
         root = root.rstrip(b"/")
         if not path.startswith(root + b"/"):
             raise ValueError(f"{path!r} is not inside origin root {root or b'/'!r}")
-        values = {
-            "host": host,
-            "origin": origin,
-            "path": os.fsdecode(path.lstrip(b"/")),
-            "relpath": os.fsdecode(path[len(root) + 1 :]),
-            "name": os.fsdecode(path.rsplit(b"/", 1)[-1]),
-        }
+        # Only the fields the template uses: this runs once per file copied.
+        values: dict[str, str] = {}
+        for field in self.fields:
+            if field == "relpath":
+                values[field] = os.fsdecode(path[len(root) + 1 :])
+            elif field == "path":
+                values[field] = os.fsdecode(path.lstrip(b"/"))
+            elif field == "name":
+                values[field] = os.fsdecode(path.rsplit(b"/", 1)[-1])
+            else:
+                values[field] = host if field == "host" else origin
         rendered = os.fsencode(self.template.format(**values))
         if b"\0" in rendered:
             raise ValueError(f"layout rendered a NUL byte: {rendered!r}")
         if not rendered or rendered.startswith(b"/") or rendered.endswith(b"/"):
             raise ValueError(f"layout rendered {rendered!r}, not a relative file path")
         # Doubled slashes from empty values inside the template are harmless; collapse them.
-        components = [c for c in rendered.split(b"/") if c]
-        if any(c in (b".", b"..") for c in components):
-            raise ValueError(f"layout rendered {rendered!r} with a '.' or '..' component")
-        return b"/".join(components)
+        if b"//" in rendered or b"/." in rendered or rendered.startswith(b"."):
+            components = [c for c in rendered.split(b"/") if c]
+            if any(c in (b".", b"..") for c in components):
+                raise ValueError(f"layout rendered {rendered!r} with a '.' or '..' component")
+            return b"/".join(components)
+        return rendered

@@ -256,12 +256,11 @@ async def run_command(process: asyncssh.SSHServerProcess[bytes], home: Path, fau
                         await asyncio.sleep(f.write_delay)
                     if f.stall and not f.stalled and f.written + len(data) > STALL_AFTER:
                         f.stalled += 1
-                        # Until released, or until the client gives up and closes the channel.
-                        waits = [asyncio.ensure_future(f.released.wait()),
-                                 asyncio.ensure_future(process.channel.wait_closed())]
-                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                        for waiting in waits:
-                            waiting.cancel()
+                        # Until released, or until the client gives up and closes the channel
+                        # (asyncssh has no event for a close that waits on unread data).
+                        while not (f.released.is_set()  # noqa: ASYNC110
+                                   or process.channel.is_closing()):
+                            await asyncio.sleep(0.02)
                     if (f.drop_after is not None and not f.dropped
                             and f.written + len(data) > f.drop_after):
                         f.dropped += 1

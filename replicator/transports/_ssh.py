@@ -756,6 +756,9 @@ class SshTransport:
             kind = self._carriers[0]
             try:
                 if kind == "openssh":
+                    if self.options.insecure:  # a connection of its own: warned as any other
+                        self._log.warning("host key NOT verified"
+                                          " (insecure_skip_host_key_check = true)")
                     carrier: Carrier = await OpensshCarrier.open(
                         openssh_argv(self.options, command), self._op_timeout)
                 else:
