@@ -281,11 +281,16 @@ async def run_command(process: asyncssh.SSHServerProcess[bytes], home: Path, fau
             except (asyncssh.Error, OSError):
                 pass
 
+    # Like sshd, the session ends when the command does, whether or not its input was read.
+    feeding = asyncio.ensure_future(pump_in())
     try:
-        await asyncio.gather(pump_in(), pump_out(proc.stdout, process.stdout),
+        await asyncio.gather(pump_out(proc.stdout, process.stdout),
                              pump_out(proc.stderr, process.stderr))
         status = await proc.wait()
     finally:
+        feeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding
         if proc.returncode is None:
             proc.kill()
             await proc.wait()

@@ -30,7 +30,7 @@ import os
 import stat
 import struct
 import sys
-from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 GREETING = b"replicator-receiver 1\n"
 FLUSHING = b"flushing\n"
@@ -65,13 +65,15 @@ def _syncfs() -> Optional[Callable[[int], None]]:
 
 class Receiver:
     def __init__(self, root: bytes, out: BinaryIO) -> None:
+        os.umask(0)  # files are created with the mode they are sent with
         self.root_fd = os.open(root, DIR_FLAGS)
         self.out = out
         self.syncfs = _syncfs()
         self.dirs: Dict[bytes, int] = {b"": self.root_fd}
         self.made: Set[int] = set()  # folders in which this batch created sub-folders
-        self.staged: List[Tuple[int, int, bytes, bytes, bool]] = []
-        self.results: List[List[object]] = []
+        # (seq, folder fd, temp name, final name, [size, mtime_ns, kind_ok] of the temp file)
+        self.staged: List[Tuple[int, int, bytes, bytes, List[int]]] = []
+        self.results: List[Sequence[object]] = []
         # The current file: (seq, folder fd, temp name, final name, fd); fd -1 once failed.
         self.current: Optional[Tuple[int, int, bytes, bytes, int]] = None
         self.mode = 0
@@ -116,8 +118,9 @@ class Receiver:
         try:
             dir_fd = self.folder(reldir)
             what = "write"
+            # Created with its final mode (umask 0, set in serve): no chmod per file.
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | getattr(os, "O_CLOEXEC", 0), 0o600, dir_fd=dir_fd)
+                         | getattr(os, "O_CLOEXEC", 0), self.mode, dir_fd=dir_fd)
         except OSError as exc:
             self.fail(seq, exc, what)
         self.current = (seq, dir_fd, tmp, name, fd)
@@ -149,16 +152,16 @@ class Receiver:
             self.drop(cur)
             return
         try:
-            os.fchmod(fd, self.mode)
             os.utime(fd, ns=(self.mtime_ns, self.mtime_ns))
             if self.syncfs is None:
                 os.fsync(fd)
+            st = os.fstat(fd)  # what the copy holds, reported once it is in place
         except OSError as exc:
             self.drop(cur)
             self.fail(seq, exc, "write")
             return
         os.close(fd)
-        self.staged.append((seq, dir_fd, tmp, name, False))
+        self.staged.append((seq, dir_fd, tmp, name, [st.st_size, st.st_mtime_ns, 1]))
 
     def link(self, seq: int, mtime_ns: int, dest: bytes, tmp: bytes, target: bytes) -> None:
         reldir, name = self.split(dest, tmp)
@@ -169,10 +172,12 @@ class Receiver:
             os.symlink(target, tmp, dir_fd=dir_fd)
             what = "set symlink mtime"
             os.utime(tmp, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+            st = os.stat(tmp, dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
             self.fail(seq, exc, what)
             return
-        self.staged.append((seq, dir_fd, tmp, name, True))
+        ok = int(stat.S_ISLNK(st.st_mode))
+        self.staged.append((seq, dir_fd, tmp, name, [st.st_size, st.st_mtime_ns, ok]))
 
     def sync(self) -> None:
         """Flush the staged files, rename them into place, flush the renames, report."""
@@ -188,29 +193,22 @@ class Receiver:
                 self.unlink(dir_fd, tmp)
                 self.fail(seq, exc, "flush")
             staged = []
-        placed = []
-        for seq, dir_fd, tmp, name, is_link in staged:
+        placed: List[List[int]] = []
+        for seq, dir_fd, tmp, name, held in staged:
             try:
                 os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             except OSError as exc:
                 self.unlink(dir_fd, tmp)
                 self.fail(seq, exc, "rename into")
                 continue
-            placed.append((seq, dir_fd, name, is_link))
+            placed.append([seq, 0, *held])
         try:
             self.flush(folders | self.made)
         except OSError as exc:
-            for seq, _, _, _ in placed:
-                self.fail(seq, exc, "flush")
+            for entry in placed:
+                self.fail(entry[0], exc, "flush")
             placed = []
-        for seq, dir_fd, name, is_link in placed:
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except OSError as exc:
-                self.fail(seq, exc, "verify")
-                continue
-            ok = stat.S_ISLNK(st.st_mode) if is_link else stat.S_ISREG(st.st_mode)
-            self.results.append([seq, 0, st.st_size, st.st_mtime_ns, int(ok)])
+        self.results.extend(placed)
         self.close_folders()
         self.out.write(json.dumps(self.results).encode() + b"\n")
         self.out.flush()

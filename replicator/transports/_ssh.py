@@ -55,7 +55,6 @@ from ._ssh_stream import (
     ABORT,
     COMMIT,
     DATA_CHUNK,
-    NoReceiver,
     StreamSession,
     data_frame,
     file_frame,
@@ -764,8 +763,8 @@ class SshTransport:
                 else:
                     carrier = await AsyncsshCarrier.open(conn.conn, command, self._op_timeout)
                 return await StreamSession.start(carrier)
-            except (NoReceiver, StreamLost) as exc:
-                if isinstance(exc, StreamLost) and conn.closed:
+            except StreamLost as exc:
+                if not exc.definitive or conn.closed:  # a dropped connection: try again
                     raise FileError(f"stream to {self.options.where}: {exc}") from None
                 if self._carriers and self._carriers[0] == kind:  # not yet dropped by a
                     self._carriers.pop(0)                         # concurrent batch

@@ -34,7 +34,14 @@ _GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 
 
 class StreamLost(Exception):
-    """The carrier broke: files not yet reported are either complete in place or absent."""
+    """The carrier broke: files not yet reported are either complete in place or absent.
+
+    ``definitive`` when trying again cannot help (the host refuses commands).
+    """
+
+    def __init__(self, message: str, definitive: bool = False) -> None:
+        super().__init__(message)
+        self.definitive = definitive
 
 
 class Carrier(Protocol):
@@ -48,8 +55,9 @@ class Carrier(Protocol):
     async def readline(self) -> bytes:
         """One reply line; b"" when the receiver ended. StreamLost on failure."""
 
-    async def error_text(self) -> str:
-        """What the far side said on stderr, once it failed (best effort, bounded)."""
+    async def failure(self) -> tuple[str, bool]:
+        """Why the receiver did not start: what the far side said on stderr (best effort,
+        bounded), and whether that is definitive (not a dropped connection)."""
 
     def close(self) -> None:
         """Stop at once: a receiver that did not sync removes its temp files."""
@@ -136,7 +144,9 @@ class OpensshCarrier:
             self.close()
             raise
 
-    async def error_text(self) -> str:
+    async def failure(self) -> tuple[str, bool]:
+        # The transport's own connection to the host works: whatever stops the OpenSSH
+        # client (its host key check, its ciphers, commands refused, no python3) stays.
         proc = self._proc
         with anyio.move_on_after(2):
             await anyio.to_thread.run_sync(_reap, proc, 2.0, abandon_on_cancel=True)
@@ -149,7 +159,8 @@ class OpensshCarrier:
                 text = proc.stderr.read(8192) or b""
         lines = os.fsdecode(text).strip().splitlines()
         tail = lines[-1] if lines else ""
-        return f"ssh exit {proc.returncode}: {tail}" if tail else f"ssh exit {proc.returncode}"
+        return (f"ssh exit {proc.returncode}: {tail}" if tail else f"ssh exit {proc.returncode}",
+                True)
 
     def close(self) -> None:
         self._lost = True
@@ -205,7 +216,7 @@ class AsyncsshCarrier:
                 process = await conn.create_process(command, encoding=None, window=WINDOW,
                                                     max_pktsize=PACKET)
         except asyncssh.ChannelOpenError as exc:
-            raise StreamLost(f"commands refused: {exc.reason}") from None
+            raise StreamLost(f"commands refused: {exc.reason}", definitive=True) from None
         except (asyncssh.Error, OSError, TimeoutError) as exc:
             raise StreamLost(f"cannot open a channel: {_reason(exc)}") from None
         return cls(process, op_timeout)
@@ -231,13 +242,17 @@ class AsyncsshCarrier:
             self.close()
             raise StreamLost(f"connection lost: {_reason(exc)}") from None
 
-    async def error_text(self) -> str:
+    async def failure(self) -> tuple[str, bool]:
         text = b""
-        if not self.lost:
-            with anyio.move_on_after(1), suppress(asyncssh.Error, OSError):
-                text = await self._process.stderr.read(8192)
+        with anyio.move_on_after(1), suppress(asyncssh.Error, OSError):
+            text = await self._process.stderr.read(8192)
+            await self._process.wait_closed()
+        # A command that exited (no python3: 127) will not start next time either; a
+        # channel closed without an exit status is a dropped connection.
+        status = self._process.exit_status
         lines = os.fsdecode(text).strip().splitlines()
-        return lines[-1] if lines else "no reply"
+        reason = lines[-1] if lines else f"exit status {status}"
+        return reason, status is not None
 
     def close(self) -> None:
         self._lost = True

@@ -56,7 +56,7 @@ COMMIT = b"C"
 ABORT = b"A"
 
 
-class NoReceiver(Exception):
+class NoReceiver(StreamLost):
     """The host did not start the receiver (no python3, commands refused, ssh failed)."""
 
 
@@ -85,9 +85,9 @@ class StreamSession:
             raise
         if greeting == GREETING:
             return session
-        text = await carrier.error_text()
+        text, definitive = await carrier.failure()
         carrier.close()
-        raise NoReceiver(text or why or f"unexpected reply {greeting[:40]!r}")
+        raise NoReceiver(text or why or f"unexpected reply {greeting[:40]!r}", definitive)
 
     async def send(self, data: bytes) -> None:
         """Write to the receiver; waits while it is not reading. StreamLost on failure."""
