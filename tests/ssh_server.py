@@ -232,6 +232,7 @@ class Sshd:
     port: int
     keys: Keys
     user: str
+    pid: int  # the listening sshd: sessions and their commands are its descendants
 
     def url(self, path: Path | str) -> str:
         return f"ssh://{self.user}@127.0.0.1:{self.port}{path}"
@@ -297,7 +298,7 @@ def run_sshd(folder: Path) -> Iterator[Sshd]:
                     raise RuntimeError("sshd did not start listening") from None
                 time.sleep(0.02)
         keys.trust(port)
-        yield Sshd(port, keys, getpass.getuser())
+        yield Sshd(port, keys, getpass.getuser(), proc.pid)
     finally:
         proc.terminate()
         try:

@@ -4,10 +4,13 @@ replicas, against the in-process asyncssh server and OpenSSH."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import sqlite3
 import stat
 import sys
-from contextlib import closing
+from collections.abc import AsyncGenerator
+from contextlib import aclosing, closing
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,8 @@ from replicator import (
     load_config,
 )
 from replicator._config import validate_config
+from replicator.transports._ssh import SshOptions
+from replicator.transports._ssh_source import RemoteFolder, SshSource
 
 pytestmark = pytest.mark.anyio
 
@@ -90,8 +95,9 @@ async def sync(config: Config) -> Any:
         return await rep.sync_once()
 
 
-def deleted_files(config: Config) -> list[bytes]:
-    with closing(sqlite3.connect(config.inventory)) as db:
+def deleted_files(config: Config | Path) -> list[bytes]:
+    path = config.inventory if isinstance(config, Config) else config / "inventory.db"
+    with closing(sqlite3.connect(path)) as db:
         return [bytes(r[0]) for r in db.execute(
             "SELECT name FROM files WHERE deleted IS NOT NULL")]
 
@@ -177,6 +183,120 @@ async def test_find_and_sftp_listings_agree(tmp_path: Path) -> None:
             await source.aclose()
         assert by_find == by_sftp
         assert os.fsencode(origin / "a" / "b" / "c") in by_find
+
+
+def kill_remote_find(sshd_pid: int, root: Path) -> int:
+    """SIGKILL the ``find`` our sshd runs over ``root``; its pid, or 0 if it already ended."""
+
+    def parent(pid: int) -> int:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if argv[:3] != [b"find", b"-H", os.fsencode(root)]:
+                continue
+            ancestor = int(entry)
+            while ancestor > 1 and ancestor != sshd_pid:
+                ancestor = parent(ancestor)
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+        if ancestor == sshd_pid:
+            os.kill(int(entry), signal.SIGKILL)
+            return int(entry)
+    return 0
+
+
+class FindKilledMidway(SshSource):
+    """The real source; the real remote ``find`` is killed once ``kill_after`` folders of
+    its stream have arrived."""
+
+    def __init__(self, options: SshOptions, root: Path, sshd_pid: int) -> None:
+        super().__init__(options, str(root))
+        self.path = root
+        self.sshd_pid = sshd_pid
+        self.kill_after: int | None = None
+        self.killed = 0
+        self.listed: list[bytes] = []
+
+    async def find_tree(self) -> AsyncGenerator[RemoteFolder, None]:
+        self.listed = []
+        async with aclosing(super().find_tree()) as folders:
+            async for folder in folders:
+                self.listed.append(folder.path)
+                yield folder
+                if len(self.listed) == self.kill_after:
+                    self.killed = await anyio.to_thread.run_sync(
+                        kill_remote_find, self.sshd_pid, self.path)
+
+
+async def test_find_failing_midway_hands_over_to_sftp(tmp_path: Path) -> None:
+    """The remote find dies part-way: what it listed is recorded, nothing is deleted, and the
+    next scan lists over SFTP, finding everything and what was really deleted."""
+    from replicator._inventory import Inventory
+    from replicator._scanner import Scanner
+
+    with run_sshd(tmp_path / "sshd") as sshd:
+        origin = tmp_path / "origin"
+        # Long paths: find's output (~8 MB) is far more than the pipe and SSH window hold,
+        # so find is still writing when it is killed.
+        deep = origin / ("l" * 200) / ("m" * 200)
+        folders = [deep / f"d{i:02}" for i in range(60)]
+        for folder in folders:
+            folder.mkdir(parents=True)
+            for j in range(200):
+                (folder / f"{j:03}{'n' * 200}").write_bytes(b"x")
+        for j in range(3):
+            write(origin / "gone" / f"{j}.dat", b"gone")
+        backdate(origin)
+        config = OriginConfig("det", sshd.url(origin), settle_seconds=1.0,
+                              identity_file=str(sshd.keys.client_key),
+                              known_hosts=str(sshd.keys.known_hosts), connect_timeout=5.0)
+        source = FindKilledMidway(sshd.options(), origin, sshd.pid)
+        try:
+            async with await Inventory.open(tmp_path / "inventory.db") as inventory:
+                scanner = Scanner(config, inventory, [], anyio.CapacityLimiter(2),
+                                  source=source)
+
+                def scan_logs(logs: list[Any]) -> list[Any]:
+                    return [e for e in logs if e["event"] == "scan finished"]
+
+                with capture_logs() as logs:
+                    first = await scanner.scan()
+                assert [e["method"] for e in scan_logs(logs)] == ["find"]
+                assert first.delta.new == 60 * 200 + 3
+
+                shutil.rmtree(origin / "gone")
+                for folder in folders:
+                    write(folder / "new.dat", b"new")
+                source.kill_after = 5
+                with capture_logs() as logs:
+                    second = await scanner.scan()
+                assert source.killed, "find ended before it was killed: make the tree bigger"
+                [scan] = scan_logs(logs)
+                assert scan["method"] == "find"
+                assert any(e["event"].startswith("remote find failed") for e in logs), str(scan)
+                # The folders of the stream before it broke are recorded...
+                listed = {os.fsencode(f) for f in folders} & set(source.listed)
+                assert len(listed) >= 5
+                assert (second.delta.new, second.delta.deleted) == (len(listed), 0)
+                # ...the rest were not listed, and still nothing is taken as deleted.
+                assert len(listed) < len(folders)
+                assert deleted_files(tmp_path) == []
+
+                source.listed = []
+                with capture_logs() as logs:
+                    third = await scanner.scan()
+                assert source.listed == []  # find is not used again
+                assert [e["method"] for e in scan_logs(logs)] == ["sftp"]
+                assert third.delta.new == len(folders) - len(listed)
+                assert sorted(deleted_files(tmp_path)) == [b"0.dat", b"1.dat", b"2.dat"]
+        finally:
+            await source.aclose()
 
 
 async def test_host_key_mismatch_makes_the_origin_unavailable(tmp_path: Path) -> None:
