@@ -18,7 +18,7 @@ import anyio
 import asyncssh
 import pytest
 from conftest import OLD, backdate, temp_files, write
-from ssh_server import Faults, run_sshd, sftp_server
+from ssh_server import Faults, Sshd, run_sshd, sftp_server
 from structlog.testing import capture_logs
 
 from replicator import (
@@ -56,12 +56,14 @@ def make_tree(origin: Path) -> dict[bytes, bytes]:
     return files
 
 
-def pull_config(tmp: Path, url: str, replica: Path, *, retry_window: float = 5.0,
-                **keys: Any) -> Config:
+def pull_config(tmp: Path, url: str, replica: Path | str, *, retry_window: float = 5.0,
+                replica_keys: dict[str, Any] | None = None, **keys: Any) -> Config:
+    """An ssh:// origin ``url`` into ``replica`` (a local folder or an ssh:// URL)."""
     return Config(
         inventory=tmp / "inventory.db",
         origins=(OriginConfig("det", url, settle_seconds=1.0, scan_interval=0.5, **keys),),
-        replicas=(ReplicaConfig(str(replica), backoff_initial=0.05, backoff_max=0.2),),
+        replicas=(ReplicaConfig(str(replica), backoff_initial=0.05, backoff_max=0.2,
+                                **(replica_keys or {})),),
         engine=EngineConfig(retry_window=retry_window, shutdown_grace=5.0),
     )
 
@@ -376,6 +378,109 @@ async def test_connection_dropped_mid_file(tmp_path: Path) -> None:
         assert_tree_copied(origin, replica, "/origin", files)
 
 
+# --- ssh:// origins into ssh:// replicas -------------------------------------------------
+
+
+def sshd_keys(sshd: Sshd) -> dict[str, Any]:
+    return {"identity_file": str(sshd.keys.client_key),
+            "known_hosts": str(sshd.keys.known_hosts), "connect_timeout": 5.0}
+
+
+async def test_openssh_origin_into_asyncssh_replica(tmp_path: Path) -> None:
+    """Read over one SSH connection, written over another: same guarantees as local copies."""
+    with run_sshd(tmp_path / "sshd") as sshd:
+        origin = tmp_path / "origin"
+        files = make_tree(origin)
+        async with sftp_server(tmp_path / "server") as server:
+            replica = server.root / "replica"
+            replica.mkdir()
+            config = pull_config(tmp_path, sshd.url(origin), server.url("/replica"),
+                                 replica_keys=server.replica_keys(), **sshd_keys(sshd))
+            summary = await sync(config)
+            assert (summary.exit_code, summary.copied, summary.pending) == (0, len(files) + 1, 0)
+            assert_tree_copied(origin, replica, str(origin), files)
+            assert (await sync(config)).copied == 0
+            await _pull_changes(tmp_path, origin, config, replica, str(origin), files)
+
+
+@pytest.mark.parametrize("fault", ["connection dropped", "read error"])
+async def test_ssh_origin_failing_mid_file_into_ssh_replica(tmp_path: Path, fault: str) -> None:
+    """The origin's connection drops, or a read fails, while a large file is read: nothing
+    partial gets a final name on the replica, no temp file stays, and the next run copies
+    the file."""
+    faults = (Faults(drop_read_after=1 << 20) if fault == "connection dropped"
+              else Faults(read_error=b"cube.fits"))
+    async with sftp_server(tmp_path / "server", faults) as server:
+        origin = server.root / "origin"
+        files = make_tree(origin)
+        with run_sshd(tmp_path / "sshd") as sshd:
+            replica = tmp_path / "replica"
+            replica.mkdir()
+            config = pull_config(tmp_path, server.url("/origin"), sshd.url(replica),
+                                 retry_window=0.01, replica_keys=sshd_keys(sshd),
+                                 **server.replica_keys())
+            first = await sync(config)
+            assert faults.dropped + faults.read_errors >= 1
+            assert first.errors >= 1
+            big = copy_path(replica, "/origin", b"big/cube.fits")
+            assert not os.path.exists(big)
+            assert temp_files(replica) == []
+            faults.enabled = False
+            await anyio.sleep(0.3)  # the retry backoff (backoff_max 0.2 s)
+            again = await sync(config)
+            assert again.exit_code == 0
+            assert first.copied + again.copied == len(files) + 1
+            assert_tree_copied(origin, replica, "/origin", files)
+
+
+async def test_ssh_origin_file_changing_during_read_into_ssh_replica(tmp_path: Path) -> None:
+    """A file rewritten while it is read is not renamed into place (it would mix two
+    versions); once settled, its new version is copied."""
+    faults = Faults(change_during_read=b"cube.fits")
+    async with sftp_server(tmp_path / "server", faults) as server:
+        origin = server.root / "origin"
+        files = make_tree(origin)
+        with run_sshd(tmp_path / "sshd") as sshd:
+            replica = tmp_path / "replica"
+            replica.mkdir()
+            config = pull_config(tmp_path, server.url("/origin"), sshd.url(replica),
+                                 retry_window=0.01, replica_keys=sshd_keys(sshd),
+                                 **server.replica_keys())
+            first = await sync(config)
+            assert faults.changed == 1
+            assert (first.exit_code, first.errors, first.copied, first.pending) == (
+                0, 0, len(files), 1)
+            big = copy_path(replica, "/origin", b"big/cube.fits")
+            assert not os.path.exists(big)
+            assert temp_files(replica) == []
+            files[b"big/cube.fits"] = (origin / "big" / "cube.fits").read_bytes()
+            await anyio.sleep(1.1)  # a changed source is retried after settle_seconds
+            again = await sync(config)
+            assert (again.exit_code, again.copied, again.pending) == (0, 1, 0)
+            assert_tree_copied(origin, replica, "/origin", files)
+
+
+async def test_ssh_origin_lost_releases_copies_into_ssh_replica(tmp_path: Path) -> None:
+    """Scanned, then the origin's host goes away: copies to the SSH replica are released,
+    not charged, and the run says the origin is unavailable."""
+    with run_sshd(tmp_path / "sshd") as sshd:
+        replica = tmp_path / "replica"
+        replica.mkdir()
+        async with sftp_server(tmp_path / "server") as server:
+            files = make_tree(server.root / "origin")
+            config = pull_config(tmp_path, server.url("/origin"), sshd.url(replica),
+                                 replica_keys=sshd_keys(sshd), **server.replica_keys())
+            async with Replicator(config) as rep:
+                await rep.scan()
+        summary = await sync(config)
+        assert (summary.exit_code, summary.errors) == (3, 0)
+        assert (summary.copied, summary.pending) == (0, len(files) + 1)
+        assert [name for name, _ in summary.unavailable] == ["det"]
+        with closing(sqlite3.connect(config.inventory)) as db:
+            assert db.execute("SELECT MAX(attempts) FROM copies").fetchone() == (0,)
+        assert sorted(os.listdir(replica)) == [".replicator-replica"]
+
+
 async def test_cli_pull_end_to_end(tmp_path: Path) -> None:
     async with sftp_server(tmp_path / "server") as server:
         origin = server.root / "origin"
@@ -451,5 +556,10 @@ def test_ssh_origin_overlaps(tmp_path: Path) -> None:
         validate_config(config(a, OriginConfig("b", "/data/x", host="det")))
     # A local replica "inside" a remote origin's path is on another machine.
     validate_config(config(a, replica="/data/backup"))
-    with pytest.raises(ConfigError, match="cannot be replicated to an ssh:// replica"):
-        validate_config(config(a, replica="ssh://archive/backup"))
+    # SSH origins into SSH replicas: anywhere but inside each other on one host.
+    validate_config(config(a, replica="ssh://archive/data"))
+    validate_config(config(a, replica="ssh://det/backup"))
+    validate_config(config(a, replica="ssh://det/~/data"))
+    for inside in ("ssh://u@DET:2222/data/copy", "ssh://det/"):
+        with pytest.raises(ConfigError, match="overlaps origin 'a'"):
+            validate_config(config(a, replica=inside))
