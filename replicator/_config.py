@@ -638,13 +638,14 @@ def _validate(config: Config, report: _Reporter) -> Config:
                 known = _names(config.origins)
                 raise report.error(f"{key}.origins", f"unknown origin {wanted!r}; known: {known}")
         if url.scheme == "ssh":
-            for origin in config.origins_for(replica):
-                if origin.remote:
+            for origin in config.origins:
+                # A replica inside an origin on the same host would be scanned as new files.
+                if (origin.remote and origin.ssh_host.lower() == str(url.host).lower()
+                        and origin.root.startswith("/") == url.path.startswith("/")
+                        and (_inside(url.path, origin.root) or _inside(origin.root, url.path))):
                     raise report.error(
-                        f"{key}.origins",
-                        f"ssh:// origin {origin.name!r} cannot be replicated to an ssh:// replica"
-                        " (not supported yet); pull into a local replica, or list the local"
-                        " origins of this replica in its 'origins' key")
+                        key, f"replica folder {url.path!r} on {url.host} overlaps origin"
+                        f" {origin.name!r} ({origin.path!r})")
         if replica.name in names:
             used_by = _key("replicas", names[replica.name].url)
             raise report.error(

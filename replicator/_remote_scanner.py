@@ -125,17 +125,23 @@ class RemoteWalker:
         batch: list[DirListing] = []
         budget = BATCH_ENTRIES
         async with aclosing(self.source.find_tree()) as folders:
-            async for folder in folders:
-                if self._excluded_dir(folder.path):
-                    continue
-                if folder.entries is None:
-                    log.warning("folder unreadable", folder=os.fsdecode(folder.path))
-                listing = self._listing(folder.path, folder.entries, None)
-                batch.append(listing)
-                budget -= len(listing.entries) + 1
-                if budget <= 0:
+            try:
+                async for folder in folders:
+                    if self._excluded_dir(folder.path):
+                        continue
+                    if folder.entries is None:
+                        log.warning("folder unreadable", folder=os.fsdecode(folder.path))
+                    listing = self._listing(folder.path, folder.entries, None)
+                    batch.append(listing)
+                    budget -= len(listing.entries) + 1
+                    if budget <= 0:
+                        yield batch
+                        batch, budget = [], BATCH_ENTRIES
+            except FileError:
+                # A folder arrives once complete: those before the failure are recorded.
+                if batch:
                     yield batch
-                    batch, budget = [], BATCH_ENTRIES
+                raise
         if batch:
             yield batch
 

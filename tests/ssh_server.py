@@ -74,6 +74,9 @@ class Faults:
     full_after: writes fail with "No space left on device" after this many bytes.
     write_delay: seconds every write takes (a slow server).
     drop_read_after: close the connection once this many bytes were read (once; pull mode).
+    read_error: reads past 1 MiB of files whose path contains this text fail (I/O error).
+    change_during_read: the first read past 1 MiB of a file whose path contains this text
+        rewrites that file in place (same size, other bytes, mtime 100 s later; once).
     """
 
     enabled: bool = True
@@ -83,10 +86,14 @@ class Faults:
     full_after: int | None = None
     write_delay: float = 0.0
     drop_read_after: int | None = None
+    read_error: bytes | None = None
+    change_during_read: bytes | None = None
     written: int = 0
     read: int = 0
     dropped: int = 0
     stalled: int = 0
+    changed: int = 0
+    read_errors: int = 0
     released: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -99,12 +106,14 @@ class FaultySFTPServer(asyncssh.SFTPServer):
         super().__init__(chan, chroot=chroot)
         self.faults = faults
         self._exempt: set[int] = set()
+        self._paths: dict[int, bytes] = {}  # open files: their path on disk
 
     def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
         f = self.faults
         if f.enabled and f.deny_open is not None and f.deny_open in path:
             raise asyncssh.SFTPPermissionDenied("Permission denied")
         file_obj = super().open(path, pflags, attrs)
+        self._paths[id(file_obj)] = self.map_path(path)
         if b".replicator-replica" in path:
             # The replica's identity marker is bookkeeping: faults target the data files.
             self._exempt.add(id(file_obj))
@@ -117,10 +126,28 @@ class FaultySFTPServer(asyncssh.SFTPServer):
             f.dropped += 1
             self.connection.abort()
             raise asyncssh.SFTPConnectionLost("connection dropped by the test")
+        path = self._paths.get(id(file_obj), b"")
+        if f.enabled and f.read_error is not None and offset >= 1 << 20 and f.read_error in path:
+            f.read_errors += 1
+            raise asyncssh.SFTPFailure("Input/output error")
+        if (f.enabled and f.change_during_read is not None and not f.changed
+                and offset >= 1 << 20 and f.change_during_read in path):
+            f.changed += 1
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                before = os.fstat(fd)
+                os.pwrite(fd, os.urandom(before.st_size), 0)
+                os.utime(fd, (before.st_mtime + 100, before.st_mtime + 100))
+            finally:
+                os.close(fd)
         result = super().read(file_obj, offset, size)
         assert isinstance(result, bytes)
         f.read += len(result)
         return result
+
+    def close(self, file_obj: object) -> None:
+        self._paths.pop(id(file_obj), None)
+        super().close(file_obj)
 
     def readlink(self, path: bytes) -> bytes:
         # asyncssh's chroot passes every target through realpath (relative ones against the
@@ -313,6 +340,7 @@ class Sshd:
     port: int
     keys: Keys
     user: str
+    pid: int  # the listening sshd: sessions and their commands are its descendants
 
     def url(self, path: Path | str) -> str:
         return f"ssh://{self.user}@127.0.0.1:{self.port}{path}"
@@ -378,7 +406,7 @@ def run_sshd(folder: Path) -> Iterator[Sshd]:
                     raise RuntimeError("sshd did not start listening") from None
                 time.sleep(0.02)
         keys.trust(port)
-        yield Sshd(port, keys, getpass.getuser())
+        yield Sshd(port, keys, getpass.getuser(), proc.pid)
     finally:
         proc.terminate()
         try:

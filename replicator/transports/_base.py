@@ -41,6 +41,12 @@ class SourceStat:
     mode: int
     target: bytes | None = None
 
+    def same_version(self, other: SourceStat | None) -> bool:
+        """Whether ``other`` shows this version (kind, size, mtime, target): a copy read
+        between the two is not a mix of two versions."""
+        return other is not None and (self.kind, self.size, self.mtime_ns, self.target) == (
+            other.kind, other.size, other.mtime_ns, other.target)
+
 
 class SourceReader(Protocol):
     """One origin file opened for reading on a remote source."""
@@ -100,6 +106,12 @@ class PutRequest:
     mode: int
     target: bytes | None = None
     remote: Source | None = None
+
+    def expects(self, version: SourceStat) -> bool:
+        """Whether a remote source is still the version the inventory asked for."""
+        return (version.kind is self.kind and version.size == self.size
+                and version.mtime_ns == self.mtime_ns
+                and (self.kind is not Kind.SYMLINK or version.target == self.target))
 
 
 class PutStatus(StrEnum):

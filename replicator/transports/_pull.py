@@ -204,18 +204,6 @@ class _Batch:
             self.root_fd = -1
 
 
-def _same(a: SourceStat, b: SourceStat | None) -> bool:
-    return b is not None and (a.kind, a.size, a.mtime_ns, a.target) == (
-        b.kind, b.size, b.mtime_ns, b.target)
-
-
-def _expected(req: PutRequest, version: SourceStat) -> bool:
-    """Whether the source is still the version the inventory asked for."""
-    return (version.kind is req.kind and version.size == req.size
-            and version.mtime_ns == req.mtime_ns
-            and (req.kind is not Kind.SYMLINK or version.target == req.target))
-
-
 class _Pull:
     """One batch of requests from one remote source into a local replica root."""
 
@@ -283,7 +271,7 @@ class _Pull:
         version = await remote.lstat(req.source)
         if version is None:
             return PutResult(req, PutStatus.VANISHED)
-        if not _expected(req, version):
+        if not req.expects(version):
             return PutResult(req, PutStatus.CHANGED)
         dir_fd, tmp = await anyio.to_thread.run_sync(self._batch.link, req.dest, self._run_id,
                                                      version, limiter=self._limiter)
@@ -296,7 +284,7 @@ class _Pull:
             return PutResult(req, PutStatus.VANISHED)
         try:
             version = reader.stat
-            if not _expected(req, version):
+            if not req.expects(version):
                 return PutResult(req, PutStatus.CHANGED)
             if version.size <= SMALL_FILE:
                 chunks = []
@@ -364,8 +352,8 @@ class _Pull:
                          version: SourceStat) -> bool:
         """The open file and the path still show the version read (at the source's
         precision): otherwise the copy may mix two versions."""
-        return _same(version, await reader.fstat()) and _same(
-            version, await remote.lstat(req.source))
+        return version.same_version(await reader.fstat()) and version.same_version(
+            await remote.lstat(req.source))
 
 
 async def put_from_source(root: bytes, limiter: anyio.CapacityLimiter, fsync: bool,

@@ -6,7 +6,10 @@ servers, no python3) every file goes over SFTP, the portable path. Local reads h
 threads: small files of a batch are read together in one thread call, large ones chunk by
 chunk while the previous chunk is on the wire. Each file is written to a temp name in its
 destination folder, given its mode and mtime, fsynced (``fsync@openssh.com``), checked
-against the source, renamed (``posix-rename@openssh.com``) and verified with a stat.
+against the source, renamed (``posix-rename@openssh.com``) and verified with a stat. Files of
+an ssh:// origin (pull mode, ``PutRequest.remote``) are read through the origin's ``Source``
+while they are written, and checked unchanged there (open file and path, at the origin's
+precision) before the rename; an origin that cannot be reached releases the rest of the batch.
 
 SFTP v3 carries whole-second mtimes: the transport declares that precision and verifies at
 it, while the engine records the source's exact version, so nothing is copied again forever.
@@ -30,7 +33,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._config import OriginConfig, ReplicaConfig
-from .._errors import ErrorClass, FileError, ReplicaUnavailableError
+from .._errors import ErrorClass, FileError, OriginUnavailableError, ReplicaUnavailableError
 from .._inventory import Kind
 from ._base import (
     MARKER,
@@ -40,6 +43,8 @@ from ._base import (
     PutRequest,
     PutResult,
     PutStatus,
+    SourceReader,
+    SourceStat,
 )
 from ._errors import file_error
 from ._local import TEMP_RE, temp_name
@@ -289,16 +294,28 @@ def _release_pool(pool: _Pool) -> None:
 
 @dataclass(slots=True)
 class _Source:
-    """One request after its local side was looked at."""
+    """One request after its source was looked at: a local file, or in pull mode a file of
+    a remote origin (``version`` and ``reader`` instead of ``before`` and ``fd``)."""
 
     index: int
     request: PutRequest
-    result: PutResult | None = None  # decided locally: CHANGED, VANISHED, ERROR
+    result: PutResult | None = None  # decided before the upload: CHANGED, VANISHED, ERROR
     before: os.stat_result | None = None
     data: bytes | None = None  # a small file's whole content
     fd: int = -1  # a large file, read chunk by chunk
     target: bytes = b""
     closed: bool = field(default=False)
+    version: SourceStat | None = None
+    reader: SourceReader | None = None
+
+    def copied(self) -> tuple[int, int, int, int]:
+        """(size, mode, atime_ns, mtime_ns) of the source version being copied."""
+        if self.version is not None:
+            v = self.version
+            return v.size, v.mode, v.mtime_ns, v.mtime_ns
+        assert self.before is not None
+        b = self.before
+        return b.st_size, b.st_mode, b.st_atime_ns, b.st_mtime_ns
 
     def close(self) -> None:
         if self.fd >= 0 and not self.closed:
@@ -720,6 +737,7 @@ class SshTransport:
         sources = [_Source(i, r) for i, r in enumerate(requests)]
         results: list[PutResult | None] = [None] * len(requests)
         seen: set[bytes] = set()
+        lost: list[str] = []  # pull mode: why the origin cannot be reached
         try:
             send, receive = anyio.create_memory_object_stream[_Source](FILES_IN_FLIGHT)
             async with anyio.create_task_group() as tg:
@@ -727,7 +745,7 @@ class SshTransport:
                 async with receive:
                     for _ in range(min(FILES_IN_FLIGHT, len(sources))):
                         tg.start_soon(self._upload_all, receive.clone(), run_id, progress,
-                                      seen, results)
+                                      seen, lost, results)
         finally:
             for src in sources:
                 src.close()
@@ -880,9 +898,15 @@ class SshTransport:
 
     async def _feed(self, sources: list[_Source], send: MemoryObjectSendStream[_Source]
                     ) -> None:
-        """Open and read sources in worker threads, small files many per thread call."""
+        """Open and read local sources in worker threads, small files many per thread call."""
         async with send:
-            for group in _groups(sources):
+            local: list[_Source] = []
+            for src in sources:
+                if src.request.remote is not None:
+                    await send.send(src)  # pull mode: the uploaders open the remote file
+                else:
+                    local.append(src)
+            for group in _groups(local):
                 await self._load_and_send(group, send)
 
     async def _load_and_send(self, group: list[_Source], send: MemoryObjectSendStream[_Source]
@@ -892,23 +916,63 @@ class SshTransport:
             await send.send(src)
 
     async def _upload_all(self, receive: MemoryObjectReceiveStream[_Source], run_id: str,
-                          progress: Progress, seen: set[bytes],
+                          progress: Progress, seen: set[bytes], lost: list[str],
                           results: list[PutResult | None]) -> None:
         async with receive:
             async for src in receive:
                 try:
+                    if src.request.remote is not None:
+                        src.result = await self._open_remote(src, lost)
                     result = src.result or await self._upload(src, run_id, progress, seen)
+                except OriginUnavailableError as exc:
+                    # Released, not charged; the rest of the batch is not tried.
+                    lost.append(str(exc))
+                    result = PutResult(src.request, PutStatus.SOURCE_UNAVAILABLE,
+                                       error=FileError(str(exc)))
                 except FileError as exc:
                     result = PutResult(src.request, PutStatus.ERROR, error=exc)
                 finally:
                     src.close()
+                    if src.reader is not None:
+                        await src.reader.aclose()
                 results[src.index] = result
                 progress.add(files=1)
+
+    async def _open_remote(self, src: _Source, lost: list[str]) -> PutResult | None:
+        """Pull mode: open (a symlink: lstat) the origin file; a result if it is not copied."""
+        req = src.request
+        assert req.remote is not None
+        if lost:
+            return PutResult(req, PutStatus.SOURCE_UNAVAILABLE, error=FileError(lost[0]))
+        if req.kind is Kind.SYMLINK:
+            version = await req.remote.lstat(req.source)
+        else:
+            src.reader = await req.remote.open(req.source)
+            version = src.reader.stat if src.reader is not None else None
+        if version is None:
+            return PutResult(req, PutStatus.VANISHED)
+        if not req.expects(version):
+            return PutResult(req, PutStatus.CHANGED)
+        src.version, src.target = version, version.target or b""
+        return None
+
+    async def _remote_unchanged(self, src: _Source) -> PutResult | None:
+        """Pull mode: CHANGED/VANISHED unless the open file and its path still show the
+        version read (at the origin's precision); None if they do."""
+        req, version, reader = src.request, src.version, src.reader
+        assert req.remote is not None
+        assert version is not None
+        assert reader is not None
+        if not version.same_version(await reader.fstat()):
+            return PutResult(req, PutStatus.CHANGED)
+        current = await req.remote.lstat(req.source)
+        if current is None:
+            return PutResult(req, PutStatus.VANISHED)
+        return None if version.same_version(current) else PutResult(req, PutStatus.CHANGED)
 
     async def _upload(self, src: _Source, run_id: str, progress: Progress, seen: set[bytes]
                       ) -> PutResult:
         req = src.request
-        assert src.before is not None
         rel = confine(req.dest)
         if not rel:
             raise FileError("refused empty destination path", ErrorClass.PERMANENT)
@@ -925,7 +989,7 @@ class SshTransport:
                     except asyncssh.SFTPOpUnsupported:
                         raise FileError(f"the server at {self.options.where} cannot create"
                                         " symlinks", ErrorClass.PERMANENT) from None
-                await self._set_link_times(conn, tmp, src.before)
+                await self._set_link_times(conn, tmp, src)
             else:
                 changed = await self._write_file(conn, src, tmp, progress)
                 if changed is not None:
@@ -964,8 +1028,7 @@ class SshTransport:
     async def _write_file(self, conn: _Conn, src: _Source, tmp: bytes, progress: Progress
                           ) -> PutResult | None:
         """Write the temp file, durable, with mode and mtime; CHANGED if the source moved."""
-        before = src.before
-        assert before is not None
+        _, mode, atime_ns, mtime_ns = src.copied()
         small = src.data is not None  # read whole and checked unchanged by _load
         with self._io(conn, "create", tmp):
             # block_size=0: one request per write call. Requests are split and pipelined
@@ -977,9 +1040,8 @@ class SshTransport:
         closed = False
         try:
             await self._send(conn, f, src, tmp, progress)
-            attrs = asyncssh.SFTPAttrs(permissions=copy_mode(before.st_mode),
-                                       atime=before.st_atime_ns // WHOLE_SECOND,
-                                       mtime=before.st_mtime_ns // WHOLE_SECOND)
+            attrs = asyncssh.SFTPAttrs(permissions=copy_mode(mode), atime=atime_ns // WHOLE_SECOND,
+                                       mtime=mtime_ns // WHOLE_SECOND)
             with self._io(conn, "set mode and mtime", tmp):
                 await f.setstat(attrs)
             if conn.fsync:
@@ -1002,15 +1064,19 @@ class SshTransport:
                     await f.close()
         if small:
             return None
+        if src.reader is not None:
+            return await self._remote_unchanged(src)
         return await anyio.to_thread.run_sync(_check_unchanged, src, limiter=self._limiter)
 
     async def _send(self, conn: _Conn, f: asyncssh.SFTPClientFile, src: _Source, tmp: bytes,
                     progress: Progress) -> None:
         """Write the source with several requests in flight; large files are read chunk by
-        chunk in worker threads while earlier requests are on the wire."""
+        chunk in worker threads (pull mode: from the origin) while earlier requests are on
+        the wire."""
         piece = max(4096, min(conn.sftp.limits.max_write_len or SAFE_WRITE, CHUNK))
         window = anyio.Semaphore(max(1, min(MAX_REQUESTS, BYTES_IN_FLIGHT // piece)))
         failed: list[FileError] = []
+        unread: list[FileError | OriginUnavailableError] = []  # the origin failed (pull mode)
 
         async def write(data: bytes, offset: int) -> None:
             try:
@@ -1030,6 +1096,12 @@ class SshTransport:
             while not failed:
                 if pending is not None:
                     data, pending = pending, b""
+                elif src.reader is not None:
+                    try:
+                        data = await src.reader.read(progress)
+                    except (FileError, OriginUnavailableError) as exc:
+                        unread.append(exc)
+                        break
                 else:
                     try:
                         data = await anyio.to_thread.run_sync(_read, src.fd, CHUNK,
@@ -1046,6 +1118,8 @@ class SshTransport:
                         break
                     tg.start_soon(write, data[start:start + piece], offset + start)
                 offset += len(data)
+        if unread:
+            raise unread[0]
         if failed:
             error = failed[0]
             if error.error_class is ErrorClass.TRANSIENT and await self._full(
@@ -1069,11 +1143,11 @@ class SshTransport:
             return False
         return bool(vfs.bavail * vfs.frsize < size)
 
-    async def _set_link_times(self, conn: _Conn, tmp: bytes, before: os.stat_result) -> None:
+    async def _set_link_times(self, conn: _Conn, tmp: bytes, src: _Source) -> None:
         if not conn.lsetstat:
             return
-        attrs = asyncssh.SFTPAttrs(atime=before.st_atime_ns // WHOLE_SECOND,
-                                   mtime=before.st_mtime_ns // WHOLE_SECOND)
+        _, _, atime_ns, mtime_ns = src.copied()
+        attrs = asyncssh.SFTPAttrs(atime=atime_ns // WHOLE_SECOND, mtime=mtime_ns // WHOLE_SECOND)
         try:
             with self._io(conn, "set symlink mtime", tmp):
                 await conn.sftp.setstat(tmp, attrs, follow_symlinks=False)
@@ -1109,8 +1183,8 @@ class SshTransport:
 
     async def _verify(self, conn: _Conn, src: _Source, final: bytes) -> PutResult:
         """Compare the final file with the source version read before the copy."""
-        req, before = src.request, src.before
-        assert before is not None
+        req = src.request
+        size, _, _, mtime_ns = src.copied()
         try:
             with self._io(conn, "verify", final):
                 attrs = await conn.sftp.lstat(final)
@@ -1123,13 +1197,13 @@ class SshTransport:
             ok = stat.S_ISLNK(mode) and attrs.size == len(src.target)
             what = f"symlink of size {attrs.size}"
         else:
-            ok = (stat.S_ISREG(mode) and attrs.size == before.st_size
-                  and attrs.mtime == before.st_mtime_ns // WHOLE_SECOND)
+            ok = (stat.S_ISREG(mode) and attrs.size == size
+                  and attrs.mtime == mtime_ns // WHOLE_SECOND)
             what = f"size/mtime {attrs.size}/{attrs.mtime}"
         if not ok:
             return PutResult(req, PutStatus.ERROR, error=FileError(
                 f"verification failed for {_show(req.dest)}: {what}, expected"
-                f" {before.st_size}/{before.st_mtime_ns // WHOLE_SECOND}"))
-        return PutResult(req, PutStatus.COPIED, before.st_size, before.st_mtime_ns)
+                f" {size}/{mtime_ns // WHOLE_SECOND}"))
+        return PutResult(req, PutStatus.COPIED, size, mtime_ns)
 
 

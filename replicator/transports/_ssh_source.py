@@ -304,17 +304,20 @@ class SshSource:
             with self._io(conn, "find", self.root):
                 errors = await process.stderr.read()
                 status = await process.wait()
-        if status.exit_status != 0 or buffer or fields:
-            # Folders that vanished during the scan are fine (they are just gone, as in the
-            # local walker); anything else may have hidden entries.
-            # Folders that cannot be listed are reported by their 'U' records.
+        cut = bool(buffer or fields)
+        if status.exit_status != 0 or cut:
+            # find exits 1 after the errors it reports. Folders that vanished during the scan
+            # are fine (they are just gone, as in the local walker), and folders that cannot
+            # be listed come as 'U' records; any other error, a find killed by a signal
+            # (exit -1) or gone without a status, or a record cut short may hide entries.
             lines = [line for line in errors.splitlines()
                      if not line.endswith((b"No such file or directory",
                                            b"Permission denied"))]
-            if lines or status.exit_status is None:
+            if lines or cut or status.exit_status != 1:
+                how = (f"signal {status.exit_signal[0]}" if status.exit_signal
+                       else f"exit {status.exit_status}")
                 text = os.fsdecode(b"; ".join(lines[:3]))
-                raise FileError(f"remote find on {self.options.where} failed"
-                                f" (exit {status.exit_status}): {text}")
+                raise FileError(f"remote find on {self.options.where} failed ({how}): {text}")
 
     def _record(self, fields: list[bytes], pending: dict[bytes, list[RemoteEntry]]
                 ) -> RemoteFolder | None:
