@@ -1014,16 +1014,25 @@ class SshTransport:
                     await self._remove_temp(conn, tmp)
 
     async def _remove_temp(self, conn: _Conn, tmp: bytes) -> None:
-        """Best effort: what stays behind is removed by a later run's remove_stale_temps."""
-        try:
-            if conn.closed:
-                conn = await self._conn()
-            with (self._io(conn, "remove temp", tmp, CLEANUP_TIMEOUT),
-                  suppress(asyncssh.SFTPNoSuchFile)):
-                await conn.sftp.remove(tmp)
-        except (FileError, ReplicaUnavailableError) as exc:
-            self._log.info("temp file left for a later run", path=os.fsdecode(tmp),
-                           error=str(exc))
+        """Best effort: what stays behind is removed by a later run's remove_stale_temps.
+
+        A second try on a fresh connection: the one at hand may just have been dropped by
+        a sibling transfer that stalled.
+        """
+        for attempt in (1, 2):
+            try:
+                if conn.closed:
+                    conn = await self._conn()
+                with (self._io(conn, "remove temp", tmp, CLEANUP_TIMEOUT),
+                      suppress(asyncssh.SFTPNoSuchFile)):
+                    await conn.sftp.remove(tmp)
+                return
+            except (FileError, ReplicaUnavailableError) as exc:
+                if attempt == 1 and conn.closed:
+                    continue
+                self._log.info("temp file left for a later run", path=os.fsdecode(tmp),
+                               error=str(exc))
+                return
 
     async def _write_file(self, conn: _Conn, src: _Source, tmp: bytes, progress: Progress
                           ) -> PutResult | None:
