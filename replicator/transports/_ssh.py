@@ -33,7 +33,13 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._config import OriginConfig, ReplicaConfig
-from .._errors import ErrorClass, FileError, OriginUnavailableError, ReplicaUnavailableError
+from .._errors import (
+    ErrorClass,
+    FileError,
+    OriginUnavailableError,
+    ReplicatorError,
+    ReplicaUnavailableError,
+)
 from .._inventory import Kind
 from ._base import (
     MARKER,
@@ -192,9 +198,19 @@ class _Pool:
         self._refused: tuple[str, tuple[int, int] | None] | None = None
         self._log = log.bind(host=options.where)
 
-    async def get(self) -> _Conn:
-        index = self._next
-        self._next = (index + 1) % len(self._slots)
+    async def get(self, spread: bool = False) -> _Conn:
+        """A live connection; with ``spread``, the next one round-robin (opened if needed),
+        for transfers. Others take any live one: a second login (many round trips on a
+        long link) is only worth it to move data in parallel."""
+        if spread:
+            index = self._next
+            self._next = (index + 1) % len(self._slots)
+        else:
+            index = 0
+            for i, live in enumerate(self._slots):
+                if live is not None and not live.closed:
+                    index = i
+                    break
         conn = self._slots[index]
         if conn is not None and not conn.closed:
             return conn
@@ -492,10 +508,10 @@ class SshTransport:
             return self.root
         return self.root.rstrip(b"/") + b"/" + rel if self.root != b"/" else b"/" + rel
 
-    async def _conn(self) -> _Conn:
+    async def _conn(self, spread: bool = False) -> _Conn:
         if self._pool is None:
             self._pool = _acquire_pool(self.options)
-        return await self._pool.get()
+        return await self._pool.get(spread)
 
     def _discard(self, conn: _Conn) -> None:
         if self._pool is not None:
@@ -588,6 +604,19 @@ class SshTransport:
     # -- the protocol --
 
     async def probe(self) -> None:
+        failed: list[ReplicatorError] = []
+        async with anyio.create_task_group() as tg:
+            if self._carriers and not self._sessions:
+                tg.start_soon(self._warm)
+            try:
+                await self._probe()
+            except (ReplicaUnavailableError, FileError) as exc:
+                failed.append(exc)  # raised as is, not in an exception group
+                tg.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+
+    async def _probe(self) -> None:
         where = f"{self.options.where}:{os.fsdecode(self.root)}"
         conn = await self._conn()
         try:
@@ -707,9 +736,9 @@ class SshTransport:
                         removed += 1
         return removed
 
-    async def _connected(self) -> _Conn:
+    async def _connected(self, spread: bool = False) -> _Conn:
         try:
-            return await self._conn()
+            return await self._conn(spread)
         except ReplicaUnavailableError as exc:
             raise FileError(str(exc)) from None
 
@@ -765,12 +794,10 @@ class SshTransport:
             if not session.broken:
                 return session
             session.close()
-        # The asyncssh connection comes first even for the OpenSSH client: a refused host
-        # key or login then makes the replica unavailable exactly as for SFTP.
-        conn = await self._connected()
         command = receiver_command(self.root)
         while self._carriers:
             kind = self._carriers[0]
+            conn: _Conn | None = None
             try:
                 if kind == "openssh":
                     if self.options.insecure:  # a connection of its own: warned as any other
@@ -779,10 +806,16 @@ class SshTransport:
                     carrier: Carrier = await OpensshCarrier.open(
                         openssh_argv(self.options, command), self._op_timeout)
                 else:
+                    conn = await self._connected()
                     carrier = await AsyncsshCarrier.open(conn.conn, command, self._op_timeout)
                 return await StreamSession.start(carrier)
             except StreamLost as exc:
-                if not exc.definitive or conn.closed:  # a dropped connection: try again
+                if conn is None:
+                    # The OpenSSH client failed: if the host cannot be reached or refuses
+                    # us (host key, login), this raises as it would for SFTP; if it can,
+                    # the failure is the client's own (its ciphers, its view of the keys).
+                    conn = await self._connected()
+                elif not exc.definitive or conn.closed:  # a dropped connection: try again
                     raise FileError(f"stream to {self.options.where}: {exc}") from None
                 if self._carriers and self._carriers[0] == kind:  # not yet dropped by a
                     self._carriers.pop(0)                         # concurrent batch
@@ -791,6 +824,14 @@ class SshTransport:
                     self._log.warning(f"the receiver did not start through {kind}: using"
                                       f" {then}", reason=str(exc))
         return None
+
+    async def _warm(self) -> None:
+        """Start a receiver session ahead of the first batch (during the probe): on a long
+        link its login overlaps the probe's round trips instead of following them."""
+        with suppress(FileError):
+            session = await self._session()
+            if session is not None:
+                self._sessions.append(session)
 
     async def _put_stream(self, session: StreamSession, requests: Sequence[PutRequest],
                           run_id: str, progress: Progress) -> list[PutResult]:
@@ -977,7 +1018,7 @@ class SshTransport:
         if not rel:
             raise FileError("refused empty destination path", ErrorClass.PERMANENT)
         reldir = posixpath.dirname(rel)
-        conn = await self._connected()
+        conn = await self._connected(spread=True)
         await self._folders(conn, reldir, create=True, seen=seen)
         tmp_rel = reldir + b"/" + temp_name(run_id) if reldir else temp_name(run_id)
         tmp, final = self._path(tmp_rel), self._path(rel)
