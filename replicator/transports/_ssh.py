@@ -475,6 +475,9 @@ class SshTransport:
         # How the stream of files reaches the receiver, in order of preference; a carrier
         # that cannot start the receiver is dropped, and with none left files go over SFTP.
         self._carriers = [c for c in carriers if c != "openssh" or shutil.which("ssh")]
+        if list(carriers) == ["openssh"] and not self._carriers:
+            log.warning("transfer = \"openssh\" but no ssh client is installed: using SFTP",
+                        host=options.where)
         self._sessions: list[StreamSession] = []
         self.root = os.fsencode(root)
         self._limiter = limiter
