@@ -29,6 +29,8 @@ from test_ssh import (
     sync,
 )
 
+from replicator.transports._ssh_carriers import openssh_argv
+
 pytestmark = pytest.mark.anyio
 
 CARRIERS = ["asyncssh", "openssh"]
@@ -167,3 +169,50 @@ async def test_read_only_folder_fails_its_files(tmp_path: Path, carrier: str,
         assert not copy_of(replica, origin, "locked/secret.dat").exists()
         assert {cls for cls, _ in copy_errors(config)} == {"permission"}
         assert temp_files(replica) == []
+
+
+# --- the OpenSSH client obeys the same rules -----------------------------------------------
+
+
+async def test_openssh_client_refuses_an_unknown_host_key(tmp_path: Path) -> None:
+    origin = tmp_path / "origin"
+    files = make_origin(origin)
+    async with sftp_server(tmp_path / "server", trust=False, commands=True) as server:
+        replica = server.root / "replica"
+        replica.mkdir()
+        config = ssh_config(tmp_path, origin, server.url("/~/replica"), transfer="openssh",
+                            **server.replica_keys())
+        summary = await sync(config)
+        assert (summary.exit_code, summary.copied, summary.pending) == (3, 0, len(files))
+        assert list(replica.iterdir()) == []
+        assert len(server.connections) == 1  # refused once; no other client knocked
+
+
+async def test_openssh_client_uses_only_the_configured_known_hosts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OpenSSH client gets the replica's known_hosts file and identity, nothing else:
+    a key it would find elsewhere (~/.ssh/known_hosts) is not trusted."""
+    origin = tmp_path / "origin"
+    make_origin(origin)
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    async with sftp_server(tmp_path / "server", commands=True) as server:
+        replica = server.root / "replica"
+        replica.mkdir()
+        # The user's own known_hosts trusts the server; the replica's file trusts another key.
+        (home / ".ssh" / "known_hosts").write_text(server.keys.known_hosts.read_text())
+        options = server.options()
+        argv = openssh_argv(options, "true")
+        assert f"UserKnownHostsFile={options.known_hosts}" in argv
+        assert "StrictHostKeyChecking=yes" in argv
+        assert "GlobalKnownHostsFile=/dev/null" in argv
+        assert ["-i", options.identity_file] == argv[argv.index("-i"):argv.index("-i") + 2]
+        done = await anyio.run_process(openssh_argv(options, "echo hello"), check=False)
+        assert (done.returncode, done.stdout) == (0, b"hello\n"), done.stderr
+        other = tmp_path / "other_known_hosts"
+        other.write_text("")
+        argv = openssh_argv(server.options(known_hosts=str(other)), "echo hello")
+        done = await anyio.run_process(argv, check=False)
+        assert done.returncode == 255
+        assert b"Host key verification failed" in done.stderr

@@ -607,21 +607,23 @@ class SshTransport:
     # -- the protocol --
 
     async def probe(self) -> None:
+        # Logged in first: a host that must not be trusted is refused (and remembered)
+        # before any other client knocks on it.
+        conn = await self._conn()
         failed: list[ReplicatorError] = []
         async with anyio.create_task_group() as tg:
             if self._carriers and not self._sessions:
                 tg.start_soon(self._warm)
             try:
-                await self._probe()
+                await self._probe(conn)
             except (ReplicaUnavailableError, FileError) as exc:
                 failed.append(exc)  # raised as is, not in an exception group
                 tg.cancel_scope.cancel()
         if failed:
             raise failed[0]
 
-    async def _probe(self) -> None:
+    async def _probe(self, conn: _Conn) -> None:
         where = f"{self.options.where}:{os.fsdecode(self.root)}"
-        conn = await self._conn()
         try:
             with self._io(conn, "stat", self.root):
                 try:
@@ -830,7 +832,7 @@ class SshTransport:
 
     async def _warm(self) -> None:
         """Start a receiver session ahead of the first batch (during the probe): on a long
-        link its login overlaps the probe's round trips instead of following them."""
+        link its login overlaps the probe's round trips instead of following the marker's."""
         with suppress(FileError):
             session = await self._session()
             if session is not None:
