@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import temp_files
+from conftest import backdate, temp_files, write
 from ssh_server import Faults, run_sshd, sftp_server
 from structlog.testing import capture_logs
 from test_ssh import (
@@ -216,3 +216,25 @@ async def test_openssh_client_uses_only_the_configured_known_hosts(
         done = await anyio.run_process(argv, check=False)
         assert done.returncode == 255
         assert b"Host key verification failed" in done.stderr
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+async def test_many_batches_through_the_stream(tmp_path: Path, carrier: str) -> None:
+    """Several batches and sessions: every file lands once, complete, and nothing is copied
+    again."""
+    origin = tmp_path / "origin"
+    files = {f"d{i % 7}/f{i}.dat": os.urandom(i % 5000) for i in range(2500)}
+    for name, data in files.items():
+        write(origin / name, data)
+    backdate(origin)
+    with run_sshd(tmp_path / "sshd") as sshd:
+        replica = tmp_path / "replica"
+        replica.mkdir()
+        keys = {"identity_file": str(sshd.keys.client_key),
+                "known_hosts": str(sshd.keys.known_hosts), "connect_timeout": 5.0}
+        config = ssh_config(tmp_path, origin, sshd.url(replica), transfer=carrier,
+                            workers=3, **keys)
+        summary = await sync(config)
+        assert (summary.exit_code, summary.copied, summary.pending) == (0, len(files), 0)
+        assert_all_copied(replica, origin, files)
+        assert (await sync(config)).copied == 0
