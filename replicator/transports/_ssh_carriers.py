@@ -187,8 +187,9 @@ class OpensshCarrier:
 
 
 def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    # Buffered pipes (replies are read by line); writes bypass the buffer (os.write).
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True)
     assert proc.stdin is not None
     with suppress(OSError):  # a larger pipe: fewer hand-offs per MiB
         fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
