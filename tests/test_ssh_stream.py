@@ -48,6 +48,9 @@ async def test_faults_that_recover_within_the_run(tmp_path: Path, fault: str, ca
                                                   ) -> None:
     origin = tmp_path / "origin"
     files = make_origin(origin)
+    files["big/second.fits"] = os.urandom(2 << 20)  # two large files: a batch on two lanes
+    write(origin / "big/second.fits", files["big/second.fits"])
+    backdate(origin)
     faults = Faults()
     RECOVERS[fault](faults)
     async with sftp_server(tmp_path / "server", faults, commands=True) as server:
@@ -224,6 +227,7 @@ async def test_many_batches_through_the_stream(tmp_path: Path, carrier: str) -> 
     again."""
     origin = tmp_path / "origin"
     files = {f"d{i % 7}/f{i}.dat": os.urandom(i % 5000) for i in range(2500)}
+    files.update({f"large/{i}.bin": os.urandom((3 << 20) + i) for i in range(4)})
     for name, data in files.items():
         write(origin / name, data)
     backdate(origin)

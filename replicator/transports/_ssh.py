@@ -841,42 +841,26 @@ class SshTransport:
     async def _put_stream(self, session: StreamSession, requests: Sequence[PutRequest],
                           run_id: str, progress: Progress) -> list[PutResult]:
         """One batch through the receiver: small files framed many per thread call and
-        written while the next group is read; then one sync, which renames and reports."""
+        written while the next group is read; then one sync, which renames and reports.
+
+        A batch of several large files is spread over two sessions: over a long link one
+        SSH channel moves at most its window (2 MiB with OpenSSH) per round trip.
+        """
         sources = [_Source(i, r) for i, r in enumerate(requests)]
         results: list[PutResult | None] = [None] * len(requests)
-        reusable = False
         try:
             send, receive = anyio.create_memory_object_stream[tuple[list[_Source], bytes]](2)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._frame_groups, sources, run_id, send)
                 async with receive:
-                    async for group, frames in receive:
-                        if frames:
-                            await session.send(frames)
-                        for src in group:
-                            if src.result is not None:
-                                results[src.index] = src.result
-                            elif src.fd >= 0:
-                                results[src.index] = await self._stream_large(
-                                    session, src, run_id, progress)
-                        progress.add(len(frames), files=len(group))
-            reply = await session.sync(progress)
-            reusable = True
-        except StreamLost as exc:
-            error = FileError(f"stream to {self.options.where}: {exc}")
-            results = [r or PutResult(s.request, PutStatus.ERROR, error=error)
-                       for s, r in zip(sources, results, strict=True)]
-            reply = []
+                    tg.start_soon(self._stream_lane, session, receive.clone(), run_id,
+                                  progress, results)
+                    if sum(1 for r in requests if r.size > SMALL_FILE) >= 2:
+                        tg.start_soon(self._second_lane, receive.clone(), run_id, progress,
+                                      results)
         finally:
             for src in sources:
                 src.close()
-            if reusable:
-                self._sessions.append(session)
-            else:
-                session.close()
-        for entry in reply:
-            src = sources[int(str(entry[0]))]
-            results[src.index] = self._stream_result(src, entry)
         done = [r or PutResult(s.request, PutStatus.ERROR, error=FileError(
                     f"the receiver on {self.options.where} did not report"
                     f" {_show(s.request.dest)}")) for s, r in zip(sources, results, strict=True)]
@@ -884,13 +868,69 @@ class SshTransport:
             progress.results.extend(done)
         return done
 
+    async def _second_lane(self,
+                           receive: MemoryObjectReceiveStream[tuple[list[_Source], bytes]],
+                           run_id: str, progress: Progress, results: list[PutResult | None]
+                           ) -> None:
+        """A second session for the same batch (started while the first one sends)."""
+        async with receive:
+            try:
+                session = await self._session()
+            except FileError:
+                return  # the first lane carries the batch alone
+            if session is not None:
+                await self._stream_lane(session, receive.clone(), run_id, progress, results)
+
+    async def _stream_lane(self, session: StreamSession,
+                           receive: MemoryObjectReceiveStream[tuple[list[_Source], bytes]],
+                           run_id: str, progress: Progress, results: list[PutResult | None]
+                           ) -> None:
+        """Send groups of files through one session, then sync it and take its report."""
+        sent: list[_Source] = []
+        reusable = False
+        try:
+            async with receive:
+                async for group, frames in receive:
+                    sent += group
+                    if frames:
+                        await session.send(frames)
+                    for src in group:
+                        if src.result is not None:
+                            results[src.index] = src.result
+                        elif src.fd >= 0:
+                            results[src.index] = await self._stream_large(
+                                session, src, run_id, progress)
+                    progress.add(len(frames), files=len(group))
+            reply = await session.sync(progress)
+            reusable = True
+        except StreamLost as exc:
+            # This lane's files are in an unknown state (complete in place, or absent);
+            # the batch's other lane goes on with the groups still to send.
+            error = FileError(f"stream to {self.options.where}: {exc}")
+            for src in sent:
+                results[src.index] = results[src.index] or PutResult(
+                    src.request, PutStatus.ERROR, error=error)
+            return
+        finally:
+            if reusable:
+                self._sessions.append(session)
+            else:
+                session.close()
+        by_index = {src.index: src for src in sent}
+        for entry in reply:
+            src = by_index[int(str(entry[0]))]
+            results[src.index] = self._stream_result(src, entry)
+
     async def _frame_groups(self, sources: list[_Source], run_id: str,
                             send: MemoryObjectSendStream[tuple[list[_Source], bytes]]) -> None:
         async with send:
             for group in _groups(sources):
                 frames = await anyio.to_thread.run_sync(_load_frames, group, run_id,
                                                         limiter=self._limiter)
-                await send.send((group, frames))
+                try:
+                    await send.send((group, frames))
+                except anyio.BrokenResourceError:
+                    return  # every lane broke: the rest is reported as not done
 
     async def _stream_large(self, session: StreamSession, src: _Source, run_id: str,
                             progress: Progress) -> PutResult | None:
