@@ -45,9 +45,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("replicator.engine")
 
 CLAIM_BATCH = 4096
-# Small files travel together: one worker-thread hand-off copies many of them.
+# Small files travel together: one worker-thread hand-off copies many of them. Each batch
+# ends with a flush and, over SSH, a round trip: large batches keep a long link busy.
 BATCH_FILES = 1024
-BATCH_BYTES = 16 << 20
+BATCH_BYTES = 64 << 20
 RECORD_BATCH = 1000
 IDLE_POLL = 2.0
 
