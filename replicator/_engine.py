@@ -49,6 +49,8 @@ CLAIM_BATCH = 4096
 # ends with a flush and, over SSH, a round trip: large batches keep a long link busy.
 BATCH_FILES = 1024
 BATCH_BYTES = 64 << 20
+SPLIT_FILES = 512
+SPLIT_BYTES = 8 << 20
 RECORD_BATCH = 1000
 IDLE_POLL = 2.0
 
@@ -135,15 +137,7 @@ class ReplicaRunner:
         delay = self.config.backoff_initial
         while not self.engine.stopping:
             try:
-                with anyio.fail_after(self.config.op_timeout):
-                    await self.transport.probe()
-                    await self._check_marker()
-                    if self._stale_dirs:
-                        dirs = {os.path.dirname(d) for d in self._stale_dirs}
-                        removed = await self.transport.remove_stale_temps(dirs, self.engine.run_id)
-                        self._stale_dirs = []
-                        if removed:
-                            self._log.info("removed temp files of dead runs", count=removed)
+                await self._check_replica()
             except (ReplicaUnavailableError, FileError, TimeoutError) as exc:
                 reason = str(exc) or f"no answer within {self.config.op_timeout} s"
                 await self._set_unavailable(reason)
@@ -158,6 +152,33 @@ class ReplicaRunner:
             await self._serve(once)
             if self.unavailable is None or once:
                 return
+
+    async def _check_replica(self) -> None:
+        """Probe, check the marker, remove dead runs' temp files; meanwhile the transport
+        gets ready for transfers (an SSH session's login overlaps these round trips)."""
+        failed: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._prepare)
+            try:
+                with anyio.fail_after(self.config.op_timeout):
+                    await self.transport.probe()
+                    await self._check_marker()
+                    if self._stale_dirs:
+                        dirs = {os.path.dirname(d) for d in self._stale_dirs}
+                        removed = await self.transport.remove_stale_temps(dirs,
+                                                                          self.engine.run_id)
+                        self._stale_dirs = []
+                        if removed:
+                            self._log.info("removed temp files of dead runs", count=removed)
+            except (ReplicaUnavailableError, FileError, TimeoutError) as exc:
+                failed.append(exc)  # raised as is, not in an exception group
+                tg.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+
+    async def _prepare(self) -> None:
+        with anyio.move_on_after(self.config.op_timeout):
+            await self.transport.prepare()
 
     async def _check_marker(self) -> None:
         """The root must hold this replica's marker once the replica has been used.
@@ -246,13 +267,18 @@ class ReplicaRunner:
             await engine.sleep(due - time.time())
 
     def _batches(self, claimed: list[Work]) -> list[list[Work]]:
-        per_batch = max(1, min(BATCH_FILES, math.ceil(len(claimed) / self.config.workers)))
+        # Work is spread over the workers, but a little of it is not split: each batch costs
+        # a thread hand-off and a flush, over SSH a session (round trips on a long link).
+        workers = self.config.workers
+        per_batch = min(BATCH_FILES, max(SPLIT_FILES, math.ceil(len(claimed) / workers)))
+        total = sum(w.size for w in claimed)
+        per_bytes = min(BATCH_BYTES, max(SPLIT_BYTES, math.ceil(total / workers)))
         batches: list[list[Work]] = []
         current: list[Work] = []
         size = 0
         # One origin per batch: sources of different origins are read by different means.
         for work in sorted(claimed, key=lambda w: w.origin):
-            if current and (len(current) >= per_batch or size + work.size > BATCH_BYTES
+            if current and (len(current) >= per_batch or size + work.size > per_bytes
                             or current[0].origin != work.origin):
                 batches.append(current)
                 current, size = [], 0

@@ -288,6 +288,8 @@ async def run_command(process: asyncssh.SSHServerProcess[bytes], home: Path, fau
                         while not (f.released.is_set()  # noqa: ASYNC110
                                    or process.channel.is_closing()):
                             await asyncio.sleep(0.02)
+                        if process.channel.is_closing():
+                            break  # as sshd: the client went away, the command's input ends
                     if (f.drop_after is not None and not f.dropped
                             and f.written + len(data) > f.drop_after):
                         f.dropped += 1

@@ -161,6 +161,9 @@ class FaultyTransport:
             await anyio.sleep_forever()
         await self.inner.probe()
 
+    async def prepare(self) -> None:
+        await self.inner.prepare()
+
     async def stat(self, dest: bytes) -> DestStat | None:
         return await self.inner.stat(dest)
 

@@ -198,6 +198,10 @@ class Transport(Protocol):
     async def probe(self) -> None:
         """Raise ``ReplicaUnavailableError`` unless the root exists and can be written."""
 
+    async def prepare(self) -> None:
+        """Get ready for transfers while the engine probes (e.g. log in a session). Never
+        raises: whatever fails here fails again, and is reported, in ``put``."""
+
     async def stat(self, dest: bytes) -> DestStat | None:
         """Stat ``dest`` (relative) without following a final symlink; None if absent."""
 

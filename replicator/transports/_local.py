@@ -234,6 +234,9 @@ class LocalTransport:
     def capabilities(self) -> Capabilities:
         return self._caps
 
+    async def prepare(self) -> None:
+        return None  # nothing to get ready
+
     async def probe(self) -> None:
         await anyio.to_thread.run_sync(self._probe, limiter=self._limiter, abandon_on_cancel=True)
 

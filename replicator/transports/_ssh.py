@@ -33,13 +33,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._config import OriginConfig, ReplicaConfig
-from .._errors import (
-    ErrorClass,
-    FileError,
-    OriginUnavailableError,
-    ReplicatorError,
-    ReplicaUnavailableError,
-)
+from .._errors import ErrorClass, FileError, OriginUnavailableError, ReplicaUnavailableError
 from .._inventory import Kind
 from ._base import (
     MARKER,
@@ -606,24 +600,22 @@ class SshTransport:
 
     # -- the protocol --
 
-    async def probe(self) -> None:
+    async def prepare(self) -> None:
+        """Start a receiver session ahead of the first batch, while the engine probes: on
+        a long link its login overlaps the probe's and the marker's round trips."""
         # Logged in first: a host that must not be trusted is refused (and remembered)
         # before any other client knocks on it.
-        conn = await self._conn()
-        failed: list[ReplicatorError] = []
-        async with anyio.create_task_group() as tg:
-            if self._carriers and not self._sessions:
-                tg.start_soon(self._warm)
-            try:
-                await self._probe(conn)
-            except (ReplicaUnavailableError, FileError) as exc:
-                failed.append(exc)  # raised as is, not in an exception group
-                tg.cancel_scope.cancel()
-        if failed:
-            raise failed[0]
+        if not self._carriers or self._sessions:
+            return
+        with suppress(FileError, ReplicaUnavailableError):
+            await self._conn()
+            session = await self._session()
+            if session is not None:
+                self._sessions.append(session)
 
-    async def _probe(self, conn: _Conn) -> None:
+    async def probe(self) -> None:
         where = f"{self.options.where}:{os.fsdecode(self.root)}"
+        conn = await self._conn()
         try:
             with self._io(conn, "stat", self.root):
                 try:
@@ -829,14 +821,6 @@ class SshTransport:
                     self._log.warning(f"the receiver did not start through {kind}: using"
                                       f" {then}", reason=str(exc))
         return None
-
-    async def _warm(self) -> None:
-        """Start a receiver session ahead of the first batch (during the probe): on a long
-        link its login overlaps the probe's round trips instead of following the marker's."""
-        with suppress(FileError):
-            session = await self._session()
-            if session is not None:
-                self._sessions.append(session)
 
     async def _put_stream(self, session: StreamSession, requests: Sequence[PutRequest],
                           run_id: str, progress: Progress) -> list[PutResult]:

@@ -257,7 +257,9 @@ class AsyncsshCarrier:
 
     def close(self) -> None:
         self._lost = True
-        self._process.close()
+        # Abort, not close: a clean close waits for unsent data, which a peer that stopped
+        # reading never takes; the receiver sees its input end and removes its temp files.
+        self._process.channel.abort()
 
     async def quit(self) -> None:
         if not self.lost:
