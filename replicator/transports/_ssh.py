@@ -1,10 +1,12 @@
 """Replicas on SSH hosts (asyncssh): a stream of files to a receiver, or SFTP.
 
-Where the host runs ``python3``, batches go through one exec channel to a small receiver
-(``_ssh_stream``, ``_receiver``): no round trip per file. Elsewhere (chrooted ``internal-sftp``
-servers, no python3) every file goes over SFTP, the portable path. Local reads happen in worker
-threads: small files of a batch are read together in one thread call, large ones chunk by
-chunk while the previous chunk is on the wire. Each file is written to a temp name in its
+Where the host runs ``python3``, batches stream through one SSH session (the OpenSSH client
+or an asyncssh channel: ``_ssh_carriers``) to a small receiver (``_ssh_stream``,
+``_receiver``): no round trip per file. Elsewhere (chrooted ``internal-sftp`` servers, no
+python3) every file goes over SFTP, the portable path. Logins are pooled (``_ssh_conn``).
+Local reads happen in worker threads (``_ssh_files``): small files of a batch are read
+together in one thread call, large ones chunk by chunk while the previous chunk is on the
+wire. Over SFTP, each file is written to a temp name in its
 destination folder, given its mode and mtime, fsynced (``fsync@openssh.com``), checked
 against the source, renamed (``posix-rename@openssh.com``) and verified with a stat. Files of
 an ssh:// origin (pull mode, ``PutRequest.remote``) are read through the origin's ``Source``
@@ -17,22 +19,19 @@ it, while the engine records the source's exact version, so nothing is copied ag
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import os
 import posixpath
 import shutil
 import stat
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
-from dataclasses import dataclass, field
 
 import anyio
 import asyncssh
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .._config import OriginConfig, ReplicaConfig
+from .._config import ReplicaConfig
 from .._errors import ErrorClass, FileError, OriginUnavailableError, ReplicaUnavailableError
 from .._inventory import Kind
 from ._base import (
@@ -43,8 +42,6 @@ from ._base import (
     PutRequest,
     PutResult,
     PutStatus,
-    SourceReader,
-    SourceStat,
 )
 from ._errors import file_error
 from ._local import TEMP_RE, temp_name
@@ -56,6 +53,28 @@ from ._ssh_carriers import (
     StreamLost,
     openssh_argv,
 )
+from ._ssh_conn import (
+    _CONNECTION,
+    CLEANUP_TIMEOUT,
+    WHOLE_SECOND,
+    SshOptions,
+    _acquire_pool,
+    _Conn,
+    _Pool,
+    _release_pool,
+    _show,
+    classify_sftp,
+    options_for,
+)
+from ._ssh_files import (
+    SMALL_FILE,
+    _check_unchanged,
+    _groups,
+    _load,
+    _load_frames,
+    _read,
+    _Source,
+)
 from ._ssh_stream import (
     ABORT,
     COMMIT,
@@ -63,7 +82,6 @@ from ._ssh_stream import (
     StreamSession,
     data_frame,
     file_frame,
-    link_frame,
     receiver_command,
     result_error,
 )
@@ -73,386 +91,14 @@ log = structlog.get_logger("replicator.transports.ssh")
 # One SFTP write call; asyncssh splits it into the server's max write length and sends the
 # pieces in parallel.
 CHUNK = 1 << 20
-# Files up to this size are read whole, many per thread call.
-SMALL_FILE = 1 << 20
-SMALL_GROUP_BYTES = 8 << 20
-SMALL_GROUP_FILES = 64
 # Files of one batch on the wire at once: per-file round trips dominate small files.
 FILES_IN_FLIGHT = 8
 # Write requests of one file on the wire at once, bounded in count and bytes.
 MAX_REQUESTS = 16
 BYTES_IN_FLIGHT = 4 << 20
 SAFE_WRITE = 16 << 10  # without the server's limits@openssh.com
-# Cleanup after cancellation or failure must not hang on a dead server.
-CLEANUP_TIMEOUT = 5.0
-WHOLE_SECOND = 1_000_000_000
-_GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
-
-_PERMISSION = {asyncssh.FX_PERMISSION_DENIED, asyncssh.FX_WRITE_PROTECT}
-_NO_SPACE = {asyncssh.FX_NO_SPACE_ON_FILESYSTEM, asyncssh.FX_QUOTA_EXCEEDED}
-_PERMANENT = {asyncssh.FX_NOT_A_DIRECTORY, asyncssh.FX_FILE_IS_A_DIRECTORY,
-              asyncssh.FX_INVALID_FILENAME, asyncssh.FX_LINK_LOOP,
-              asyncssh.FX_FILE_ALREADY_EXISTS, asyncssh.FX_DIR_NOT_EMPTY,
-              asyncssh.FX_INVALID_PARAMETER, asyncssh.FX_OP_UNSUPPORTED}
-_CONNECTION = {asyncssh.FX_CONNECTION_LOST, asyncssh.FX_NO_CONNECTION}
-_NO_SPACE_TEXT = ("no space", "quota", "disk full")
-
-
-def classify_sftp(exc: asyncssh.SFTPError) -> ErrorClass:
-    """The error class of an SFTP status; v3 servers send most failures as FX_FAILURE."""
-    reason = str(exc.reason).lower()
-    if exc.code in _NO_SPACE or any(text in reason for text in _NO_SPACE_TEXT):
-        return ErrorClass.NO_SPACE
-    if exc.code in _PERMISSION or "permission denied" in reason:
-        return ErrorClass.PERMISSION
-    if exc.code in _PERMANENT:
-        return ErrorClass.PERMANENT
-    return ErrorClass.TRANSIENT
-
-
-def _show(path: bytes) -> str:
-    return repr(os.fsdecode(path))
-
-
-# --- connections ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SshOptions:
-    """How to reach one SSH host; equal options share one connection pool."""
-
-    host: str
-    port: int | None = None
-    user: str | None = None
-    identity_file: str | None = None
-    known_hosts: str | None = None
-    insecure: bool = False
-    connect_timeout: float = 30.0
-    connections: int = 2
-    keepalive_interval: float = 15.0
-    keepalive_count_max: int = 3
-
-    @property
-    def where(self) -> str:
-        user = f"{self.user}@" if self.user else ""
-        port = f":{self.port}" if self.port else ""
-        return f"{user}{self.host}{port}"
-
-    @property
-    def known_hosts_path(self) -> str:
-        return self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
-
-    def keyscan_hint(self) -> str:
-        port = f"-p {self.port} " if self.port else ""
-        return f"ssh-keyscan {port}{self.host} >> {self.known_hosts_path}"
-
-
-class _Conn:
-    """One SSH connection and its SFTP session, with what the server was found to offer."""
-
-    def __init__(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient) -> None:
-        self.conn = conn
-        self.sftp = sftp
-        self.fsync = True
-        self.posix_rename = True
-        self.lsetstat = True
-        self.statvfs = True
-
-    @property
-    def closed(self) -> bool:
-        return self.conn.is_closed()
-
-    def close(self) -> None:
-        self.sftp.exit()
-        self.conn.close()
-
-
-def _stamp(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
-
-
-class _Pool:
-    """Up to ``connections`` SSH connections to one host, reused and reopened when dropped.
-
-    A refused host key is remembered and not retried until the known_hosts file changes,
-    so a daemon does not knock on a host it must not trust every few seconds.
-    """
-
-    def __init__(self, options: SshOptions, loop: asyncio.AbstractEventLoop) -> None:
-        self.options = options
-        self.loop = loop
-        self.users = 0
-        self._slots: list[_Conn | None] = [None] * options.connections
-        self._locks = [anyio.Lock() for _ in range(options.connections)]
-        self._next = 0
-        self._refused: tuple[str, tuple[int, int] | None] | None = None
-        self._log = log.bind(host=options.where)
-
-    async def get(self, spread: bool = False) -> _Conn:
-        """A live connection; with ``spread``, the next one round-robin (opened if needed),
-        for transfers. Others take any live one: a second login (many round trips on a
-        long link) is only worth it to move data in parallel."""
-        if spread:
-            index = self._next
-            self._next = (index + 1) % len(self._slots)
-        else:
-            index = 0
-            for i, live in enumerate(self._slots):
-                if live is not None and not live.closed:
-                    index = i
-                    break
-        conn = self._slots[index]
-        if conn is not None and not conn.closed:
-            return conn
-        async with self._locks[index]:
-            conn = self._slots[index]
-            if conn is None or conn.closed:
-                conn = await self._connect()
-                self._slots[index] = conn
-            return conn
-
-    def discard(self, conn: _Conn) -> None:
-        """Drop a connection that failed or timed out; the next ``get`` reopens it."""
-        for i, slot in enumerate(self._slots):
-            if slot is conn:
-                self._slots[i] = None
-        conn.close()
-
-    def close(self) -> None:
-        for conn in self._slots:
-            if conn is not None:
-                conn.close()
-        self._slots = [None] * len(self._slots)
-
-    async def _connect(self) -> _Conn:
-        o = self.options
-        if self._refused is not None:
-            message, stamp = self._refused
-            if stamp == _stamp(o.known_hosts_path):
-                raise ReplicaUnavailableError(message)
-            self._refused = None
-        known_hosts: str | None = o.known_hosts_path
-        if o.insecure:
-            known_hosts = None
-            self._log.warning("host key NOT verified (insecure_skip_host_key_check = true)")
-        elif _stamp(o.known_hosts_path) is None:
-            raise self._refuse(f"known_hosts file {o.known_hosts_path!r} does not exist")
-        try:
-            with anyio.fail_after(o.connect_timeout):
-                conn = await asyncssh.connect(
-                    o.host, port=o.port or (), username=o.user or (),
-                    client_keys=[o.identity_file] if o.identity_file else (),
-                    known_hosts=known_hosts, encryption_algs=_GCM_FIRST,
-                    keepalive_interval=o.keepalive_interval,
-                    keepalive_count_max=o.keepalive_count_max,
-                    connect_timeout=o.connect_timeout,
-                )
-                try:
-                    sftp = await conn.start_sftp_client()
-                except BaseException:
-                    conn.close()
-                    raise
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise self._refuse(f"host key not trusted ({exc.reason})") from None
-        except asyncssh.PermissionDenied as exc:
-            raise ReplicaUnavailableError(
-                f"ssh {o.where}: authentication failed ({exc.reason}); check identity_file"
-                " and the server's authorized_keys") from None
-        except TimeoutError:
-            raise ReplicaUnavailableError(
-                f"ssh {o.where}: no connection within {o.connect_timeout} s") from None
-        except (asyncssh.Error, OSError) as exc:
-            reason = exc.reason if isinstance(exc, asyncssh.Error) else (exc.strerror or exc)
-            raise ReplicaUnavailableError(f"ssh {o.where}: unreachable: {reason}") from None
-        self._log.debug("connected", sftp_version=sftp.version)
-        return _Conn(conn, sftp)
-
-    def _refuse(self, why: str) -> ReplicaUnavailableError:
-        o = self.options
-        message = (f"ssh {o.where}: {why}. If this is the right host, add its key with:"
-                   f" {o.keyscan_hint()}")
-        self._refused = (message, _stamp(o.known_hosts_path))
-        return ReplicaUnavailableError(message)
-
-
-_POOLS: dict[SshOptions, _Pool] = {}
-
-
-def _acquire_pool(options: SshOptions) -> _Pool:
-    loop = asyncio.get_running_loop()
-    pool = _POOLS.get(options)
-    if pool is None or pool.loop is not loop:
-        pool = _POOLS[options] = _Pool(options, loop)
-    pool.users += 1
-    return pool
-
-
-def _release_pool(pool: _Pool) -> None:
-    pool.users -= 1
-    if pool.users <= 0:
-        pool.close()
-        if _POOLS.get(pool.options) is pool:
-            del _POOLS[pool.options]
-
-
-# --- local side (worker threads) -----------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Source:
-    """One request after its source was looked at: a local file, or in pull mode a file of
-    a remote origin (``version`` and ``reader`` instead of ``before`` and ``fd``)."""
-
-    index: int
-    request: PutRequest
-    result: PutResult | None = None  # decided before the upload: CHANGED, VANISHED, ERROR
-    before: os.stat_result | None = None
-    data: bytes | None = None  # a small file's whole content
-    fd: int = -1  # a large file, read chunk by chunk
-    target: bytes = b""
-    closed: bool = field(default=False)
-    version: SourceStat | None = None
-    reader: SourceReader | None = None
-
-    def copied(self) -> tuple[int, int, int, int]:
-        """(size, mode, atime_ns, mtime_ns) of the source version being copied."""
-        if self.version is not None:
-            v = self.version
-            return v.size, v.mode, v.mtime_ns, v.mtime_ns
-        assert self.before is not None
-        b = self.before
-        return b.st_size, b.st_mode, b.st_atime_ns, b.st_mtime_ns
-
-    def close(self) -> None:
-        if self.fd >= 0 and not self.closed:
-            self.closed = True
-            os.close(self.fd)
-            self.fd = -1  # the number may be reused by the next file opened
-
-
-def _same(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_ino, a.st_dev, a.st_size, a.st_mtime_ns) == (
-        b.st_ino, b.st_dev, b.st_size, b.st_mtime_ns)
-
-
-def _load(sources: list[_Source]) -> None:
-    """Open (and for small files, read) a group of sources. Runs in a worker thread."""
-    for src in sources:
-        req = src.request
-        try:
-            if req.kind is Kind.SYMLINK:
-                src.before = os.stat(req.source, follow_symlinks=False)
-                src.target = os.readlink(req.source)
-                if src.target != req.target or src.before.st_mtime_ns != req.mtime_ns:
-                    src.result = PutResult(req, PutStatus.CHANGED)
-                continue
-            fd = os.open(req.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            src.result = PutResult(req, PutStatus.VANISHED)
-            continue
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EINVAL):  # the file changed kind
-                src.result = PutResult(req, PutStatus.CHANGED)
-            else:
-                src.result = PutResult(req, PutStatus.ERROR,
-                                       error=file_error(exc, "read source", req.source))
-            continue
-        src.fd = fd
-        try:
-            src.before = before = os.fstat(fd)
-            if (before.st_size, before.st_mtime_ns) != (req.size, req.mtime_ns):
-                src.result = PutResult(req, PutStatus.CHANGED)
-            elif before.st_size <= SMALL_FILE:
-                chunks = []
-                while chunk := os.read(fd, SMALL_FILE + 1):
-                    chunks.append(chunk)
-                src.data = b"".join(chunks)
-                src.result = _check_unchanged(src)
-        except OSError as exc:
-            src.result = PutResult(req, PutStatus.ERROR,
-                                   error=file_error(exc, "read source", req.source))
-        if src.result is not None or src.data is not None:
-            src.close()
-
-
-def _check_unchanged(src: _Source) -> PutResult | None:
-    """CHANGED/VANISHED if the source moved on since ``before``; None if it did not."""
-    assert src.before is not None
-    after = os.fstat(src.fd)
-    try:
-        current = os.stat(src.request.source, follow_symlinks=False)
-    except FileNotFoundError:
-        return PutResult(src.request, PutStatus.VANISHED)
-    if not (_same(src.before, after) and _same(src.before, current)):
-        return PutResult(src.request, PutStatus.CHANGED)
-    return None
-
-
-def _read(fd: int, size: int) -> bytes:
-    return os.read(fd, size)
-
-
-def _groups(sources: list[_Source]) -> Iterator[list[_Source]]:
-    """Small files (and symlinks) in groups read by one thread call; a large file alone."""
-    group: list[_Source] = []
-    size = 0
-    for src in sources:
-        small = src.request.kind is Kind.SYMLINK or src.request.size <= SMALL_FILE
-        if group and (not small or len(group) >= SMALL_GROUP_FILES
-                      or size + src.request.size > SMALL_GROUP_BYTES):
-            yield group
-            group, size = [], 0
-        group.append(src)
-        size += src.request.size if small else 0
-        if not small:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
-
-
-def _load_frames(sources: list[_Source], run_id: str) -> bytes:
-    """``_load`` a group, then the receiver's frames of its small files and symlinks (a
-    large file is streamed afterwards, chunk by chunk). Runs in a worker thread."""
-    _load(sources)
-    frames: list[bytes] = []
-    for src in sources:
-        if src.result is not None or src.before is None:
-            continue
-        req = src.request
-        try:
-            dest = confine(req.dest)
-            if not dest:
-                raise FileError("refused empty destination path", ErrorClass.PERMANENT)
-        except FileError as exc:
-            src.result = PutResult(req, PutStatus.ERROR, error=exc)
-            src.close()
-            continue
-        if req.kind is Kind.SYMLINK:
-            frames.append(link_frame(src.index, src.before.st_mtime_ns, dest,
-                                     temp_name(run_id), src.target))
-        elif src.data is not None:
-            frames += (file_frame(src.index, copy_mode(src.before.st_mode),
-                                  src.before.st_mtime_ns, dest, temp_name(run_id)),
-                       data_frame(src.data), COMMIT)
-    return b"".join(frames)
-
 
 # --- the transport -------------------------------------------------------------------------
-
-
-def options_for(config: ReplicaConfig | OriginConfig) -> SshOptions:
-    """Connection options of an ssh:// replica or origin (both carry the same keys)."""
-    return SshOptions(
-        host=config.ssh_host, port=config.ssh_port, user=config.ssh_user,
-        identity_file=config.identity_file, known_hosts=config.known_hosts,
-        insecure=config.insecure_skip_host_key_check,
-        connect_timeout=config.connect_timeout, connections=config.connections,
-    )
 
 
 class SshTransport:

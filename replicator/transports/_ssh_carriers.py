@@ -21,7 +21,7 @@ import anyio
 import asyncssh
 
 if TYPE_CHECKING:
-    from ._ssh import SshOptions
+    from ._ssh_conn import SshOptions
 
 # Channel window and packet size for asyncssh: the 2 MiB default window caps one channel at
 # 2 MiB per round trip (20 MB/s at 100 ms), and large packets cut per-packet work.

@@ -29,7 +29,7 @@ from .._config import OriginConfig
 from .._errors import FileError, OriginUnavailableError, ReplicaUnavailableError
 from .._inventory import Kind
 from ._base import Progress, SourceStat
-from ._ssh import (
+from ._ssh_conn import (
     _CONNECTION,
     CLEANUP_TIMEOUT,
     WHOLE_SECOND,

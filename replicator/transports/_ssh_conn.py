@@ -1,0 +1,243 @@
+"""Connections to one SSH host, shared by replicas and origins on it: options, the pool of
+logins (reused, reopened when dropped, a refused host key remembered), and the mapping of
+SFTP status codes into replicator's error classes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+
+import anyio
+import asyncssh
+import structlog
+
+from .._config import OriginConfig, ReplicaConfig
+from .._errors import ErrorClass, ReplicaUnavailableError
+
+log = structlog.get_logger("replicator.transports.ssh")
+
+# Cleanup after cancellation or failure must not hang on a dead server.
+CLEANUP_TIMEOUT = 5.0
+WHOLE_SECOND = 1_000_000_000
+_GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+
+_PERMISSION = {asyncssh.FX_PERMISSION_DENIED, asyncssh.FX_WRITE_PROTECT}
+_NO_SPACE = {asyncssh.FX_NO_SPACE_ON_FILESYSTEM, asyncssh.FX_QUOTA_EXCEEDED}
+_PERMANENT = {asyncssh.FX_NOT_A_DIRECTORY, asyncssh.FX_FILE_IS_A_DIRECTORY,
+              asyncssh.FX_INVALID_FILENAME, asyncssh.FX_LINK_LOOP,
+              asyncssh.FX_FILE_ALREADY_EXISTS, asyncssh.FX_DIR_NOT_EMPTY,
+              asyncssh.FX_INVALID_PARAMETER, asyncssh.FX_OP_UNSUPPORTED}
+_CONNECTION = {asyncssh.FX_CONNECTION_LOST, asyncssh.FX_NO_CONNECTION}
+_NO_SPACE_TEXT = ("no space", "quota", "disk full")
+
+
+def classify_sftp(exc: asyncssh.SFTPError) -> ErrorClass:
+    """The error class of an SFTP status; v3 servers send most failures as FX_FAILURE."""
+    reason = str(exc.reason).lower()
+    if exc.code in _NO_SPACE or any(text in reason for text in _NO_SPACE_TEXT):
+        return ErrorClass.NO_SPACE
+    if exc.code in _PERMISSION or "permission denied" in reason:
+        return ErrorClass.PERMISSION
+    if exc.code in _PERMANENT:
+        return ErrorClass.PERMANENT
+    return ErrorClass.TRANSIENT
+
+
+def _show(path: bytes) -> str:
+    return repr(os.fsdecode(path))
+
+
+# --- connections ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SshOptions:
+    """How to reach one SSH host; equal options share one connection pool."""
+
+    host: str
+    port: int | None = None
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    insecure: bool = False
+    connect_timeout: float = 30.0
+    connections: int = 2
+    keepalive_interval: float = 15.0
+    keepalive_count_max: int = 3
+
+    @property
+    def where(self) -> str:
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"{user}{self.host}{port}"
+
+    @property
+    def known_hosts_path(self) -> str:
+        return self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+
+    def keyscan_hint(self) -> str:
+        port = f"-p {self.port} " if self.port else ""
+        return f"ssh-keyscan {port}{self.host} >> {self.known_hosts_path}"
+
+
+class _Conn:
+    """One SSH connection and its SFTP session, with what the server was found to offer."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient) -> None:
+        self.conn = conn
+        self.sftp = sftp
+        self.fsync = True
+        self.posix_rename = True
+        self.lsetstat = True
+        self.statvfs = True
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.is_closed()
+
+    def close(self) -> None:
+        self.sftp.exit()
+        self.conn.close()
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+class _Pool:
+    """Up to ``connections`` SSH connections to one host, reused and reopened when dropped.
+
+    A refused host key is remembered and not retried until the known_hosts file changes,
+    so a daemon does not knock on a host it must not trust every few seconds.
+    """
+
+    def __init__(self, options: SshOptions, loop: asyncio.AbstractEventLoop) -> None:
+        self.options = options
+        self.loop = loop
+        self.users = 0
+        self._slots: list[_Conn | None] = [None] * options.connections
+        self._locks = [anyio.Lock() for _ in range(options.connections)]
+        self._next = 0
+        self._refused: tuple[str, tuple[int, int] | None] | None = None
+        self._log = log.bind(host=options.where)
+
+    async def get(self, spread: bool = False) -> _Conn:
+        """A live connection; with ``spread``, the next one round-robin (opened if needed),
+        for transfers. Others take any live one: a second login (many round trips on a
+        long link) is only worth it to move data in parallel."""
+        if spread:
+            index = self._next
+            self._next = (index + 1) % len(self._slots)
+        else:
+            index = 0
+            for i, live in enumerate(self._slots):
+                if live is not None and not live.closed:
+                    index = i
+                    break
+        conn = self._slots[index]
+        if conn is not None and not conn.closed:
+            return conn
+        async with self._locks[index]:
+            conn = self._slots[index]
+            if conn is None or conn.closed:
+                conn = await self._connect()
+                self._slots[index] = conn
+            return conn
+
+    def discard(self, conn: _Conn) -> None:
+        """Drop a connection that failed or timed out; the next ``get`` reopens it."""
+        for i, slot in enumerate(self._slots):
+            if slot is conn:
+                self._slots[i] = None
+        conn.close()
+
+    def close(self) -> None:
+        for conn in self._slots:
+            if conn is not None:
+                conn.close()
+        self._slots = [None] * len(self._slots)
+
+    async def _connect(self) -> _Conn:
+        o = self.options
+        if self._refused is not None:
+            message, stamp = self._refused
+            if stamp == _stamp(o.known_hosts_path):
+                raise ReplicaUnavailableError(message)
+            self._refused = None
+        known_hosts: str | None = o.known_hosts_path
+        if o.insecure:
+            known_hosts = None
+            self._log.warning("host key NOT verified (insecure_skip_host_key_check = true)")
+        elif _stamp(o.known_hosts_path) is None:
+            raise self._refuse(f"known_hosts file {o.known_hosts_path!r} does not exist")
+        try:
+            with anyio.fail_after(o.connect_timeout):
+                conn = await asyncssh.connect(
+                    o.host, port=o.port or (), username=o.user or (),
+                    client_keys=[o.identity_file] if o.identity_file else (),
+                    known_hosts=known_hosts, encryption_algs=_GCM_FIRST,
+                    keepalive_interval=o.keepalive_interval,
+                    keepalive_count_max=o.keepalive_count_max,
+                    connect_timeout=o.connect_timeout,
+                )
+                try:
+                    sftp = await conn.start_sftp_client()
+                except BaseException:
+                    conn.close()
+                    raise
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise self._refuse(f"host key not trusted ({exc.reason})") from None
+        except asyncssh.PermissionDenied as exc:
+            raise ReplicaUnavailableError(
+                f"ssh {o.where}: authentication failed ({exc.reason}); check identity_file"
+                " and the server's authorized_keys") from None
+        except TimeoutError:
+            raise ReplicaUnavailableError(
+                f"ssh {o.where}: no connection within {o.connect_timeout} s") from None
+        except (asyncssh.Error, OSError) as exc:
+            reason = exc.reason if isinstance(exc, asyncssh.Error) else (exc.strerror or exc)
+            raise ReplicaUnavailableError(f"ssh {o.where}: unreachable: {reason}") from None
+        self._log.debug("connected", sftp_version=sftp.version)
+        return _Conn(conn, sftp)
+
+    def _refuse(self, why: str) -> ReplicaUnavailableError:
+        o = self.options
+        message = (f"ssh {o.where}: {why}. If this is the right host, add its key with:"
+                   f" {o.keyscan_hint()}")
+        self._refused = (message, _stamp(o.known_hosts_path))
+        return ReplicaUnavailableError(message)
+
+
+_POOLS: dict[SshOptions, _Pool] = {}
+
+
+def _acquire_pool(options: SshOptions) -> _Pool:
+    loop = asyncio.get_running_loop()
+    pool = _POOLS.get(options)
+    if pool is None or pool.loop is not loop:
+        pool = _POOLS[options] = _Pool(options, loop)
+    pool.users += 1
+    return pool
+
+
+def _release_pool(pool: _Pool) -> None:
+    pool.users -= 1
+    if pool.users <= 0:
+        pool.close()
+        if _POOLS.get(pool.options) is pool:
+            del _POOLS[pool.options]
+
+
+def options_for(config: ReplicaConfig | OriginConfig) -> SshOptions:
+    """Connection options of an ssh:// replica or origin (both carry the same keys)."""
+    return SshOptions(
+        host=config.ssh_host, port=config.ssh_port, user=config.ssh_user,
+        identity_file=config.identity_file, known_hosts=config.known_hosts,
+        insecure=config.insecure_skip_host_key_check,
+        connect_timeout=config.connect_timeout, connections=config.connections,
+    )

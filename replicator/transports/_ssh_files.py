@@ -1,0 +1,161 @@
+"""The local side of uploads to SSH hosts, in worker threads: sources opened, small ones
+read whole many per thread call and checked unchanged, and framed for the stream receiver."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .._errors import ErrorClass, FileError
+from .._inventory import Kind
+from ._base import PutRequest, PutResult, PutStatus, SourceReader, SourceStat
+from ._errors import file_error
+from ._local import temp_name
+from ._paths import confine, copy_mode
+from ._ssh_stream import COMMIT, data_frame, file_frame, link_frame
+
+# Files up to this size are read whole, many per thread call.
+SMALL_FILE = 1 << 20
+SMALL_GROUP_BYTES = 8 << 20
+SMALL_GROUP_FILES = 64
+
+@dataclass(slots=True)
+class _Source:
+    """One request after its source was looked at: a local file, or in pull mode a file of
+    a remote origin (``version`` and ``reader`` instead of ``before`` and ``fd``)."""
+
+    index: int
+    request: PutRequest
+    result: PutResult | None = None  # decided before the upload: CHANGED, VANISHED, ERROR
+    before: os.stat_result | None = None
+    data: bytes | None = None  # a small file's whole content
+    fd: int = -1  # a large file, read chunk by chunk
+    target: bytes = b""
+    closed: bool = field(default=False)
+    version: SourceStat | None = None
+    reader: SourceReader | None = None
+
+    def copied(self) -> tuple[int, int, int, int]:
+        """(size, mode, atime_ns, mtime_ns) of the source version being copied."""
+        if self.version is not None:
+            v = self.version
+            return v.size, v.mode, v.mtime_ns, v.mtime_ns
+        assert self.before is not None
+        b = self.before
+        return b.st_size, b.st_mode, b.st_atime_ns, b.st_mtime_ns
+
+    def close(self) -> None:
+        if self.fd >= 0 and not self.closed:
+            self.closed = True
+            os.close(self.fd)
+            self.fd = -1  # the number may be reused by the next file opened
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_dev, a.st_size, a.st_mtime_ns) == (
+        b.st_ino, b.st_dev, b.st_size, b.st_mtime_ns)
+
+
+def _load(sources: list[_Source]) -> None:
+    """Open (and for small files, read) a group of sources. Runs in a worker thread."""
+    for src in sources:
+        req = src.request
+        try:
+            if req.kind is Kind.SYMLINK:
+                src.before = os.stat(req.source, follow_symlinks=False)
+                src.target = os.readlink(req.source)
+                if src.target != req.target or src.before.st_mtime_ns != req.mtime_ns:
+                    src.result = PutResult(req, PutStatus.CHANGED)
+                continue
+            fd = os.open(req.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            src.result = PutResult(req, PutStatus.VANISHED)
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EINVAL):  # the file changed kind
+                src.result = PutResult(req, PutStatus.CHANGED)
+            else:
+                src.result = PutResult(req, PutStatus.ERROR,
+                                       error=file_error(exc, "read source", req.source))
+            continue
+        src.fd = fd
+        try:
+            src.before = before = os.fstat(fd)
+            if (before.st_size, before.st_mtime_ns) != (req.size, req.mtime_ns):
+                src.result = PutResult(req, PutStatus.CHANGED)
+            elif before.st_size <= SMALL_FILE:
+                chunks = []
+                while chunk := os.read(fd, SMALL_FILE + 1):
+                    chunks.append(chunk)
+                src.data = b"".join(chunks)
+                src.result = _check_unchanged(src)
+        except OSError as exc:
+            src.result = PutResult(req, PutStatus.ERROR,
+                                   error=file_error(exc, "read source", req.source))
+        if src.result is not None or src.data is not None:
+            src.close()
+
+
+def _check_unchanged(src: _Source) -> PutResult | None:
+    """CHANGED/VANISHED if the source moved on since ``before``; None if it did not."""
+    assert src.before is not None
+    after = os.fstat(src.fd)
+    try:
+        current = os.stat(src.request.source, follow_symlinks=False)
+    except FileNotFoundError:
+        return PutResult(src.request, PutStatus.VANISHED)
+    if not (_same(src.before, after) and _same(src.before, current)):
+        return PutResult(src.request, PutStatus.CHANGED)
+    return None
+
+
+def _read(fd: int, size: int) -> bytes:
+    return os.read(fd, size)
+
+
+def _groups(sources: list[_Source]) -> Iterator[list[_Source]]:
+    """Small files (and symlinks) in groups read by one thread call; a large file alone."""
+    group: list[_Source] = []
+    size = 0
+    for src in sources:
+        small = src.request.kind is Kind.SYMLINK or src.request.size <= SMALL_FILE
+        if group and (not small or len(group) >= SMALL_GROUP_FILES
+                      or size + src.request.size > SMALL_GROUP_BYTES):
+            yield group
+            group, size = [], 0
+        group.append(src)
+        size += src.request.size if small else 0
+        if not small:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def _load_frames(sources: list[_Source], run_id: str) -> bytes:
+    """``_load`` a group, then the receiver's frames of its small files and symlinks (a
+    large file is streamed afterwards, chunk by chunk). Runs in a worker thread."""
+    _load(sources)
+    frames: list[bytes] = []
+    for src in sources:
+        if src.result is not None or src.before is None:
+            continue
+        req = src.request
+        try:
+            dest = confine(req.dest)
+            if not dest:
+                raise FileError("refused empty destination path", ErrorClass.PERMANENT)
+        except FileError as exc:
+            src.result = PutResult(req, PutStatus.ERROR, error=exc)
+            src.close()
+            continue
+        if req.kind is Kind.SYMLINK:
+            frames.append(link_frame(src.index, src.before.st_mtime_ns, dest,
+                                     temp_name(run_id), src.target))
+        elif src.data is not None:
+            frames += (file_frame(src.index, copy_mode(src.before.st_mode),
+                                  src.before.st_mtime_ns, dest, temp_name(run_id)),
+                       data_frame(src.data), COMMIT)
+    return b"".join(frames)
