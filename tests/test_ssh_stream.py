@@ -28,7 +28,10 @@ from test_ssh import (
     ssh_config,
     sync,
 )
+from test_transport_conformance import request_for
 
+from replicator.transports import Progress, PutStatus
+from replicator.transports._ssh import SshTransport
 from replicator.transports._ssh_carriers import openssh_argv
 
 pytestmark = pytest.mark.anyio
@@ -242,3 +245,26 @@ async def test_many_batches_through_the_stream(tmp_path: Path, carrier: str) -> 
         assert (summary.exit_code, summary.copied, summary.pending) == (0, len(files), 0)
         assert_all_copied(replica, origin, files)
         assert (await sync(config)).copied == 0
+
+
+async def test_a_missing_root_is_not_taken_for_a_host_without_the_receiver(
+        tmp_path: Path) -> None:
+    """The root vanishing between the probe and a batch (an unmount) fails that batch; the
+    stream stays the way files travel."""
+    origin = tmp_path / "origin"
+    files = make_origin(origin)
+    with run_sshd(tmp_path / "sshd") as sshd:
+        replica = tmp_path / "replica"
+        replica.mkdir()
+        transport = SshTransport(sshd.options(), str(replica / "gone"), anyio.CapacityLimiter(2),
+                                 op_timeout=10, carriers=("openssh",))
+        try:
+            requests = [request_for(origin / name, name.encode()) for name in files]
+            results = await transport.put(requests, "1x1", Progress())
+            assert {r.status for r in results} == {PutStatus.ERROR}
+            assert transport.transfer == "openssh"
+            (replica / "gone").mkdir()
+            results = await transport.put(requests, "1x1", Progress())
+            assert {r.status for r in results} == {PutStatus.COPIED}
+        finally:
+            await transport.aclose()

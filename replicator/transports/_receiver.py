@@ -298,10 +298,12 @@ class Stream:
 
 
 def serve(root: bytes, inp: BinaryIO, out: BinaryIO) -> None:
-    receiver = Receiver(root, out)
-    stream = Stream(inp)
+    # The greeting says this host runs the receiver; a root that cannot be opened (an
+    # unmounted disk) is a failure of this batch, reported after it, not a host without one.
     out.write(GREETING)
     out.flush()
+    receiver = Receiver(root, out)
+    stream = Stream(inp)
     try:
         while True:
             kind = bytes(stream.take(1))
