@@ -408,14 +408,15 @@ class Inventory:
         replica: str,
         now: float,
         limit: int,
-        destination: Callable[[Work], bytes],
+        destination: Callable[[str, str, bytes], bytes],
         run_started: float | None = None,
     ) -> tuple[list[Work], list[tuple[Work, str]]]:
         """Take up to ``limit`` due copies, oldest first, and mark them ``copying``.
 
-        The destination is recorded before any side effect, so a restart knows where temp
-        files of a dead run may lie. Returns the claimed work and the work whose
-        destination could not be computed (with the reason), which is marked failed.
+        The destination, ``destination(origin, host, path)``, is recorded before any side
+        effect, so a restart knows where temp files of a dead run may lie. Returns the
+        claimed work and the work whose destination could not be computed (with the
+        reason), which is marked failed.
         ``run_started`` (one-shot runs): skip copies given a non-transient error since then.
         """
         claimed: list[Work] = []
@@ -429,19 +430,20 @@ class Inventory:
                 (replica, now, limit, run_started),
             ) as cursor:
                 rows = await cursor.fetchall()
-            for row in rows:
-                work = Work(replica, row[0], row[1], row[2], row[3], row[4], Kind(row[5]),
-                            row[6], row[7], row[8], row[9], row[10], b"")
+            # One Work per row, built once its destination is known.
+            kinds = {int(k): k for k in Kind}
+            for file_id, origin, host, folder, name, kind, size, mtime_ns, mode, target, \
+                    attempts in rows:
+                path = os.path.join(folder, name)
                 try:
-                    dest = destination(work)
+                    dest = destination(origin, host, path)
                 except ValueError as exc:
-                    refused.append((work, str(exc)))
+                    refused.append((Work(replica, file_id, origin, host, folder, name,
+                                         kinds[kind], size, mtime_ns, mode, target, attempts,
+                                         b"", path), str(exc)))
                     continue
-                claimed.append(
-                    Work(work.replica, work.file_id, work.origin, work.host, work.dir,
-                         work.name, work.kind, work.size, work.mtime_ns, work.mode,
-                         work.target, work.attempts, dest, work.path)
-                )
+                claimed.append(Work(replica, file_id, origin, host, folder, name, kinds[kind],
+                                    size, mtime_ns, mode, target, attempts, dest, path))
             claimed = await self._one_file_per_destination(db, replica, claimed, refused)
             await db.executemany(
                 "UPDATE copies SET state = 'copying', dest = ? WHERE replica = ? AND file_id = ?",
