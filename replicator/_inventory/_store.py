@@ -291,12 +291,16 @@ class Inventory:
                     " target, first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     inserts,
                 )
+                # A statement per folder, not per file: the files just inserted are those of
+                # the folder first seen at ``now`` (a file seen at ``now`` in an earlier batch
+                # of this scan already has its copies: ignored).
+                new_dirs = list(dict.fromkeys(row[2] for row in inserts))
                 for replica in replicas:
                     await db.executemany(
                         "INSERT OR IGNORE INTO copies (replica, file_id, state, src_mtime_ns)"
-                        " SELECT ?, id, 'pending', mtime_ns FROM files"
-                        " WHERE origin = ? AND host = ? AND dir = ? AND name = ?",
-                        [(replica, origin, host, row[2], row[3]) for row in inserts],
+                        " SELECT ?, id, 'pending', mtime_ns FROM files WHERE origin = ?"
+                        " AND host = ? AND dir = ? AND first_seen = ? AND deleted IS NULL",
+                        [(replica, origin, host, d, now) for d in new_dirs],
                     )
             if updates:
                 await db.executemany(
