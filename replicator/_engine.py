@@ -89,19 +89,29 @@ class _Wake:
 class _Outcomes:
     """One transfer's outcomes on their way to the recorder, with what their events need.
 
-    Each transfer collects its own: a replica's workers run transfers concurrently.
+    Each transfer collects its own: a replica's workers run transfers concurrently. Copies
+    made, the common outcome, are kept as plain rows.
     """
 
-    __slots__ = ("outcomes", "runner", "works")
+    __slots__ = ("copied", "copied_works", "outcomes", "runner", "works")
 
     def __init__(self, runner: ReplicaRunner) -> None:
         self.runner = runner
         self.works: list[Work] = []
         self.outcomes: list[Outcome] = []
+        self.copied_works: list[Work] = []
+        self.copied: list[tuple[str, int, int, int]] = []  # replica, file_id, size, mtime_ns
 
     def add(self, work: Work, outcome: Outcome) -> None:
         self.works.append(work)
         self.outcomes.append(outcome)
+
+    def add_copied(self, work: Work, size: int, mtime_ns: int) -> None:
+        self.copied_works.append(work)
+        self.copied.append((work.replica, work.file_id, size, mtime_ns))
+
+    def __len__(self) -> int:
+        return len(self.outcomes) + len(self.copied)
 
 
 class ReplicaRunner:
@@ -368,8 +378,7 @@ class ReplicaRunner:
 
     def _outcome(self, out: _Outcomes, work: Work, result: PutResult) -> None:
         if result.status is PutStatus.COPIED:
-            out.add(work, Outcome(self.name, work.file_id, OutcomeKind.REPLICATED, result.size,
-                                  result.mtime_ns))
+            out.add_copied(work, result.size, result.mtime_ns)
         elif result.status is PutStatus.CHANGED:
             settle = self._origins[work.origin].settle_seconds
             self._release(out, [work], time.time() + max(1.0, settle))
@@ -465,7 +474,7 @@ class Engine:
     async def emit(self, out: _Outcomes) -> None:
         """Hand a transfer's outcomes to the recorder in one message."""
         assert self._send is not None
-        if out.outcomes:
+        if len(out):
             try:
                 await self._send.send(out)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -557,13 +566,15 @@ class Engine:
                 except anyio.EndOfStream:
                     return
                 outcomes = list(messages[0].outcomes)
-                while len(outcomes) < RECORD_BATCH:
+                copied = list(messages[0].copied)
+                while len(outcomes) + len(copied) < RECORD_BATCH:
                     try:
                         messages.append(receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
                     outcomes += messages[-1].outcomes
-                await self.inventory.record(outcomes, time.time())
+                    copied += messages[-1].copied
+                await self.inventory.record(outcomes, time.time(), copied)
                 for message in messages:
                     self._after_record(message)
 
@@ -571,15 +582,16 @@ class Engine:
         state = self.state
         bus = self.bus if self.bus.active else None
         info = out.runner._log.info
+        for work, (_replica, _file_id, size, _mtime_ns) in zip(out.copied_works, out.copied,
+                                                               strict=True):
+            state.copied += 1
+            state.bytes += size
+            info("transfer", path=os.fsdecode(work.path), outcome="replicated", size=size)
+            if bus is not None:
+                bus.publish(TransferCompleted(
+                    replica=work.replica, origin=work.origin, path=work.path, size=size))
         for work, o in zip(out.works, out.outcomes, strict=True):
-            if o.kind is OutcomeKind.REPLICATED:
-                state.copied += 1
-                state.bytes += o.size
-                info("transfer", path=os.fsdecode(work.path), outcome="replicated", size=o.size)
-                if bus is not None:
-                    bus.publish(TransferCompleted(
-                        replica=work.replica, origin=work.origin, path=work.path, size=o.size))
-            elif o.kind is OutcomeKind.ERROR:
+            if o.kind is OutcomeKind.ERROR:
                 state.file_errors += 1
                 state.failed += o.final
                 out.runner._log.warning(
@@ -593,7 +605,7 @@ class Engine:
                         attempts=work.attempts + 1, final=o.final))
             elif o.kind is not OutcomeKind.RELEASED:
                 info("transfer", path=os.fsdecode(work.path), outcome=str(o.kind))
-        out.runner.settled(len(out.outcomes))
+        out.runner.settled(len(out))
 
 
 __all__ = ["Engine", "ReplicaRunner", "RunState", "backoff_delay"]

@@ -31,6 +31,7 @@ from ._types import (
     ReplicaStats,
     ScanDelta,
     Work,
+    join_path,
 )
 
 _T = TypeVar("_T")
@@ -438,16 +439,16 @@ class Inventory:
             kinds = {int(k): k for k in Kind}
             for file_id, origin, host, folder, name, kind, size, mtime_ns, mode, target, \
                     attempts in rows:
-                path = os.path.join(folder, name)
+                path = join_path(folder, name)
                 try:
                     dest = destination(origin, host, path)
                 except ValueError as exc:
-                    refused.append((Work(replica, file_id, origin, host, folder, name,
-                                         kinds[kind], size, mtime_ns, mode, target, attempts,
-                                         b"", path), str(exc)))
+                    refused.append((Work(replica, file_id, origin, host, path, kinds[kind],
+                                         size, mtime_ns, mode, target, attempts, b""),
+                                    str(exc)))
                     continue
-                claimed.append(Work(replica, file_id, origin, host, folder, name, kinds[kind],
-                                    size, mtime_ns, mode, target, attempts, dest, path))
+                claimed.append(Work(replica, file_id, origin, host, path, kinds[kind], size,
+                                    mtime_ns, mode, target, attempts, dest))
             claimed = await self._one_file_per_destination(db, replica, claimed, refused)
             await db.executemany(
                 "UPDATE copies SET state = 'copying', dest = ? WHERE replica = ? AND file_id = ?",
@@ -513,9 +514,20 @@ class Inventory:
         )
         return None if not rows or rows[0][0] is None else float(rows[0][0])
 
-    async def record(self, outcomes: Sequence[Outcome], now: float) -> None:
-        """Apply a batch of transfer outcomes in one transaction."""
-        replicated: list[tuple[Any, ...]] = []
+    async def record(
+        self,
+        outcomes: Sequence[Outcome],
+        now: float,
+        copied: Sequence[tuple[str, int, int, int]] = (),
+    ) -> None:
+        """Apply a batch of transfer outcomes in one transaction.
+
+        ``copied``: (replica, file_id, size, mtime_ns) of copies made, the common outcome,
+        as plain rows (the same as ``OutcomeKind.REPLICATED`` outcomes).
+        """
+        replicated: list[tuple[Any, ...]] = [
+            (size, mtime_ns, now, replica, file_id) for replica, file_id, size, mtime_ns in copied
+        ]
         released: list[tuple[Any, ...]] = []
         errors: list[tuple[Any, ...]] = []
         for o in outcomes:
@@ -644,8 +656,8 @@ class Inventory:
             (replica, now),
         )
         return [
-            Work(replica, row[0], row[1], row[2], row[3], row[4], Kind(row[5]), row[6], row[7],
-                 row[8], row[9], row[10], b"")
+            Work(replica, row[0], row[1], row[2], join_path(row[3], row[4]), Kind(row[5]),
+                 row[6], row[7], row[8], row[9], row[10], b"")
             for row in rows
         ]
 
