@@ -305,9 +305,11 @@ class ReplicaRunner:
 
     async def _transfer(self, batch: list[Work]) -> None:
         engine = self.engine
+        # A batch holds files of one origin (see _batches).
+        source = engine.sources.get(batch[0].origin)
         requests = [
             PutRequest(work.path, work.dest, work.kind, work.size, work.mtime_ns, work.mode,
-                       work.target, engine.sources.get(work.origin))
+                       work.target, source)
             for work in batch
         ]
         if engine.bus.active:

@@ -454,11 +454,12 @@ class Inventory:
                 "UPDATE copies SET state = 'copying', dest = ? WHERE replica = ? AND file_id = ?",
                 [(w.dest, replica, w.file_id) for w in claimed],
             )
-            await db.executemany(
-                "UPDATE copies SET state = 'failed', attempts = attempts + 1,"
-                " error_class = 'permanent', error = ? WHERE replica = ? AND file_id = ?",
-                [(reason, replica, w.file_id) for w, reason in refused],
-            )
+            if refused:
+                await db.executemany(
+                    "UPDATE copies SET state = 'failed', attempts = attempts + 1,"
+                    " error_class = 'permanent', error = ? WHERE replica = ? AND file_id = ?",
+                    [(reason, replica, w.file_id) for w, reason in refused],
+                )
         return claimed, refused
 
     async def _one_file_per_destination(
@@ -542,36 +543,41 @@ class Inventory:
                 errors.append(
                     (str(state), o.next_attempt, o.error_class, o.error, o.replica, o.file_id)
                 )
+        gone = [(o.replica, o.file_id) for o in outcomes if o.kind is not OutcomeKind.REPLICATED]
+        # Statements without rows are skipped: each is a hand-off to SQLite's thread.
         async with self._write() as db:
             # The copy holds the version read before the transfer; if the origin moved on in
             # the meantime, the copy is still recorded but stays pending for the new version.
-            await db.executemany(
-                "UPDATE copies SET size = ?1, mtime_ns = ?2, replicated_at = ?3,"
-                " error_class = NULL, error = NULL, attempts = 0, next_attempt = 0,"
-                " state = CASE WHEN (SELECT size = ?1 AND mtime_ns = ?2 FROM files"
-                " WHERE id = ?5) THEN 'replicated' ELSE 'pending' END"
-                " WHERE replica = ?4 AND file_id = ?5 AND state = 'copying'",
-                replicated,
-            )
-            await db.executemany(
-                "UPDATE copies SET state = 'pending', next_attempt = ?"
-                " WHERE replica = ? AND file_id = ? AND state = 'copying'",
-                released,
-            )
-            await db.executemany(
-                "UPDATE copies SET state = ?, attempts = attempts + 1, next_attempt = ?,"
-                " error_class = ?, error = ? WHERE replica = ? AND file_id = ?"
-                " AND state = 'copying'",
-                errors,
-            )
-            # The scanner found the file gone while it was in flight: drop, do not fail.
-            await db.executemany(
-                "DELETE FROM copies WHERE replica = ? AND file_id = ?"
-                " AND state IN ('pending', 'failed')"
-                " AND file_id IN (SELECT id FROM files WHERE deleted IS NOT NULL)",
-                [(o.replica, o.file_id) for o in outcomes
-                 if o.kind is not OutcomeKind.REPLICATED],
-            )
+            if replicated:
+                await db.executemany(
+                    "UPDATE copies SET size = ?1, mtime_ns = ?2, replicated_at = ?3,"
+                    " error_class = NULL, error = NULL, attempts = 0, next_attempt = 0,"
+                    " state = CASE WHEN (SELECT size = ?1 AND mtime_ns = ?2 FROM files"
+                    " WHERE id = ?5) THEN 'replicated' ELSE 'pending' END"
+                    " WHERE replica = ?4 AND file_id = ?5 AND state = 'copying'",
+                    replicated,
+                )
+            if released:
+                await db.executemany(
+                    "UPDATE copies SET state = 'pending', next_attempt = ?"
+                    " WHERE replica = ? AND file_id = ? AND state = 'copying'",
+                    released,
+                )
+            if errors:
+                await db.executemany(
+                    "UPDATE copies SET state = ?, attempts = attempts + 1, next_attempt = ?,"
+                    " error_class = ?, error = ? WHERE replica = ? AND file_id = ?"
+                    " AND state = 'copying'",
+                    errors,
+                )
+            if gone:
+                # The scanner found the file gone while it was in flight: drop, do not fail.
+                await db.executemany(
+                    "DELETE FROM copies WHERE replica = ? AND file_id = ?"
+                    " AND state IN ('pending', 'failed')"
+                    " AND file_id IN (SELECT id FROM files WHERE deleted IS NOT NULL)",
+                    gone,
+                )
 
     async def release_all(self, replicas: Sequence[str]) -> int:
         """Every ``copying`` copy of these replicas back to pending, at the end of a run.
