@@ -15,7 +15,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -89,15 +89,32 @@ class _Wake:
             await event.wait()
 
 
-class _Record:
-    """One outcome on its way to the recorder, with what its events need."""
+class _Outcomes:
+    """One transfer's outcomes on their way to the recorder, with what their events need.
 
-    __slots__ = ("outcome", "runner", "work")
+    Each transfer collects its own: a replica's workers run transfers concurrently. Copies
+    made, the common outcome, are kept as plain rows.
+    """
 
-    def __init__(self, runner: ReplicaRunner, work: Work, outcome: Outcome) -> None:
+    __slots__ = ("copied", "copied_works", "outcomes", "runner", "works")
+
+    def __init__(self, runner: ReplicaRunner) -> None:
         self.runner = runner
-        self.work = work
-        self.outcome = outcome
+        self.works: list[Work] = []
+        self.outcomes: list[Outcome] = []
+        self.copied_works: list[Work] = []
+        self.copied: list[tuple[str, int, int, int]] = []  # replica, file_id, size, mtime_ns
+
+    def add(self, work: Work, outcome: Outcome) -> None:
+        self.works.append(work)
+        self.outcomes.append(outcome)
+
+    def add_copied(self, work: Work, size: int, mtime_ns: int) -> None:
+        self.copied_works.append(work)
+        self.copied.append((work.replica, work.file_id, size, mtime_ns))
+
+    def __len__(self) -> int:
+        return len(self.outcomes) + len(self.copied)
 
 
 class ReplicaRunner:
@@ -118,20 +135,24 @@ class ReplicaRunner:
         self._origins = {o.name: o for o in origins}
         self._roots = {o.name: os.fsencode(o.root) for o in origins}
         self._layout = Layout.parse(config.layout)
+        self._renderers: dict[tuple[str, str], Callable[[bytes], bytes]] = {}
         self._stale_dirs = list(stale_dirs)
         self.wake = _Wake()
         self.inflight = 0
         self._idle = _Wake()
         self.unavailable: str | None = None
         self._log = log.bind(replica=self.name)
-        # Outcomes of the transfer in progress, sent to the recorder together at its end.
-        self.buffer: list[_Record] | None = None
 
-    def destination(self, work: Work) -> bytes:
-        root = self._roots.get(work.origin)
-        if root is None:
-            raise ValueError(f"origin {work.origin!r} is no longer replicated to {self.name!r}")
-        return self._layout.render(host=work.host, origin=work.origin, root=root, path=work.path)
+    def destination(self, origin: str, host: str, path: bytes) -> bytes:
+        """Where origin file ``path`` goes in this replica; ValueError if it cannot go."""
+        render = self._renderers.get((origin, host))
+        if render is None:
+            root = self._roots.get(origin)
+            if root is None:
+                raise ValueError(f"origin {origin!r} is no longer replicated to {self.name!r}")
+            render = self._layout.renderer(host=host, origin=origin, root=root)
+            self._renderers[origin, host] = render
+        return render(path)
 
     async def run(self, once: bool) -> None:
         delay = self.config.backoff_initial
@@ -297,39 +318,40 @@ class ReplicaRunner:
         async with receive:
             async for batch in receive:
                 if self.engine.stopping or self.unavailable is not None:
-                    await self._release(batch)
+                    out = _Outcomes(self)
+                    self._release(out, batch)
+                    await self.engine.emit(out)
                     continue
                 await self._transfer(batch)
 
-    async def _release(self, batch: Sequence[Work], next_attempt: float = 0.0) -> None:
-        records = [_Record(self, work, Outcome(self.name, work.file_id, OutcomeKind.RELEASED,
-                                               next_attempt=next_attempt))
-                   for work in batch]
-        if self.buffer is not None:
-            self.buffer += records
-        else:
-            await self.engine.emit_many(records)
+    def _release(self, out: _Outcomes, batch: Sequence[Work], next_attempt: float = 0.0
+                 ) -> None:
+        for work in batch:
+            out.add(work, Outcome(self.name, work.file_id, OutcomeKind.RELEASED,
+                                  next_attempt=next_attempt))
 
     async def _transfer(self, batch: list[Work]) -> None:
         engine = self.engine
+        # A batch holds files of one origin (see _batches).
+        source = engine.sources.get(batch[0].origin)
         requests = [
             PutRequest(work.path, work.dest, work.kind, work.size, work.mtime_ns, work.mode,
-                       work.target, engine.sources.get(work.origin))
+                       work.target, source)
             for work in batch
         ]
         if engine.bus.active:
             for work in batch:
                 engine.bus.publish(TransferStarted(
                     replica=self.name, origin=work.origin, path=work.path, size=work.size))
-        self.buffer = []
+        out = _Outcomes(self)
         try:
-            await self._transfer_batch(batch, requests)
+            await self._transfer_batch(batch, requests, out)
         finally:
-            records, self.buffer = self.buffer, None
             with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-                await engine.emit_many(records)
+                await engine.emit(out)
 
-    async def _transfer_batch(self, batch: list[Work], requests: list[PutRequest]) -> None:
+    async def _transfer_batch(self, batch: list[Work], requests: list[PutRequest],
+                              out: _Outcomes) -> None:
         engine = self.engine
         progress = Progress()
         stalled = False
@@ -362,59 +384,54 @@ class ReplicaRunner:
             except (ReplicaUnavailableError, FileError, TimeoutError) as exc:
                 if self.unavailable is None:
                     await self._set_unavailable(str(exc) or "probe timed out")
-                await self._release([w for w, r in zip(batch, results, strict=True)
-                                     if r is None or r.status is not PutStatus.COPIED])
-                await self._record_copied(batch, results)
+                self._release(out, [w for w, r in zip(batch, results, strict=True)
+                                    if r is None or r.status is not PutStatus.COPIED])
+                for work, result in zip(batch, results, strict=True):
+                    if result is not None and result.status is PutStatus.COPIED:
+                        self._outcome(out, work, result)
                 return
         first_missing = True
         for work, result in zip(batch, results, strict=True):
             if result is None:
                 if crashed is not None:
-                    await self._error(work, crashed)
+                    self._error(out, work, crashed)
                 elif stalled and first_missing:
                     first_missing = False
                     err = TransferStalledError(
                         f"no progress for {self.config.stall_timeout} s; transfer abandoned")
-                    await self._error(work, err)
+                    self._error(out, work, err)
                 else:
-                    await self._release([work])
+                    self._release(out, [work])
                 continue
-            await self._outcome(work, result)
+            self._outcome(out, work, result)
 
-    async def _record_copied(self, batch: Sequence[Work], results: Sequence[PutResult | None]
-                             ) -> None:
-        for work, result in zip(batch, results, strict=True):
-            if result is not None and result.status is PutStatus.COPIED:
-                await self._outcome(work, result)
-
-    async def _outcome(self, work: Work, result: PutResult) -> None:
+    def _outcome(self, out: _Outcomes, work: Work, result: PutResult) -> None:
         if result.status is PutStatus.COPIED:
-            await self.engine.emit(self, work, Outcome(
-                self.name, work.file_id, OutcomeKind.REPLICATED, result.size, result.mtime_ns))
+            out.add_copied(work, result.size, result.mtime_ns)
         elif result.status is PutStatus.CHANGED:
             settle = self._origins[work.origin].settle_seconds
-            await self._release([work], time.time() + max(1.0, settle))
+            self._release(out, [work], time.time() + max(1.0, settle))
         elif result.status is PutStatus.VANISHED:
             # Not charged; the next scan tells whether the file is really gone.
             retry = time.time() + max(1.0, self._origins[work.origin].settle_seconds)
-            await self.engine.emit(self, work, Outcome(
-                self.name, work.file_id, OutcomeKind.VANISHED, next_attempt=retry))
+            out.add(work, Outcome(self.name, work.file_id, OutcomeKind.VANISHED,
+                                  next_attempt=retry))
         elif result.status is PutStatus.SOURCE_UNAVAILABLE:
             # The origin's host is gone (pull mode): not this file's fault, not charged.
             origin = self._origins[work.origin]
             self.engine.origin_unavailable(origin.name, str(result.error or "unreachable"))
-            await self._release([work], time.time() + max(1.0, origin.scan_interval))
+            self._release(out, [work], time.time() + max(1.0, origin.scan_interval))
         elif result.status is PutStatus.NOT_STARTED:
-            await self._release([work])
+            self._release(out, [work])
         else:
             assert result.error is not None
-            await self._error(work, result.error)
+            self._error(out, work, result.error)
 
-    async def _error(self, work: Work, error: FileError) -> None:
+    def _error(self, out: _Outcomes, work: Work, error: FileError) -> None:
         attempts = work.attempts + 1
         final = attempts >= self.config.max_attempts
         delay = backoff_delay(attempts, self.config.backoff_initial, self.config.backoff_max)
-        await self.engine.emit(self, work, Outcome(
+        out.add(work, Outcome(
             self.name, work.file_id, OutcomeKind.ERROR, error_class=str(error.error_class),
             error=str(error), next_attempt=time.time() + delay, final=final))
 
@@ -456,7 +473,7 @@ class Engine:
         self._transports = transports
         self._replicas = tuple(replicas)
         self._runners: list[ReplicaRunner] = []
-        self._send: MemoryObjectSendStream[list[_Record]] | None = None
+        self._send: MemoryObjectSendStream[_Outcomes] | None = None
         self.origin_errors: dict[str, str] = {}
         # Readers of ssh:// origins (pull mode), open for the run: scans and copies share them.
         self.sources: dict[str, SshSource] = {}
@@ -483,20 +500,12 @@ class Engine:
         with anyio.move_on_after(max(0.0, seconds)):
             await self._stop.wait()
 
-    async def emit(self, runner: ReplicaRunner, work: Work, outcome: Outcome) -> None:
-        assert self._send is not None
-        record = _Record(runner, work, outcome)
-        if runner.buffer is not None:
-            runner.buffer.append(record)  # a transfer in progress: sent as one batch
-        else:
-            await self._send.send([record])
-
-    async def emit_many(self, records: list[_Record]) -> None:
+    async def emit(self, out: _Outcomes) -> None:
         """Hand a transfer's outcomes to the recorder in one message."""
         assert self._send is not None
-        if records:
+        if len(out):
             try:
-                await self._send.send(records)
+                await self._send.send(out)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 # The run is being torn down: these copies stay 'copying' in the inventory
                 # and are released at the end of the run (or recovered by the next one).
@@ -512,7 +521,7 @@ class Engine:
                 self, replica, self._transports[replica.name],
                 self.config.origins_for(replica), stale.get(replica.name, ())))
         # Bounded in messages; a message is one transfer's outcomes (a batch of files).
-        send, receive = anyio.create_memory_object_stream[list[_Record]](64)
+        send, receive = anyio.create_memory_object_stream[_Outcomes](64)
         self._send = send
         if any(o.remote for o in self.config.origins):
             from .transports._ssh_source import open_source
@@ -578,49 +587,54 @@ class Engine:
         for runner in self._runners:
             runner.wake.set()
 
-    async def _recorder(self, receive: MemoryObjectReceiveStream[list[_Record]]) -> None:
+    async def _recorder(self, receive: MemoryObjectReceiveStream[_Outcomes]) -> None:
         async with receive:
             while True:
                 try:
-                    records = list(await receive.receive())
+                    messages = [await receive.receive()]
                 except anyio.EndOfStream:
                     return
-                while len(records) < RECORD_BATCH:
+                outcomes = list(messages[0].outcomes)
+                copied = list(messages[0].copied)
+                while len(outcomes) + len(copied) < RECORD_BATCH:
                     try:
-                        records += receive.receive_nowait()
+                        messages.append(receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                await self.inventory.record([r.outcome for r in records], time.time())
-                self._after_record(records)
+                    outcomes += messages[-1].outcomes
+                    copied += messages[-1].copied
+                await self.inventory.record(outcomes, time.time(), copied)
+                for message in messages:
+                    self._after_record(message)
 
-    def _after_record(self, records: Sequence[_Record]) -> None:
-        counts: dict[ReplicaRunner, int] = {}
+    def _after_record(self, out: _Outcomes) -> None:
         state = self.state
-        for record in records:
-            counts[record.runner] = counts.get(record.runner, 0) + 1
-            work, o = record.work, record.outcome
-            path = os.fsdecode(work.path)
-            if o.kind is OutcomeKind.REPLICATED:
-                state.copied += 1
-                state.bytes += o.size
-                record.runner._log.info("transfer", path=path, outcome="replicated",
-                                        size=o.size)
-                self.bus.publish(TransferCompleted(
-                    replica=work.replica, origin=work.origin, path=work.path, size=o.size))
-            elif o.kind is OutcomeKind.ERROR:
+        bus = self.bus if self.bus.active else None
+        info = out.runner._log.info
+        for work, (_replica, _file_id, size, _mtime_ns) in zip(out.copied_works, out.copied,
+                                                               strict=True):
+            state.copied += 1
+            state.bytes += size
+            info("transfer", path=os.fsdecode(work.path), outcome="replicated", size=size)
+            if bus is not None:
+                bus.publish(TransferCompleted(
+                    replica=work.replica, origin=work.origin, path=work.path, size=size))
+        for work, o in zip(out.works, out.outcomes, strict=True):
+            if o.kind is OutcomeKind.ERROR:
                 state.file_errors += 1
                 state.failed += o.final
-                record.runner._log.warning(
-                    "transfer", path=path, outcome="failed" if o.final else "retry",
-                    error_class=o.error_class, error=o.error, attempts=work.attempts + 1)
-                self.bus.publish(TransferFailed(
-                    replica=work.replica, origin=work.origin, path=work.path,
-                    error_class=o.error_class or "", error=o.error or "",
-                    attempts=work.attempts + 1, final=o.final))
+                out.runner._log.warning(
+                    "transfer", path=os.fsdecode(work.path),
+                    outcome="failed" if o.final else "retry", error_class=o.error_class,
+                    error=o.error, attempts=work.attempts + 1)
+                if bus is not None:
+                    bus.publish(TransferFailed(
+                        replica=work.replica, origin=work.origin, path=work.path,
+                        error_class=o.error_class or "", error=o.error or "",
+                        attempts=work.attempts + 1, final=o.final))
             elif o.kind is not OutcomeKind.RELEASED:
-                record.runner._log.info("transfer", path=path, outcome=str(o.kind))
-        for runner, count in counts.items():
-            runner.settled(count)
+                info("transfer", path=os.fsdecode(work.path), outcome=str(o.kind))
+        out.runner.settled(len(out))
 
 
 __all__ = ["Engine", "ReplicaRunner", "RunState", "backoff_delay"]

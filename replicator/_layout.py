@@ -6,6 +6,7 @@ __all__ = ["FIELDS", "Layout"]
 
 import os
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 
 FIELDS = frozenset({"host", "path", "origin", "relpath", "name"})
@@ -17,6 +18,8 @@ _FILE_FIELDS = frozenset({"path", "relpath", "name"})
 class Layout:
     template: str
     fields: frozenset[str]
+    # The template as (literal, field) pairs; field None after the last literal.
+    pieces: tuple[tuple[str, str | None], ...] = ()
 
     @classmethod
     def parse(cls, template: str) -> Layout:
@@ -44,36 +47,64 @@ class Layout:
             fields.add(field)
         if not fields & _FILE_FIELDS:
             raise ValueError(f"layout {template!r} must contain {{path}}, {{relpath}} or {{name}}")
-        return cls(template, frozenset(fields))
+        pieces = tuple((literal, field) for literal, field, _spec, _conv in parsed)
+        return cls(template, frozenset(fields), pieces)
 
     def render(self, *, host: str, origin: str, root: bytes, path: bytes) -> bytes:
         """The replica-relative path of origin file ``path`` below origin folder ``root``.
 
         Raise ValueError when the result could escape the replica root.
         """
+        return self.renderer(host=host, origin=origin, root=root)(path)
+
+    def renderer(self, *, host: str, origin: str, root: bytes) -> Callable[[bytes], bytes]:
+        """``render`` for the files of one origin: its values are prepared once.
+
+        Renders on bytes: file names need not be UTF-8, and ``os.fsencode`` of a formatted
+        string is the concatenation of its parts encoded one by one.
+        """
         root = root.rstrip(b"/")
-        if not path.startswith(root + b"/"):
-            raise ValueError(f"{path!r} is not inside origin root {root or b'/'!r}")
-        # Only the fields the template uses: this runs once per file copied.
-        values: dict[str, str] = {}
-        for field in self.fields:
-            if field == "relpath":
-                values[field] = os.fsdecode(path[len(root) + 1 :])
-            elif field == "path":
-                values[field] = os.fsdecode(path.lstrip(b"/"))
-            elif field == "name":
-                values[field] = os.fsdecode(path.rsplit(b"/", 1)[-1])
-            else:
-                values[field] = host if field == "host" else origin
-        rendered = os.fsencode(self.template.format(**values))
-        if b"\0" in rendered:
-            raise ValueError(f"layout rendered a NUL byte: {rendered!r}")
-        if not rendered or rendered.startswith(b"/") or rendered.endswith(b"/"):
-            raise ValueError(f"layout rendered {rendered!r}, not a relative file path")
-        # Doubled slashes from empty values inside the template are harmless; collapse them.
-        if b"//" in rendered or b"/." in rendered or rendered.startswith(b"."):
-            components = [c for c in rendered.split(b"/") if c]
-            if any(c in (b".", b"..") for c in components):
-                raise ValueError(f"layout rendered {rendered!r} with a '.' or '..' component")
-            return b"/".join(components)
-        return rendered
+        prefix = root + b"/"
+        skip = len(prefix)
+        # Per piece: literal bytes, then a field taken from the path (a code) or fixed bytes.
+        fixed = {"host": os.fsencode(host), "origin": os.fsencode(origin)}
+        steps: list[tuple[bytes, int, bytes]] = []
+        for literal, field in self.pieces:
+            code = _FROM_PATH.get(field or "", 0)
+            steps.append((os.fsencode(literal), code, fixed.get(field or "", b"")))
+
+        def render(path: bytes) -> bytes:
+            if not path.startswith(prefix):
+                raise ValueError(f"{path!r} is not inside origin root {root or b'/'!r}")
+            parts: list[bytes] = []
+            for literal, code, value in steps:
+                parts.append(literal)
+                if code == _RELPATH:
+                    parts.append(path[skip:])
+                elif code == _PATH:
+                    parts.append(path.lstrip(b"/"))
+                elif code == _NAME:
+                    parts.append(path.rsplit(b"/", 1)[-1])
+                else:
+                    parts.append(value)
+            return _checked(b"".join(parts))
+
+        return render
+
+
+_RELPATH, _PATH, _NAME = 1, 2, 3
+_FROM_PATH = {"relpath": _RELPATH, "path": _PATH, "name": _NAME}
+
+
+def _checked(rendered: bytes) -> bytes:
+    if b"\0" in rendered:
+        raise ValueError(f"layout rendered a NUL byte: {rendered!r}")
+    if not rendered or rendered.startswith(b"/") or rendered.endswith(b"/"):
+        raise ValueError(f"layout rendered {rendered!r}, not a relative file path")
+    # Doubled slashes from empty values inside the template are harmless; collapse them.
+    if b"//" in rendered or b"/." in rendered or rendered.startswith(b"."):
+        components = [c for c in rendered.split(b"/") if c]
+        if any(c in (b".", b"..") for c in components):
+            raise ValueError(f"layout rendered {rendered!r} with a '.' or '..' component")
+        return b"/".join(components)
+    return rendered

@@ -170,7 +170,7 @@ class Replicator:
                                    self.config.origins_for(replica), ())
             for work in await inventory.preview(replica.name, time.time()):
                 try:
-                    dest = runner.destination(work)
+                    dest = runner.destination(work.origin, work.host, work.path)
                 except ValueError:
                     continue
                 planned.append(PlannedCopy(replica.name, work.origin, work.path, dest,

@@ -286,7 +286,8 @@ async def test_temp_files_of_dead_runs_are_removed_but_not_live_ones(tmp_path: P
         # A dead run claimed the copy and left a temp file next to its destination.
         claimed, _ = await rep.inventory.claim(
             "r1", time.time(), 10,
-            lambda w: os.path.relpath(os.fsencode(replica_path(r1, w.path)), os.fsencode(r1)))
+            lambda _origin, _host, path: os.path.relpath(os.fsencode(replica_path(r1, path)),
+                                                         os.fsencode(r1)))
         assert len(claimed) == 1
         folder = replica_path(r1, origin / "a")
         folder.mkdir(parents=True)

@@ -31,6 +31,7 @@ from ._types import (
     ReplicaStats,
     ScanDelta,
     Work,
+    join_path,
 )
 
 _T = TypeVar("_T")
@@ -291,12 +292,16 @@ class Inventory:
                     " target, first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     inserts,
                 )
+                # A statement per folder, not per file: the files just inserted are those of
+                # the folder first seen at ``now`` (a file seen at ``now`` in an earlier batch
+                # of this scan already has its copies: ignored).
+                new_dirs = list(dict.fromkeys(row[2] for row in inserts))
                 for replica in replicas:
                     await db.executemany(
                         "INSERT OR IGNORE INTO copies (replica, file_id, state, src_mtime_ns)"
-                        " SELECT ?, id, 'pending', mtime_ns FROM files"
-                        " WHERE origin = ? AND host = ? AND dir = ? AND name = ?",
-                        [(replica, origin, host, row[2], row[3]) for row in inserts],
+                        " SELECT ?, id, 'pending', mtime_ns FROM files WHERE origin = ?"
+                        " AND host = ? AND dir = ? AND first_seen = ? AND deleted IS NULL",
+                        [(replica, origin, host, d, now) for d in new_dirs],
                     )
             if updates:
                 await db.executemany(
@@ -408,14 +413,15 @@ class Inventory:
         replica: str,
         now: float,
         limit: int,
-        destination: Callable[[Work], bytes],
+        destination: Callable[[str, str, bytes], bytes],
         run_started: float | None = None,
     ) -> tuple[list[Work], list[tuple[Work, str]]]:
         """Take up to ``limit`` due copies, oldest first, and mark them ``copying``.
 
-        The destination is recorded before any side effect, so a restart knows where temp
-        files of a dead run may lie. Returns the claimed work and the work whose
-        destination could not be computed (with the reason), which is marked failed.
+        The destination, ``destination(origin, host, path)``, is recorded before any side
+        effect, so a restart knows where temp files of a dead run may lie. Returns the
+        claimed work and the work whose destination could not be computed (with the
+        reason), which is marked failed.
         ``run_started`` (one-shot runs): skip copies given a non-transient error since then.
         """
         claimed: list[Work] = []
@@ -429,29 +435,31 @@ class Inventory:
                 (replica, now, limit, run_started),
             ) as cursor:
                 rows = await cursor.fetchall()
-            for row in rows:
-                work = Work(replica, row[0], row[1], row[2], row[3], row[4], Kind(row[5]),
-                            row[6], row[7], row[8], row[9], row[10], b"")
+            # One Work per row, built once its destination is known.
+            kinds = {int(k): k for k in Kind}
+            for file_id, origin, host, folder, name, kind, size, mtime_ns, mode, target, \
+                    attempts in rows:
+                path = join_path(folder, name)
                 try:
-                    dest = destination(work)
+                    dest = destination(origin, host, path)
                 except ValueError as exc:
-                    refused.append((work, str(exc)))
+                    refused.append((Work(replica, file_id, origin, host, path, kinds[kind],
+                                         size, mtime_ns, mode, target, attempts, b""),
+                                    str(exc)))
                     continue
-                claimed.append(
-                    Work(work.replica, work.file_id, work.origin, work.host, work.dir,
-                         work.name, work.kind, work.size, work.mtime_ns, work.mode,
-                         work.target, work.attempts, dest, work.path)
-                )
+                claimed.append(Work(replica, file_id, origin, host, path, kinds[kind], size,
+                                    mtime_ns, mode, target, attempts, dest))
             claimed = await self._one_file_per_destination(db, replica, claimed, refused)
             await db.executemany(
                 "UPDATE copies SET state = 'copying', dest = ? WHERE replica = ? AND file_id = ?",
                 [(w.dest, replica, w.file_id) for w in claimed],
             )
-            await db.executemany(
-                "UPDATE copies SET state = 'failed', attempts = attempts + 1,"
-                " error_class = 'permanent', error = ? WHERE replica = ? AND file_id = ?",
-                [(reason, replica, w.file_id) for w, reason in refused],
-            )
+            if refused:
+                await db.executemany(
+                    "UPDATE copies SET state = 'failed', attempts = attempts + 1,"
+                    " error_class = 'permanent', error = ? WHERE replica = ? AND file_id = ?",
+                    [(reason, replica, w.file_id) for w, reason in refused],
+                )
         return claimed, refused
 
     async def _one_file_per_destination(
@@ -507,9 +515,20 @@ class Inventory:
         )
         return None if not rows or rows[0][0] is None else float(rows[0][0])
 
-    async def record(self, outcomes: Sequence[Outcome], now: float) -> None:
-        """Apply a batch of transfer outcomes in one transaction."""
-        replicated: list[tuple[Any, ...]] = []
+    async def record(
+        self,
+        outcomes: Sequence[Outcome],
+        now: float,
+        copied: Sequence[tuple[str, int, int, int]] = (),
+    ) -> None:
+        """Apply a batch of transfer outcomes in one transaction.
+
+        ``copied``: (replica, file_id, size, mtime_ns) of copies made, the common outcome,
+        as plain rows (the same as ``OutcomeKind.REPLICATED`` outcomes).
+        """
+        replicated: list[tuple[Any, ...]] = [
+            (size, mtime_ns, now, replica, file_id) for replica, file_id, size, mtime_ns in copied
+        ]
         released: list[tuple[Any, ...]] = []
         errors: list[tuple[Any, ...]] = []
         for o in outcomes:
@@ -524,36 +543,41 @@ class Inventory:
                 errors.append(
                     (str(state), o.next_attempt, o.error_class, o.error, o.replica, o.file_id)
                 )
+        gone = [(o.replica, o.file_id) for o in outcomes if o.kind is not OutcomeKind.REPLICATED]
+        # Statements without rows are skipped: each is a hand-off to SQLite's thread.
         async with self._write() as db:
             # The copy holds the version read before the transfer; if the origin moved on in
             # the meantime, the copy is still recorded but stays pending for the new version.
-            await db.executemany(
-                "UPDATE copies SET size = ?1, mtime_ns = ?2, replicated_at = ?3,"
-                " error_class = NULL, error = NULL, attempts = 0, next_attempt = 0,"
-                " state = CASE WHEN (SELECT size = ?1 AND mtime_ns = ?2 FROM files"
-                " WHERE id = ?5) THEN 'replicated' ELSE 'pending' END"
-                " WHERE replica = ?4 AND file_id = ?5 AND state = 'copying'",
-                replicated,
-            )
-            await db.executemany(
-                "UPDATE copies SET state = 'pending', next_attempt = ?"
-                " WHERE replica = ? AND file_id = ? AND state = 'copying'",
-                released,
-            )
-            await db.executemany(
-                "UPDATE copies SET state = ?, attempts = attempts + 1, next_attempt = ?,"
-                " error_class = ?, error = ? WHERE replica = ? AND file_id = ?"
-                " AND state = 'copying'",
-                errors,
-            )
-            # The scanner found the file gone while it was in flight: drop, do not fail.
-            await db.executemany(
-                "DELETE FROM copies WHERE replica = ? AND file_id = ?"
-                " AND state IN ('pending', 'failed')"
-                " AND file_id IN (SELECT id FROM files WHERE deleted IS NOT NULL)",
-                [(o.replica, o.file_id) for o in outcomes
-                 if o.kind is not OutcomeKind.REPLICATED],
-            )
+            if replicated:
+                await db.executemany(
+                    "UPDATE copies SET size = ?1, mtime_ns = ?2, replicated_at = ?3,"
+                    " error_class = NULL, error = NULL, attempts = 0, next_attempt = 0,"
+                    " state = CASE WHEN (SELECT size = ?1 AND mtime_ns = ?2 FROM files"
+                    " WHERE id = ?5) THEN 'replicated' ELSE 'pending' END"
+                    " WHERE replica = ?4 AND file_id = ?5 AND state = 'copying'",
+                    replicated,
+                )
+            if released:
+                await db.executemany(
+                    "UPDATE copies SET state = 'pending', next_attempt = ?"
+                    " WHERE replica = ? AND file_id = ? AND state = 'copying'",
+                    released,
+                )
+            if errors:
+                await db.executemany(
+                    "UPDATE copies SET state = ?, attempts = attempts + 1, next_attempt = ?,"
+                    " error_class = ?, error = ? WHERE replica = ? AND file_id = ?"
+                    " AND state = 'copying'",
+                    errors,
+                )
+            if gone:
+                # The scanner found the file gone while it was in flight: drop, do not fail.
+                await db.executemany(
+                    "DELETE FROM copies WHERE replica = ? AND file_id = ?"
+                    " AND state IN ('pending', 'failed')"
+                    " AND file_id IN (SELECT id FROM files WHERE deleted IS NOT NULL)",
+                    gone,
+                )
 
     async def release_all(self, replicas: Sequence[str]) -> int:
         """Every ``copying`` copy of these replicas back to pending, at the end of a run.
@@ -638,8 +662,8 @@ class Inventory:
             (replica, now),
         )
         return [
-            Work(replica, row[0], row[1], row[2], row[3], row[4], Kind(row[5]), row[6], row[7],
-                 row[8], row[9], row[10], b"")
+            Work(replica, row[0], row[1], row[2], join_path(row[3], row[4]), Kind(row[5]),
+                 row[6], row[7], row[8], row[9], row[10], b"")
             for row in rows
         ]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
@@ -74,20 +73,19 @@ class Work:
     file_id: int
     origin: str
     host: str
-    dir: bytes
-    name: bytes
+    path: bytes  # absolute, on the origin's host
     kind: Kind
     size: int
     mtime_ns: int
     mode: int
     target: bytes | None
     attempts: int
-    dest: bytes
-    path: bytes = b""  # dir/name, computed once
+    dest: bytes  # relative to the replica root
 
-    def __post_init__(self) -> None:
-        if not self.path:
-            object.__setattr__(self, "path", os.path.join(self.dir, self.name))
+
+def join_path(folder: bytes, name: bytes) -> bytes:
+    """``os.path.join`` for a folder and a plain name (no slash): once per file claimed."""
+    return folder + name if folder.endswith(b"/") else folder + b"/" + name
 
 
 class OutcomeKind(StrEnum):
