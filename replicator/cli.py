@@ -8,9 +8,11 @@ engine runs on the inventory); 3 work remains because a replica or origin was un
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -30,6 +32,8 @@ from ._inventory import CopyState, Inventory, ReplicaStats
 from ._replicator import Replicator, SyncSummary
 from ._version import __version__
 
+# Open files the CLI asks for (see _raise_open_files_limit).
+OPEN_FILES = 65536
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 
@@ -530,12 +534,23 @@ def _fail(message: str, code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+def _raise_open_files_limit() -> None:
+    """A batch keeps its destination folders open until its renames (up to a few thousand
+    descriptors); the common soft limit of 1,024 would fail files. The process is ours."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet:
         args.verbose = -1
     _cli_logging.configure(args.verbose, args.log_format)
+    _raise_open_files_limit()
     if isinstance(sys.stdout, io.TextIOWrapper):
         # File names need not be UTF-8: print their bytes as they are instead of failing.
         sys.stdout.reconfigure(errors="surrogateescape")

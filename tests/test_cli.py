@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -617,3 +618,26 @@ def test_retry_and_ignore_say_when_a_copy_is_in_flight(dirs: tuple[Path, Path],
     assert "1 matching copy is being transferred" in result.stdout
     result = ok(tmp_path, "retry", "--all")
     assert "1 matching copy is being transferred" in result.stdout
+
+
+def test_a_batch_with_more_folders_than_the_soft_open_files_limit(tmp_path: Path) -> None:
+    """A batch keeps its destination folders open until the renames: the CLI raises the
+    common soft limit (1,024 on most systems; 128 here) up to the hard one."""
+    origin, replica = tmp_path / "origin", tmp_path / "replica"
+    replica.mkdir()
+    for i in range(300):
+        write(origin / f"night{i:03d}" / "a" / "frame.fits", b"x" * i)
+    backdate(origin)
+    config = write_config(tmp_path, origin, replica)
+
+    def low_limit() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "replicator", "-c", str(config), "sync", "--once"],
+        cwd=tmp_path, env=cli_env(), stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=60, preexec_fn=low_limit)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "outcome=retry" not in result.stderr, result.stderr[-2000:]  # no file failed once
+    assert len(files_below(replica)) == 300

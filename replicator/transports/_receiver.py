@@ -336,6 +336,15 @@ def serve(root: bytes, inp: BinaryIO, out: BinaryIO) -> None:
 
 def main() -> int:
     root = os.fsencode(sys.argv[1])
+    try:  # a batch keeps its folders open until the renames: more than 1,024 is common
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ImportError, ValueError, OSError):
+        pass
     try:
         serve(root, sys.stdin.buffer, sys.stdout.buffer)
     except Refused as exc:
