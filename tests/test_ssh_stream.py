@@ -31,6 +31,7 @@ from test_ssh import (
 from test_transport_conformance import request_for
 
 from replicator.transports import Progress, PutStatus
+from replicator.transports import _ssh as ssh_transport
 from replicator.transports._ssh import SshTransport
 from replicator.transports._ssh_carriers import openssh_argv
 
@@ -47,8 +48,10 @@ RECOVERS: dict[str, Callable[[Faults], None]] = {
 
 @pytest.mark.parametrize("carrier", CARRIERS)
 @pytest.mark.parametrize("fault", list(RECOVERS))
-async def test_faults_that_recover_within_the_run(tmp_path: Path, fault: str, carrier: str
-                                                  ) -> None:
+async def test_faults_that_recover_within_the_run(tmp_path: Path, fault: str, carrier: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every link counts as long: batches of large files go over two sessions (lanes).
+    monkeypatch.setattr(ssh_transport, "LONG_LINK", 0.0)
     origin = tmp_path / "origin"
     files = make_origin(origin)
     files["big/second.fits"] = os.urandom(2 << 20)  # two large files: a batch on two lanes
@@ -225,9 +228,13 @@ async def test_openssh_client_uses_only_the_configured_known_hosts(
 
 
 @pytest.mark.parametrize("carrier", CARRIERS)
-async def test_many_batches_through_the_stream(tmp_path: Path, carrier: str) -> None:
-    """Several batches and sessions: every file lands once, complete, and nothing is copied
-    again."""
+@pytest.mark.parametrize("long_link", [False, True])
+async def test_many_batches_through_the_stream(tmp_path: Path, carrier: str, long_link: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several batches and sessions (two per batch of large files on a long link): every
+    file lands once, complete, and nothing is copied again."""
+    if long_link:
+        monkeypatch.setattr(ssh_transport, "LONG_LINK", 0.0)
     origin = tmp_path / "origin"
     files = {f"d{i % 7}/f{i}.dat": os.urandom(i % 5000) for i in range(2500)}
     files.update({f"large/{i}.bin": os.urandom((3 << 20) + i) for i in range(4)})

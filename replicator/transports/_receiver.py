@@ -16,6 +16,7 @@ Frames from the client, each one byte of kind then a fixed header (network order
   C / A                                                        commit / abort the current file
   L seq:I mtime_ns:q dest_len:H tmp_len:H target_len:H, ...    a symlink
   S                                                            flush, rename, report
+  P                                                            answer "pong" (round trip)
   Q                                                            quit
 Replies, one line each: the greeting ``replicator-receiver 1``, and for each ``S`` the line
 ``flushing`` (all frames were read) then a JSON list of ``[seq, 0, size, mtime_ns, kind_ok]``
@@ -34,6 +35,7 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence,
 
 GREETING = b"replicator-receiver 1\n"
 FLUSHING = b"flushing\n"
+PONG = b"pong\n"
 FILE = struct.Struct("!IIqHH")
 LINK = struct.Struct("!IqHHH")
 LENGTH = struct.Struct("!I")
@@ -298,15 +300,24 @@ class Stream:
 
 
 def serve(root: bytes, inp: BinaryIO, out: BinaryIO) -> None:
-    # The greeting says this host runs the receiver; a root that cannot be opened (an
-    # unmounted disk) is a failure of this batch, reported after it, not a host without one.
+    # The greeting (and the answer to a ping) say this host runs the receiver; the root is
+    # opened with the first file: one that cannot be (an unmounted disk) fails that batch,
+    # and is not taken for a host without the receiver.
     out.write(GREETING)
     out.flush()
-    receiver = Receiver(root, out)
     stream = Stream(inp)
+    receiver: Optional[Receiver] = None
     try:
         while True:
             kind = bytes(stream.take(1))
+            if kind == b"P":
+                out.write(PONG)
+                out.flush()
+                continue
+            if kind == b"Q":
+                return
+            if receiver is None:
+                receiver = Receiver(root, out)
             if kind == b"F":
                 seq, mode, mtime_ns, dlen, tlen = FILE.unpack(stream.take(FILE.size))
                 names = bytes(stream.take(dlen + tlen))
@@ -324,14 +335,13 @@ def serve(root: bytes, inp: BinaryIO, out: BinaryIO) -> None:
                               names[dlen + tlen:])
             elif kind == b"S":
                 receiver.sync()
-            elif kind == b"Q":
-                return
             else:
                 raise Refused("unknown frame %r" % kind)
     except EOFError:
         pass
     finally:
-        receiver.abandon()
+        if receiver is not None:
+            receiver.abandon()
 
 
 def main() -> int:

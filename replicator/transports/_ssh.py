@@ -93,6 +93,8 @@ log = structlog.get_logger("replicator.transports.ssh")
 CHUNK = 1 << 20
 # Files of one batch on the wire at once: per-file round trips dominate small files.
 FILES_IN_FLIGHT = 8
+# A round trip to the receiver longer than this is a long link (a LAN answers in a few ms).
+LONG_LINK = 0.03
 # Write requests of one file on the wire at once, bounded in count and bytes.
 MAX_REQUESTS = 16
 BYTES_IN_FLIGHT = 4 << 20
@@ -473,8 +475,9 @@ class SshTransport:
         """One batch through the receiver: small files framed many per thread call and
         written while the next group is read; then one sync, which renames and reports.
 
-        A batch of several large files is spread over two sessions: over a long link one
-        SSH channel moves at most its window (2 MiB with OpenSSH) per round trip.
+        Over a long link a batch of several large files is spread over two sessions: one
+        SSH channel moves at most its window (2 MiB with OpenSSH) per round trip. Not on a
+        short one, where the processes of a second session only compete for the CPU.
         """
         sources = [_Source(i, r) for i, r in enumerate(requests)]
         results: list[PutResult | None] = [None] * len(requests)
@@ -485,7 +488,8 @@ class SshTransport:
                 async with receive:
                     tg.start_soon(self._stream_lane, session, receive.clone(), run_id,
                                   progress, results)
-                    if sum(1 for r in requests if r.size > SMALL_FILE) >= 2:
+                    if (session.rtt > LONG_LINK
+                            and sum(1 for r in requests if r.size > SMALL_FILE) >= 2):
                         tg.start_soon(self._second_lane, receive.clone(), run_id, progress,
                                       results)
         finally:

@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import struct
+import time
 from pathlib import Path
 
 from .._errors import ErrorClass, FileError
@@ -27,6 +28,7 @@ _LINK = struct.Struct("!cIqHHH")
 _DATA = struct.Struct("!cI")
 GREETING = b"replicator-receiver 1\n"
 FLUSHING = b"flushing\n"
+PONG = b"pong\n"
 DATA_CHUNK = 1 << 20
 
 _SOURCE = (Path(__file__).with_name("_receiver.py")).read_bytes()
@@ -65,6 +67,7 @@ class StreamSession:
 
     def __init__(self, carrier: Carrier) -> None:
         self.carrier = carrier
+        self.rtt = 0.0  # seconds for a frame to the receiver and its answer back
 
     @property
     def broken(self) -> bool:
@@ -84,6 +87,12 @@ class StreamSession:
             carrier.close()
             raise
         if greeting == GREETING:
+            started = time.monotonic()
+            await carrier.write(b"P")
+            if await carrier.readline() != PONG:
+                carrier.close()
+                raise StreamLost("the receiver did not answer")
+            session.rtt = time.monotonic() - started
             return session
         text, definitive = await carrier.failure()
         carrier.close()
