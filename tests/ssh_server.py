@@ -355,6 +355,10 @@ class Sshd:
         values.update(kwargs)
         return SshOptions(**values)
 
+    def replica_keys(self) -> dict[str, Any]:
+        return {"identity_file": str(self.keys.client_key),
+                "known_hosts": str(self.keys.known_hosts), "connect_timeout": 5.0}
+
 
 def require_sshd() -> None:
     """Skip without sshd; under CI (CI=true) a missing sshd fails instead."""

@@ -146,8 +146,7 @@ async def test_pull_from_openssh_with_find(tmp_path: Path) -> None:
         files = make_tree(origin)
         replica = tmp_path / "replica"
         replica.mkdir()
-        keys = {"identity_file": str(sshd.keys.client_key),
-                "known_hosts": str(sshd.keys.known_hosts), "connect_timeout": 5.0}
+        keys = sshd.replica_keys()
         config = pull_config(tmp_path, sshd.url(origin), replica, **keys)
         with capture_logs() as logs:
             summary = await sync(config)

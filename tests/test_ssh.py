@@ -105,8 +105,7 @@ async def test_openssh_replica_end_to_end(tmp_path: Path) -> None:
     with run_sshd(tmp_path / "sshd") as sshd:
         replica = tmp_path / "replica"
         replica.mkdir()
-        keys = {"identity_file": str(sshd.keys.client_key),
-                "known_hosts": str(sshd.keys.known_hosts), "connect_timeout": 5.0}
+        keys = sshd.replica_keys()
         config = ssh_config(tmp_path, origin, sshd.url(replica), **keys)
         summary = await sync(config)
         assert (summary.exit_code, summary.copied) == (0, len(files))

@@ -139,8 +139,7 @@ async def test_full_disk_fails_the_file_then_recovers(tmp_path: Path, carrier: s
     replica.mkdir()
     mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(replica))
     with run_sshd(tmp_path / "sshd") as sshd:
-        keys = {"identity_file": str(sshd.keys.client_key),
-                "known_hosts": str(sshd.keys.known_hosts), "connect_timeout": 5.0}
+        keys = sshd.replica_keys()
         config = ssh_config(tmp_path, origin, sshd.url(replica), transfer=carrier, **keys)
         summary = await sync(config)
         assert summary.exit_code == 1
@@ -169,8 +168,7 @@ async def test_read_only_folder_fails_its_files(tmp_path: Path, carrier: str,
     mount("--bind", str(locked), str(locked))
     mount("-o", "remount,bind,ro", str(locked))
     with run_sshd(tmp_path / "sshd") as sshd:
-        keys = {"identity_file": str(sshd.keys.client_key),
-                "known_hosts": str(sshd.keys.known_hosts), "connect_timeout": 5.0}
+        keys = sshd.replica_keys()
         config = ssh_config(tmp_path, origin, sshd.url(replica), transfer=carrier, **keys)
         summary = await sync(config)
         assert summary.exit_code == 1
@@ -244,8 +242,7 @@ async def test_many_batches_through_the_stream(tmp_path: Path, carrier: str, lon
     with run_sshd(tmp_path / "sshd") as sshd:
         replica = tmp_path / "replica"
         replica.mkdir()
-        keys = {"identity_file": str(sshd.keys.client_key),
-                "known_hosts": str(sshd.keys.known_hosts), "connect_timeout": 5.0}
+        keys = sshd.replica_keys()
         config = ssh_config(tmp_path, origin, sshd.url(replica), transfer=carrier,
                             workers=3, **keys)
         summary = await sync(config)

@@ -40,8 +40,7 @@ async def test_home_relative_path_on_openssh(tmp_path: Path) -> None:
         replica = home / folder
         replica.mkdir()
         try:
-            keys = {"identity_file": str(sshd.keys.client_key),
-                    "known_hosts": str(sshd.keys.known_hosts), "connect_timeout": 5.0}
+            keys = sshd.replica_keys()
             config = ssh_config(tmp_path, origin, sshd.url(f"/~/{folder}"), **keys)
             async with Replicator(config) as rep:
                 summary = await rep.sync_once()
