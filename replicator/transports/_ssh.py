@@ -23,8 +23,8 @@ import os
 import posixpath
 import shutil
 import stat
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager, suppress
 
 import anyio
 import asyncssh
@@ -54,7 +54,6 @@ from ._ssh_carriers import (
     openssh_argv,
 )
 from ._ssh_conn import (
-    _CONNECTION,
     CLEANUP_TIMEOUT,
     WHOLE_SECOND,
     SshOptions,
@@ -63,8 +62,8 @@ from ._ssh_conn import (
     _Pool,
     _release_pool,
     _show,
-    classify_sftp,
     options_for,
+    sftp_op,
 )
 from ._ssh_files import (
     SMALL_FILE,
@@ -162,36 +161,12 @@ class SshTransport:
         if self._pool is not None:
             self._pool.discard(conn)
 
-    @contextmanager
     def _io(self, conn: _Conn, what: str, path: bytes,
-            timeout: float | None = None) -> Iterator[None]:
-        """One SFTP operation: time-bounded, its errors mapped to FileError.
-
-        ``SFTPOpUnsupported`` passes through: callers fall back, and say so.
-        """
+            timeout: float | None = None) -> AbstractContextManager[None]:
+        """One SFTP operation (see ``sftp_op``); ``SFTPOpUnsupported`` passes through."""
         seconds = self._op_timeout if timeout is None else timeout
-        try:
-            with anyio.fail_after(seconds):
-                yield
-        except asyncssh.SFTPOpUnsupported:
-            raise
-        except anyio.get_cancelled_exc_class():
-            # A request may still be outstanding, and the server answers in order: a session
-            # stuck behind it (a stalled peer) must not be reused for the cleanup or probe.
-            self._discard(conn)
-            raise
-        except TimeoutError:
-            # A peer that does not answer in time is treated as gone: reconnect next time.
-            self._discard(conn)
-            raise FileError(f"{what} {_show(path)}: no answer within {seconds} s") from None
-        except asyncssh.SFTPError as exc:
-            if exc.code in _CONNECTION:
-                self._discard(conn)
-            raise FileError(f"{what} {_show(path)}: {exc.reason}", classify_sftp(exc)) from None
-        except (asyncssh.Error, OSError, EOFError) as exc:
-            self._discard(conn)
-            reason = exc.reason if isinstance(exc, asyncssh.Error) else str(exc)
-            raise FileError(f"{what} {_show(path)}: connection lost: {reason}") from None
+        return sftp_op(conn, self._discard, f"{what} {_show(path)}", seconds,
+                       unsupported_passes=True)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -13,7 +15,7 @@ import asyncssh
 import structlog
 
 from .._config import OriginConfig, ReplicaConfig
-from .._errors import ErrorClass, ReplicaUnavailableError
+from .._errors import ErrorClass, FileError, ReplicaUnavailableError
 
 log = structlog.get_logger("replicator.transports.ssh")
 
@@ -46,6 +48,39 @@ def classify_sftp(exc: asyncssh.SFTPError) -> ErrorClass:
 
 def _show(path: bytes) -> str:
     return repr(os.fsdecode(path))
+
+
+
+@contextmanager
+def sftp_op(conn: _Conn, discard: Callable[[_Conn], None], label: str, seconds: float, *,
+            unsupported_passes: bool = False) -> Iterator[None]:
+    """One SFTP operation: time-bounded, its errors mapped to FileError named by ``label``.
+
+    A session that may have a request outstanding (cancelled, timed out) or lost its
+    connection is ``discard``-ed: the server answers in order, so a stalled peer must not
+    be reused for the cleanup or the probe. With ``unsupported_passes``,
+    ``SFTPOpUnsupported`` passes through: callers fall back, and say so.
+    """
+    try:
+        with anyio.fail_after(seconds):
+            yield
+    except anyio.get_cancelled_exc_class():
+        discard(conn)
+        raise
+    except TimeoutError:
+        # A peer that does not answer in time is treated as gone: reconnect next time.
+        discard(conn)
+        raise FileError(f"{label}: no answer within {seconds} s") from None
+    except asyncssh.SFTPError as exc:
+        if unsupported_passes and isinstance(exc, asyncssh.SFTPOpUnsupported):
+            raise
+        if exc.code in _CONNECTION:
+            discard(conn)
+        raise FileError(f"{label}: {exc.reason}", classify_sftp(exc)) from None
+    except (asyncssh.Error, OSError, EOFError) as exc:
+        discard(conn)
+        reason = exc.reason if isinstance(exc, asyncssh.Error) else str(exc)
+        raise FileError(f"{label}: connection lost: {reason}") from None
 
 
 # --- connections ---------------------------------------------------------------------------

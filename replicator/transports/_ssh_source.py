@@ -17,8 +17,8 @@ import os
 import posixpath
 import shlex
 import stat
-from collections.abc import AsyncGenerator, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncGenerator
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 
 import anyio
@@ -30,7 +30,6 @@ from .._errors import FileError, OriginUnavailableError, ReplicaUnavailableError
 from .._inventory import Kind
 from ._base import Progress, SourceStat
 from ._ssh_conn import (
-    _CONNECTION,
     CLEANUP_TIMEOUT,
     WHOLE_SECOND,
     SshOptions,
@@ -38,8 +37,9 @@ from ._ssh_conn import (
     _Conn,
     _Pool,
     _release_pool,
-    classify_sftp,
+    _show,
     options_for,
+    sftp_op,
 )
 
 log = structlog.get_logger("replicator.transports.ssh_source")
@@ -68,10 +68,6 @@ def _find_command(root: str, *options: str) -> str:
     # -H: a symlinked root is followed, as SFTP's opendir does; nothing below it is.
     args = ["env", "LC_ALL=C", "find", "-H", root, *options, "-depth", *_UNLISTABLE]
     return " ".join(shlex.quote(arg) for arg in args)
-
-
-def _show(path: bytes) -> str:
-    return repr(os.fsdecode(path))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,32 +147,12 @@ class SshSource:
         if self._pool is not None:
             self._pool.discard(conn)
 
-    @contextmanager
     def _io(self, conn: _Conn, what: str, path: bytes,
-            timeout: float | None = None) -> Iterator[None]:
-        """One SFTP operation: time-bounded, its errors mapped to FileError."""
+            timeout: float | None = None) -> AbstractContextManager[None]:
+        """One SFTP operation (see ``sftp_op``)."""
         seconds = self._op_timeout if timeout is None else timeout
-        try:
-            with anyio.fail_after(seconds):
-                yield
-        except anyio.get_cancelled_exc_class():
-            # A request may still be outstanding: do not reuse the session.
-            self._discard(conn)
-            raise
-        except TimeoutError:
-            self._discard(conn)
-            raise FileError(f"{what} {_show(path)} on {self.options.where}:"
-                            f" no answer within {seconds} s") from None
-        except asyncssh.SFTPError as exc:
-            if exc.code in _CONNECTION:
-                self._discard(conn)
-            raise FileError(f"{what} {_show(path)} on {self.options.where}: {exc.reason}",
-                            classify_sftp(exc)) from None
-        except (asyncssh.Error, OSError, EOFError) as exc:
-            self._discard(conn)
-            reason = exc.reason if isinstance(exc, asyncssh.Error) else str(exc)
-            raise FileError(f"{what} {_show(path)} on {self.options.where}: connection lost:"
-                            f" {reason}") from None
+        return sftp_op(conn, self._discard, f"{what} {_show(path)} on {self.options.where}",
+                       seconds)
 
     # -- the tree --
 
