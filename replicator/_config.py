@@ -47,8 +47,32 @@ class EngineConfig:
     shutdown_grace: float = 30.0
 
 
+class _SshAddress:
+    """User, host and port of a config entry's ssh:// URL (``ssh_url``)."""
+
+    __slots__ = ()
+
+    @property
+    def ssh_url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def ssh_user(self) -> str | None:
+        return _parse_url(self.ssh_url, "ssh").user
+
+    @property
+    def ssh_host(self) -> str:
+        host = _parse_url(self.ssh_url, "ssh").host
+        assert host is not None  # _parse_url rejects ssh URLs without a host
+        return host
+
+    @property
+    def ssh_port(self) -> int | None:
+        return _parse_url(self.ssh_url, "ssh").port
+
+
 @dataclass(frozen=True, slots=True)
-class OriginConfig:
+class OriginConfig(_SshAddress):
     """A tree to replicate: a local folder, or ``ssh://[user@]host[:port]/path`` (pull mode).
 
     ``host`` defaults to this machine's host name, or for ssh:// origins to the URL's host.
@@ -86,24 +110,14 @@ class OriginConfig:
         return m is not None and m.group(1).lower() == "ssh"
 
     @property
+    def ssh_url(self) -> str:
+        return self.path
+
+    @property
     def root(self) -> str:
         """The folder scanned: the local path, or the path on the SSH host (absolute, or
         relative to the login's home). File paths in the inventory start with it."""
         return _parse_url(self.path, "ssh").path if self.remote else self.path
-
-    @property
-    def ssh_user(self) -> str | None:
-        return _parse_url(self.path, "ssh").user
-
-    @property
-    def ssh_host(self) -> str:
-        host = _parse_url(self.path, "ssh").host
-        assert host is not None  # _parse_url rejects ssh URLs without a host
-        return host
-
-    @property
-    def ssh_port(self) -> int | None:
-        return _parse_url(self.path, "ssh").port
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +130,7 @@ class _Url:
 
 
 @dataclass(frozen=True, slots=True)
-class ReplicaConfig:
+class ReplicaConfig(_SshAddress):
     url: str
     name: str = ""
     workers: int = 4
@@ -156,23 +170,13 @@ class ReplicaConfig:
         return _parse_url(self.url, "file").path
 
     @property
+    def ssh_url(self) -> str:
+        return self.url
+
+    @property
     def remote_path(self) -> str:
         """The folder on the SSH host: absolute, or relative to the login's home."""
         return _parse_url(self.url, "ssh").path
-
-    @property
-    def ssh_user(self) -> str | None:
-        return _parse_url(self.url, "ssh").user
-
-    @property
-    def ssh_host(self) -> str:
-        host = _parse_url(self.url, "ssh").host
-        assert host is not None  # _parse_url rejects ssh URLs without a host
-        return host
-
-    @property
-    def ssh_port(self) -> int | None:
-        return _parse_url(self.url, "ssh").port
 
 
 @dataclass(frozen=True, slots=True)
