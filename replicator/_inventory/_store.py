@@ -378,15 +378,22 @@ class Inventory:
 
         Nothing below an ``unreadable`` folder counts as gone: the scan could not look.
         """
+        # Every folder ever recorded, one index seek each (a skip scan); a DISTINCT over the
+        # files read all of their rows, 120 ms per 300,000 at the end of every scan.
         rows = await self._rows(
-            "SELECT DISTINCT dir FROM files WHERE origin = ? AND host = ? AND deleted IS NULL",
+            "WITH RECURSIVE d(dir) AS ("
+            " SELECT MIN(dir) FROM files WHERE origin = ?1 AND host = ?2"
+            " UNION ALL SELECT (SELECT MIN(dir) FROM files"
+            "  WHERE origin = ?1 AND host = ?2 AND dir > d.dir)"
+            " FROM d WHERE d.dir IS NOT NULL)"
+            " SELECT dir FROM d WHERE dir IS NOT NULL",
             (origin, host),
         )
         hidden = tuple(u.rstrip(b"/") + b"/" for u in unreadable)
-        gone_dirs = [row[0] for row in rows
-                     if row[0] not in visited and not (hidden and row[0].startswith(hidden))]
+        unseen = [row[0] for row in rows
+                  if row[0] not in visited and not (hidden and row[0].startswith(hidden))]
         total = 0
-        for directory in gone_dirs:
+        for directory in unseen:
             ids = [
                 row[0]
                 for row in await self._rows(
@@ -395,9 +402,10 @@ class Inventory:
                     (origin, host, directory),
                 )
             ]
+            if not ids:
+                continue  # gone at an earlier scan
             async with self._write() as db:
-                if ids:
-                    await self._mark_deleted(db, ids, now)
+                await self._mark_deleted(db, ids, now)
                 # Its rows changed outside a diff: the next listing of it is diffed in full.
                 await db.execute(
                     "DELETE FROM dirs WHERE origin = ? AND host = ? AND dir = ?",
@@ -605,16 +613,18 @@ class Inventory:
             return []
         marks = ",".join("?" * len(replicas))
         rows = await self._rows(
-            "SELECT replica, dest FROM copies WHERE state = 'copying' AND dest IS NOT NULL"
-            f" AND replica IN ({marks})",
+            # INDEXED BY: without statistics SQLite takes the primary key and reads every
+            # copy of the replica (30 ms per 300,000) to find the few in flight.
+            "SELECT replica, dest FROM copies INDEXED BY copies_due"
+            f" WHERE state = 'copying' AND dest IS NOT NULL AND replica IN ({marks})",
             tuple(replicas),
         )
         async with self._write() as db:
             # Only these replicas' copies: the others keep their record of where temp files
             # of a dead run may lie until a run that serves them cleans up.
             await db.execute(
-                f"UPDATE copies SET state = 'pending' WHERE state = 'copying'"
-                f" AND replica IN ({marks})",
+                f"UPDATE copies INDEXED BY copies_due SET state = 'pending'"
+                f" WHERE state = 'copying' AND replica IN ({marks})",
                 tuple(replicas),
             )
         return [(row[0], row[1]) for row in rows]
@@ -622,33 +632,49 @@ class Inventory:
     # -- operators ----------------------------------------------------------------------
 
     async def replica_stats(self, now: float) -> list[ReplicaStats]:
-        rows = await self._rows(
-            "SELECT r.name, r.url, r.condition, r.last_error,"
-            " COUNT(c.file_id),"
-            " SUM(c.state = 'replicated'), SUM(c.state IN ('pending', 'copying')),"
-            " SUM(c.state = 'failed'), SUM(c.state = 'ignored'),"
-            " SUM(CASE WHEN c.state IN ('pending', 'copying') THEN f.size ELSE 0 END),"
-            " MIN(CASE WHEN c.state IN ('pending', 'copying') THEN f.first_seen END)"
-            " FROM replicas r LEFT JOIN copies c ON c.replica = r.name"
-            " LEFT JOIN files f ON f.id = c.file_id GROUP BY r.name ORDER BY r.name"
-        )
-        return [
-            ReplicaStats(
-                name=row[0], url=row[1], condition=row[2], last_error=row[3],
-                files=int(row[4] or 0), replicated=int(row[5] or 0),
-                pending=int(row[6] or 0), failed=int(row[7] or 0), ignored=int(row[8] or 0),
-                bytes_pending=int(row[9] or 0),
-                oldest_pending_age=None if row[10] is None else max(0.0, now - row[10]),
+        # Counts come from the copies_due index alone (25 ms per 300,000 copies); only the
+        # copies still to do are joined with their files for bytes and age. One join over
+        # every copy cost ten times as much at the end of each run.
+        counts: dict[tuple[str, str], int] = {
+            (row[0], row[1]): int(row[2])
+            for row in await self._rows(
+                "SELECT replica, state, COUNT(*) FROM copies INDEXED BY copies_due"
+                " GROUP BY replica, state"
             )
-            for row in rows
-        ]
+        }
+        todo = {
+            row[0]: (int(row[1] or 0), row[2])
+            for row in await self._rows(
+                "SELECT c.replica, SUM(f.size), MIN(f.first_seen)"
+                " FROM copies c INDEXED BY copies_due JOIN files f ON f.id = c.file_id"
+                " WHERE c.state IN ('pending', 'copying') GROUP BY c.replica"
+            )
+        }
+        stats = []
+        for name, url, condition, last_error in await self._rows(
+            "SELECT name, url, condition, last_error FROM replicas ORDER BY name"
+        ):
+            def count(*states: str, name: str = name) -> int:
+                return sum(counts.get((name, state), 0) for state in states)
+
+            bytes_pending, oldest = todo.get(name, (0, None))
+            stats.append(ReplicaStats(
+                name=name, url=url, condition=condition, last_error=last_error,
+                files=sum(n for (replica, _), n in counts.items() if replica == name),
+                replicated=count("replicated"), pending=count("pending", "copying"),
+                failed=count("failed"), ignored=count("ignored"),
+                bytes_pending=bytes_pending,
+                oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
+            ))
+        return stats
 
     async def unresolved_errors(self, replicas: Sequence[str]) -> int:
         """Copies that are failed, or pending after a per-file error, on these replicas."""
         marks = ",".join("?" * len(replicas))
         rows = await self._rows(
-            f"SELECT COUNT(*) FROM copies WHERE replica IN ({marks}) AND"
-            " (state = 'failed' OR (state = 'pending' AND error_class IS NOT NULL))",
+            f"SELECT COUNT(*) FROM copies INDEXED BY copies_due WHERE replica IN ({marks})"
+            " AND state IN ('failed', 'pending')"
+            " AND (state = 'failed' OR error_class IS NOT NULL)",
             tuple(replicas),
         )
         return int(rows[0][0])
