@@ -37,6 +37,11 @@ class GlobSet:
     def match(self, relpath: str) -> bool:
         return self._regex is not None and self._regex.fullmatch(relpath) is not None
 
+    @property
+    def regex(self) -> str | None:
+        """The one regex (for ``re.DOTALL`` full matches) the patterns compile to."""
+        return None if self._regex is None else self._regex.pattern
+
     def __call__(self, relpath: str) -> bool:
         return self.match(relpath)
 

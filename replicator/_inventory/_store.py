@@ -197,6 +197,40 @@ class Inventory:
 
     # -- scanning -----------------------------------------------------------------------
 
+    async def fingerprints(self, origin: str, host: str,
+                           dirs: Sequence[bytes]) -> dict[bytes, bytes]:
+        """The digests recorded after the last diff of these folders (those that have one)."""
+        recorded: dict[bytes, bytes] = {}
+        for chunk in _chunks(dirs, _MAX_PARAMS):
+            marks = ",".join("?" * len(chunk))
+            for d, fingerprint in await self._rows(
+                "SELECT dir, fingerprint FROM dirs WHERE origin = ? AND host = ?"
+                f" AND dir IN ({marks}) AND fingerprint IS NOT NULL",
+                (origin, host, *chunk),
+            ):
+                recorded[d] = fingerprint
+        return recorded
+
+    async def touch_dirs(self, origin: str, host: str,
+                         dirs: Sequence[tuple[bytes, bytes]], now: float) -> list[bytes]:
+        """Record folders found unchanged: their listing's digest is the recorded one.
+
+        Returns the folders whose recorded digest changed since it was read (another scan
+        diffed them meanwhile): they must be listed and diffed in full.
+        """
+        if not dirs:
+            return []
+        async with self._write() as db:
+            cursor = await db.executemany(
+                "UPDATE dirs SET last_seen = ?"
+                " WHERE origin = ? AND host = ? AND dir = ? AND fingerprint = ?",
+                [(now, origin, host, d, fingerprint) for d, fingerprint in dirs],
+            )
+            if cursor.rowcount == len(dirs):
+                return []
+        recorded = await self.fingerprints(origin, host, [d for d, _ in dirs])
+        return [d for d, fingerprint in dirs if recorded.get(d) != fingerprint]
+
     async def apply_listings(
         self,
         origin: str,
