@@ -60,15 +60,16 @@ SSH_TARGETS = {
 }
 
 
-@pytest.fixture(params=["local", *SSH_TARGETS])
+@pytest.fixture(params=["local", "local-threads", *SSH_TARGETS])
 async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Target]:
     limiter = anyio.CapacityLimiter(4)
     transport: Transport
-    if request.param == "local":
+    if request.param.startswith("local"):
         root = tmp_path / "replica"
         root.mkdir()
-        transport = LocalTransport(str(root), limiter)
-        yield Target(transport, root)
+        helper = request.param == "local"
+        transport = LocalTransport(str(root), limiter, helper=helper)
+        yield Target(transport, root, "helper" if helper else "threads")
         await transport.aclose()
         return
     server_kind, transfer = SSH_TARGETS[request.param]
@@ -108,7 +109,7 @@ async def put(target: Target, requests: list[PutRequest], run_id: str = "1x1"
     results = await target.transport.put(requests, run_id, progress)
     assert progress.results == results
     assert len(results) == len(requests)
-    if isinstance(target.transport, SshTransport):
+    if isinstance(target.transport, SshTransport | LocalTransport):
         # The data path under test was used: no silent fallback to another one.
         assert target.transport.transfer == target.transfer
     return results

@@ -178,14 +178,20 @@ class Progress:
     def flushing(self) -> Iterator[None]:
         """Mark a flush to disk: it moves bytes the counters cannot see, so a long flush of
         a large batch to a slow disk is not taken for a stall."""
-        with self._lock:
-            self._flushing += 1
+        self.begin_flush()
         try:
             yield
         finally:
-            with self._lock:
-                self._flushing -= 1
-                self.last_change = time.monotonic()
+            self.end_flush()
+
+    def begin_flush(self) -> None:
+        with self._lock:
+            self._flushing += 1
+
+    def end_flush(self) -> None:
+        with self._lock:
+            self._flushing -= 1
+            self.last_change = time.monotonic()
 
 
 @runtime_checkable

@@ -33,6 +33,7 @@ from ._base import (
     PutStatus,
 )
 from ._errors import file_error
+from ._local_helper import CopyHelper
 from ._paths import confine, copy_mode
 
 log = structlog.get_logger("replicator.transports.local")
@@ -220,171 +221,14 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
     )
 
 
-class LocalTransport:
-    """A replica root in a local folder. The root must exist: an unmounted disk's empty
-    mount point must not silently receive a copy."""
+class BatchWriter:
+    """The blocking work of a batch, in one worker thread or in the copy helper process."""
 
-    def __init__(self, root: str, limiter: anyio.CapacityLimiter, fsync: bool = True) -> None:
-        self.root = os.fsencode(os.path.abspath(root))
-        self._limiter = limiter
+    def __init__(self, root: bytes, fsync: bool) -> None:
+        self.root = root
         self._fsync = fsync
-        self._caps = Capabilities(mtime_precision_ns=1, fsync=fsync)
 
-    @property
-    def capabilities(self) -> Capabilities:
-        return self._caps
-
-    async def prepare(self) -> None:
-        return None  # nothing to get ready
-
-    async def probe(self) -> None:
-        await anyio.to_thread.run_sync(self._probe, limiter=self._limiter, abandon_on_cancel=True)
-
-    def _probe(self) -> None:
-        root = os.fsdecode(self.root)
-        try:
-            fd = os.open(self.root, _DIR_FLAGS)
-        except FileNotFoundError:
-            raise ReplicaUnavailableError(f"replica root {root!r} does not exist") from None
-        except OSError as exc:
-            raise ReplicaUnavailableError(f"replica root {root!r}: {exc.strerror}") from None
-        try:
-            name = b".~rep-probe-" + secrets.token_hex(4).encode()
-            wfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                          dir_fd=fd)
-            os.close(wfd)
-            os.unlink(name, dir_fd=fd)
-        except OSError as exc:
-            raise ReplicaUnavailableError(
-                f"replica root {root!r} is not writable: {exc.strerror}"
-            ) from None
-        finally:
-            os.close(fd)
-
-    async def read_marker(self) -> str | None:
-        def run() -> str | None:
-            try:
-                fd = os.open(os.path.join(self.root, MARKER),
-                             os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                raise ReplicaUnavailableError(f"replica marker: {exc.strerror}") from None
-            try:
-                return os.read(fd, 4096).decode(errors="replace").strip()
-            finally:
-                os.close(fd)
-
-        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
-
-    async def write_marker(self, text: str) -> None:
-        def run() -> None:
-            tmp = os.path.join(self.root, MARKER + b".tmp")
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o644)
-                try:
-                    os.write(fd, text.encode() + b"\n")
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, os.path.join(self.root, MARKER))
-                root_fd = os.open(self.root, _DIR_FLAGS)
-                try:
-                    os.fsync(root_fd)
-                finally:
-                    os.close(root_fd)
-            except OSError as exc:
-                raise ReplicaUnavailableError(
-                    f"cannot write the replica marker: {exc.strerror}") from None
-
-        await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
-
-    async def stat(self, dest: bytes) -> DestStat | None:
-        def run() -> DestStat | None:
-            try:
-                st = os.stat(os.path.join(self.root, confine(dest)), follow_symlinks=False)
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                raise file_error(exc, "stat", dest) from None
-            return DestStat(st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
-                            stat.S_ISDIR(st.st_mode), stat.S_ISLNK(st.st_mode))
-
-        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
-
-    async def listdir(self, dest: bytes) -> list[bytes]:
-        def run() -> list[bytes]:
-            try:
-                return os.listdir(os.path.join(self.root, confine(dest)) if dest else self.root)
-            except OSError as exc:
-                raise file_error(exc, "list", dest) from None
-
-        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
-
-    async def remove(self, dest: bytes) -> None:
-        def run() -> None:
-            try:
-                os.unlink(os.path.join(self.root, confine(dest)))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise file_error(exc, "remove", dest) from None
-
-        await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
-
-    async def remove_stale_temps(self, dirs: Iterable[bytes], run_id: str) -> int:
-        wanted = sorted(set(dirs))
-
-        def run() -> int:
-            removed = 0
-            for reldir in wanted:
-                folder = os.path.join(self.root, reldir) if reldir else self.root
-                try:
-                    names = os.listdir(folder)
-                except OSError:
-                    continue
-                for name in names:
-                    match = TEMP_RE.match(name)
-                    if match and match.group(1).decode() != run_id:
-                        with suppress(FileNotFoundError):
-                            os.unlink(os.path.join(folder, name))
-                            removed += 1
-            return removed
-
-        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
-
-    async def put(
-        self, requests: Sequence[PutRequest], run_id: str, progress: Progress
-    ) -> list[PutResult]:
-        # --- pull mode (issue 3): sources on a remote origin take their own path ----------
-        if any(request.remote is not None for request in requests):
-            return await self._put_remote(requests, run_id, progress)
-        # --- end pull mode ------------------------------------------------------------------
-        results = progress.results
-        try:
-            await anyio.to_thread.run_sync(
-                self._put_batch, requests, run_id, progress, results,
-                limiter=self._limiter, abandon_on_cancel=True,
-            )
-        except BaseException:
-            # The thread goes on until its next chunk; tell it to stop and clean up.
-            progress.cancelled = True
-            raise
-        return results
-
-    # --- pull mode (issue 3) ----------------------------------------------------------------
-    async def _put_remote(
-        self, requests: Sequence[PutRequest], run_id: str, progress: Progress
-    ) -> list[PutResult]:
-        """Copy files of a remote origin (``PutRequest.remote``); see ``_pull``."""
-        from ._pull import put_from_source
-
-        return await put_from_source(self.root, self._limiter, self._fsync, requests, run_id,
-                                     progress)
-    # --- end pull mode ----------------------------------------------------------------------
-
-    def _put_batch(
+    def put_batch(
         self,
         requests: Sequence[PutRequest],
         run_id: str,
@@ -572,5 +416,185 @@ class LocalTransport:
                              error=file_error(exc, "write link", request.dest))
         return staged
 
+
+class LocalTransport:
+    """A replica root in a local folder. The root must exist: an unmounted disk's empty
+    mount point must not silently receive a copy."""
+
+    def __init__(self, root: str, limiter: anyio.CapacityLimiter, fsync: bool = True,
+                 helper: bool = True) -> None:
+        """``helper``: copy in a helper process (see ``_local_helper``), else in threads."""
+        self.root = os.fsencode(os.path.abspath(root))
+        self._limiter = limiter
+        self._fsync = fsync
+        self._caps = Capabilities(mtime_precision_ns=1, fsync=fsync)
+        self._writer = BatchWriter(self.root, fsync)
+        self._helper = CopyHelper(self.root, fsync) if helper else None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    @property
+    def transfer(self) -> str:
+        """Where batches are copied: "helper" (a helper process) or "threads"."""
+        return "helper" if self._helper is not None and self._helper.broken is None \
+            else "threads"
+
+    async def prepare(self) -> None:
+        if self._helper is not None:
+            await self._helper.start()  # its imports overlap the scan
+
+    async def probe(self) -> None:
+        await anyio.to_thread.run_sync(self._probe, limiter=self._limiter, abandon_on_cancel=True)
+
+    def _probe(self) -> None:
+        root = os.fsdecode(self.root)
+        try:
+            fd = os.open(self.root, _DIR_FLAGS)
+        except FileNotFoundError:
+            raise ReplicaUnavailableError(f"replica root {root!r} does not exist") from None
+        except OSError as exc:
+            raise ReplicaUnavailableError(f"replica root {root!r}: {exc.strerror}") from None
+        try:
+            name = b".~rep-probe-" + secrets.token_hex(4).encode()
+            wfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                          dir_fd=fd)
+            os.close(wfd)
+            os.unlink(name, dir_fd=fd)
+        except OSError as exc:
+            raise ReplicaUnavailableError(
+                f"replica root {root!r} is not writable: {exc.strerror}"
+            ) from None
+        finally:
+            os.close(fd)
+
+    async def read_marker(self) -> str | None:
+        def run() -> str | None:
+            try:
+                fd = os.open(os.path.join(self.root, MARKER),
+                             os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise ReplicaUnavailableError(f"replica marker: {exc.strerror}") from None
+            try:
+                return os.read(fd, 4096).decode(errors="replace").strip()
+            finally:
+                os.close(fd)
+
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+
+    async def write_marker(self, text: str) -> None:
+        def run() -> None:
+            tmp = os.path.join(self.root, MARKER + b".tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o644)
+                try:
+                    os.write(fd, text.encode() + b"\n")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, os.path.join(self.root, MARKER))
+                root_fd = os.open(self.root, _DIR_FLAGS)
+                try:
+                    os.fsync(root_fd)
+                finally:
+                    os.close(root_fd)
+            except OSError as exc:
+                raise ReplicaUnavailableError(
+                    f"cannot write the replica marker: {exc.strerror}") from None
+
+        await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+
+    async def stat(self, dest: bytes) -> DestStat | None:
+        def run() -> DestStat | None:
+            try:
+                st = os.stat(os.path.join(self.root, confine(dest)), follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise file_error(exc, "stat", dest) from None
+            return DestStat(st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
+                            stat.S_ISDIR(st.st_mode), stat.S_ISLNK(st.st_mode))
+
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+
+    async def listdir(self, dest: bytes) -> list[bytes]:
+        def run() -> list[bytes]:
+            try:
+                return os.listdir(os.path.join(self.root, confine(dest)) if dest else self.root)
+            except OSError as exc:
+                raise file_error(exc, "list", dest) from None
+
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+
+    async def remove(self, dest: bytes) -> None:
+        def run() -> None:
+            try:
+                os.unlink(os.path.join(self.root, confine(dest)))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise file_error(exc, "remove", dest) from None
+
+        await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+
+    async def remove_stale_temps(self, dirs: Iterable[bytes], run_id: str) -> int:
+        wanted = sorted(set(dirs))
+
+        def run() -> int:
+            removed = 0
+            for reldir in wanted:
+                folder = os.path.join(self.root, reldir) if reldir else self.root
+                try:
+                    names = os.listdir(folder)
+                except OSError:
+                    continue
+                for name in names:
+                    match = TEMP_RE.match(name)
+                    if match and match.group(1).decode() != run_id:
+                        with suppress(FileNotFoundError):
+                            os.unlink(os.path.join(folder, name))
+                            removed += 1
+            return removed
+
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+
+    async def put(
+        self, requests: Sequence[PutRequest], run_id: str, progress: Progress
+    ) -> list[PutResult]:
+        # --- pull mode (issue 3): sources on a remote origin take their own path ----------
+        if any(request.remote is not None for request in requests):
+            return await self._put_remote(requests, run_id, progress)
+        # --- end pull mode ------------------------------------------------------------------
+        if self._helper is not None and self._helper.broken is None \
+                and await self._helper.put(requests, run_id, progress):
+            return progress.results
+        results = progress.results
+        try:
+            await anyio.to_thread.run_sync(
+                self._writer.put_batch, requests, run_id, progress, results,
+                limiter=self._limiter, abandon_on_cancel=True,
+            )
+        except BaseException:
+            # The thread goes on until its next chunk; tell it to stop and clean up.
+            progress.cancelled = True
+            raise
+        return results
+
+    # --- pull mode (issue 3) ----------------------------------------------------------------
+    async def _put_remote(
+        self, requests: Sequence[PutRequest], run_id: str, progress: Progress
+    ) -> list[PutResult]:
+        """Copy files of a remote origin (``PutRequest.remote``); see ``_pull``."""
+        from ._pull import put_from_source
+
+        return await put_from_source(self.root, self._limiter, self._fsync, requests, run_id,
+                                     progress)
+    # --- end pull mode ----------------------------------------------------------------------
+
     async def aclose(self) -> None:
-        return None
+        if self._helper is not None:
+            await self._helper.aclose()

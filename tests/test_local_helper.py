@@ -1,0 +1,163 @@
+"""The copy helper process of local replicas: progress, cancellation, and its death."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from conftest import write
+from structlog.testing import capture_logs
+
+from replicator._inventory import Kind
+from replicator.transports import LocalTransport, Progress, PutRequest, PutStatus
+
+pytestmark = pytest.mark.anyio
+
+# Imported by the helper's interpreter at start-up (PYTHONPATH): every file it copies takes
+# 20 ms longer, so a batch lasts long enough to watch and to cancel.
+SLOW_HELPER = '''
+import time
+from replicator.transports import _local
+
+_stage = _local.BatchWriter._stage
+
+def slow_stage(self, *args, **kwargs):
+    time.sleep(0.02)
+    return _stage(self, *args, **kwargs)
+
+_local.BatchWriter._stage = slow_stage
+'''
+
+
+class Watched(Progress):
+    """Progress that says when the first of it arrived (frames arrive on the event loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moved = anyio.Event()
+
+    def add(self, nbytes: int = 0, files: int = 0) -> None:
+        super().add(nbytes, files)
+        self.moved.set()
+
+
+def sources(folder: Path, count: int) -> list[PutRequest]:
+    requests = []
+    for i in range(count):
+        path = write(folder / f"{i:04}.dat", os.urandom(1000 + i))
+        st = path.stat()
+        requests.append(PutRequest(os.fsencode(path), f"out/{i:04}.dat".encode(), Kind.FILE,
+                                   st.st_size, st.st_mtime_ns, 0o644))
+    return requests
+
+
+def leftovers(root: Path) -> list[str]:
+    return [p.name for p in root.rglob("*") if p.name.startswith(".~rep-")]
+
+
+@pytest.fixture
+def slow_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_HELPER)
+    monkeypatch.setenv("PYTHONPATH", str(hooks))
+
+
+async def test_batches_run_in_the_helper_with_progress(tmp_path: Path,
+                                                      slow_helper: None) -> None:
+    root = tmp_path / "replica"
+    root.mkdir()
+    requests = sources(tmp_path / "src", 60)
+    transport = LocalTransport(str(root), anyio.CapacityLimiter(2))
+    try:
+        await transport.prepare()
+        progress = Progress()
+        seen: list[int] = []
+
+        async def watch() -> None:
+            while True:
+                seen.append(progress.files)
+                await anyio.sleep(0.1)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            results = await transport.put(requests, "run1", progress)
+            tg.cancel_scope.cancel()
+        assert transport.transfer == "helper"
+        assert [r.status for r in results] == [PutStatus.COPIED] * len(requests)
+        assert [r.request for r in results] == requests  # the caller's own objects
+        # Progress came while the batch ran (1.2 s), not only at its end.
+        assert any(0 < files < len(requests) for files in seen), seen
+        for request in requests:
+            assert (root / os.fsdecode(request.dest)).read_bytes() == \
+                Path(os.fsdecode(request.source)).read_bytes()
+    finally:
+        await transport.aclose()
+
+
+async def test_cancelled_batch_stops_the_helper_and_leaves_no_temp_file(
+        tmp_path: Path, slow_helper: None) -> None:
+    root = tmp_path / "replica"
+    root.mkdir()
+    requests = sources(tmp_path / "src", 200)  # 4 s in the slowed helper
+    transport = LocalTransport(str(root), anyio.CapacityLimiter(2))
+    helper = transport._helper
+    assert helper is not None
+    progress = Watched()
+    with anyio.move_on_after(10):
+        async with anyio.create_task_group() as tg:
+
+            async def cancel_when_started() -> None:
+                await progress.moved.wait()
+                started = time.monotonic()
+                tg.cancel_scope.cancel()
+                cancelled_at.append(started)
+
+            cancelled_at: list[float] = []
+            tg.start_soon(cancel_when_started)
+            await transport.put(requests, "run1", progress)
+    assert cancelled_at, "the batch finished before it could be cancelled"
+    assert time.monotonic() - cancelled_at[0] < 1.0  # put did not wait for the helper
+    assert progress.cancelled
+    stopping = list(helper._stopping)
+    assert len(stopping) == 1
+    await transport.aclose()
+    assert stopping[0].returncode is not None
+    assert leftovers(root) == []
+    # Renames come after a whole batch is staged and flushed: a batch cancelled while
+    # staging renames nothing. Whatever has its final name is whole.
+    done = list((root / "out").iterdir())
+    assert len(done) < len(requests)
+    for path in done:
+        assert path.read_bytes() == (tmp_path / "src" / path.name).read_bytes()
+
+
+async def test_a_dead_helper_hands_over_to_threads(tmp_path: Path) -> None:
+    root = tmp_path / "replica"
+    root.mkdir()
+    requests = sources(tmp_path / "src", 30)
+    transport = LocalTransport(str(root), anyio.CapacityLimiter(2))
+    try:
+        await transport.prepare()
+        helper = transport._helper
+        assert helper is not None
+        assert helper._process is not None
+        helper._process.kill()
+        await helper._process.wait()
+        with capture_logs() as logs:
+            results = await transport.put(requests, "run1", Progress())
+        assert [r.status for r in results] == [PutStatus.COPIED] * len(requests)
+        assert transport.transfer == "threads"
+        assert any(e["event"] == "local copies go on in worker threads" for e in logs)
+        assert leftovers(root) == []
+        # And it stays so: the next batch goes to the threads at once.
+        more = sources(tmp_path / "more", 3)
+        for request in more:
+            object.__setattr__(request, "dest", b"more/" + request.dest)
+        assert [r.status for r in await transport.put(more, "run1", Progress())] == [
+            PutStatus.COPIED] * 3
+    finally:
+        await transport.aclose()
