@@ -33,7 +33,8 @@ from test_transport_conformance import request_for
 from replicator.transports import Progress, PutStatus
 from replicator.transports import _ssh as ssh_transport
 from replicator.transports._ssh import SshTransport
-from replicator.transports._ssh_carriers import openssh_argv
+from replicator.transports._ssh_carriers import Carrier, openssh_argv
+from replicator.transports._ssh_stream import StreamSession
 
 pytestmark = pytest.mark.anyio
 
@@ -230,9 +231,19 @@ async def test_openssh_client_uses_only_the_configured_known_hosts(
 async def test_many_batches_through_the_stream(tmp_path: Path, carrier: str, long_link: bool,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Several batches and sessions (two per batch of large files on a long link): every
-    file lands once, complete, and nothing is copied again."""
+    file lands once, complete, and nothing is copied again. On a short link no more than
+    SHORT_LINK_SESSIONS sessions start, however many workers there are."""
     if long_link:
         monkeypatch.setattr(ssh_transport, "LONG_LINK", 0.0)
+    started: list[float] = []
+    start = StreamSession.start.__func__  # type: ignore[attr-defined]
+
+    async def counting_start(cls: type[StreamSession], carrier: Carrier) -> StreamSession:
+        session: StreamSession = await start(cls, carrier)
+        started.append(session.rtt)
+        return session
+
+    monkeypatch.setattr(StreamSession, "start", classmethod(counting_start))
     origin = tmp_path / "origin"
     files = {f"d{i % 7}/f{i}.dat": os.urandom(i % 5000) for i in range(2500)}
     files.update({f"large/{i}.bin": os.urandom((3 << 20) + i) for i in range(4)})
@@ -244,10 +255,12 @@ async def test_many_batches_through_the_stream(tmp_path: Path, carrier: str, lon
         replica.mkdir()
         keys = sshd.replica_keys()
         config = ssh_config(tmp_path, origin, sshd.url(replica), transfer=carrier,
-                            workers=3, **keys)
+                            workers=4, **keys)
         summary = await sync(config)
         assert (summary.exit_code, summary.copied, summary.pending) == (0, len(files), 0)
         assert_all_copied(replica, origin, files)
+        if not long_link:
+            assert 1 <= len(started) <= 2, started  # SHORT_LINK_SESSIONS
         assert (await sync(config)).copied == 0
 
 
