@@ -285,3 +285,55 @@ async def test_a_missing_root_is_not_taken_for_a_host_without_the_receiver(
             assert {r.status for r in results} == {PutStatus.COPIED}
         finally:
             await transport.aclose()
+
+
+class ChangesSource(Progress):
+    """Progress that rewrites the source once the first bytes of it have been sent."""
+
+    def __init__(self, source: Path, change: Callable[[Path], None]) -> None:
+        super().__init__()
+        self.source, self.change, self.changed = source, change, False
+
+    def add(self, nbytes: int = 0, files: int = 0) -> None:
+        super().add(nbytes, files)
+        if nbytes and not self.changed:
+            self.changed = True
+            self.change(self.source)
+
+
+def shrink(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def grow(path: Path) -> None:
+    with open(path, "ab") as f:
+        f.write(b"more")
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+@pytest.mark.parametrize("change", [shrink, grow])
+async def test_a_large_file_changing_while_it_streams_is_not_copied(
+        tmp_path: Path, carrier: str, change: Callable[[Path], None]) -> None:
+    """The bytes of a large file go straight from the file to the carrier (spliced into the
+    OpenSSH client's pipe): a file that shrinks under it still ends its frames, and one that
+    shrinks or grows is reported changed, with nothing under its final name."""
+    source = write(tmp_path / "big.bin", os.urandom(9 << 20))
+    request = request_for(source, b"d/big.bin")
+    small = write(tmp_path / "small.txt", b"next file of the batch")
+    with run_sshd(tmp_path / "sshd") as sshd:
+        replica = tmp_path / "replica"
+        replica.mkdir()
+        transport = SshTransport(sshd.options(), str(replica), anyio.CapacityLimiter(2),
+                                 op_timeout=10, carriers=(carrier,))
+        try:
+            progress = ChangesSource(source, change)
+            results = await transport.put([request, request_for(small, b"d/small.txt")],
+                                          "1x1", progress)
+            assert transport.transfer == carrier
+        finally:
+            await transport.aclose()
+    assert progress.changed
+    assert [r.status for r in results] == [PutStatus.CHANGED, PutStatus.COPIED]
+    assert not (replica / "d" / "big.bin").exists()
+    assert (replica / "d" / "small.txt").read_bytes() == b"next file of the batch"
+    assert temp_files(replica) == []

@@ -79,7 +79,7 @@ from ._ssh_stream import (
     COMMIT,
     DATA_CHUNK,
     StreamSession,
-    data_frame,
+    data_header,
     file_frame,
     receiver_command,
     result_error,
@@ -599,22 +599,21 @@ class SshTransport:
             return PutResult(req, PutStatus.ERROR, error=exc)
         await session.send(file_frame(src.index, copy_mode(before.st_mode),
                                       before.st_mtime_ns, dest, temp_name(run_id)))
+        real, error = await session.carrier.write_file(src.fd, before.st_size, data_header,
+                                                        DATA_CHUNK, progress)
         result: PutResult | None = None
-        while True:
+        if error is not None:
+            result = PutResult(req, PutStatus.ERROR,
+                               error=file_error(error, "read source", req.source))
+        elif real < before.st_size:
+            result = PutResult(req, PutStatus.CHANGED)
+        else:
             try:
-                data = await anyio.to_thread.run_sync(_read, src.fd, DATA_CHUNK,
-                                                      limiter=self._limiter)
-                if not data:
-                    result = await anyio.to_thread.run_sync(_check_unchanged, src,
-                                                            limiter=self._limiter)
+                result = await anyio.to_thread.run_sync(_check_unchanged, src,
+                                                        limiter=self._limiter)
             except OSError as exc:
                 result = PutResult(req, PutStatus.ERROR,
                                    error=file_error(exc, "read source", req.source))
-                data = b""
-            if not data:
-                break
-            await session.send(data_frame(data))
-            progress.add(len(data))
         await session.send(COMMIT if result is None else ABORT)
         return result
 

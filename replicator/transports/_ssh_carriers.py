@@ -9,6 +9,7 @@ and no prompts. Each write and read is bounded by the operation timeout.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import subprocess
@@ -21,6 +22,7 @@ import anyio
 import asyncssh
 
 if TYPE_CHECKING:
+    from ._base import Progress
     from ._ssh_conn import SshOptions
 
 # Channel window and packet size for asyncssh: the 2 MiB default window caps one channel at
@@ -30,6 +32,9 @@ PACKET = 256 << 10
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 T = TypeVar("T")
+# Bytes of a large file per thread call into ssh's pipe: each call is bounded by the
+# operation timeout, so it must fit in it at the slowest link's speed.
+FILE_CALL = 8 << 20
 _GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 
 
@@ -54,6 +59,14 @@ class Carrier(Protocol):
 
     async def readline(self) -> bytes:
         """One reply line; b"" when the receiver ended. StreamLost on failure."""
+
+    async def write_file(self, fd: int, count: int, head: Callable[[int], bytes], chunk: int,
+                         progress: Progress) -> tuple[int, OSError | None]:
+        """Send ``count`` bytes of ``fd`` from its offset, as frames of at most ``chunk``
+        bytes, each after its header ``head(n)``. Returns the bytes the file had, and the
+        error reading it if any: fewer bytes when it shrank meanwhile or could not be read,
+        and the last frame is then padded with zeros (the file is to be aborted).
+        StreamLost when the carrier fails."""
 
     async def failure(self) -> tuple[str, bool]:
         """Why the receiver did not start: what the far side said on stderr (best effort,
@@ -99,6 +112,41 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _splice_frames(src: int, pipe: int, count: int, head: Callable[[int], bytes], chunk: int,
+                   progress: Progress) -> tuple[int, OSError | None]:
+    """Frames of ``src`` into ``pipe``, spliced: the file's pages go to the pipe without a
+    copy through this process (read and write where splice cannot). See write_file."""
+    real = 0
+    while count:
+        n = min(chunk, count)
+        _write_all(pipe, head(n))
+        moved = 0
+        error: OSError | None = None
+        while moved < n:
+            try:
+                k = os.splice(src, pipe, n - moved)
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:
+                    raise  # the carrier's side
+                try:  # splice cannot (or failed): read, which tells the source's error
+                    data = os.read(src, n - moved)
+                except OSError as read_error:
+                    error = read_error
+                    break
+                _write_all(pipe, data)
+                k = len(data)
+            if k == 0:
+                break
+            moved += k
+        real += moved
+        if moved < n:  # shrank or unreadable: the frame still needs its n bytes
+            _write_all(pipe, bytes(n - moved))
+            return real, error
+        count -= n
+        progress.add(n)
+    return real, None
+
+
 class OpensshCarrier:
     """An ``ssh`` client process; its pipes are served by worker threads (they block)."""
 
@@ -127,6 +175,21 @@ class OpensshCarrier:
         assert self._proc.stdout is not None
         line: bytes = await self._blocking(self._proc.stdout.readline)
         return line
+
+    async def write_file(self, fd: int, count: int, head: Callable[[int], bytes], chunk: int,
+                         progress: Progress) -> tuple[int, OSError | None]:
+        assert self._proc.stdin is not None
+        pipe = self._proc.stdin.fileno()
+        real = 0
+        while count:
+            n = min(FILE_CALL, count)
+            got, error = await self._blocking(_splice_frames, fd, pipe, n, head, chunk,
+                                              progress)
+            real += got
+            if got < n:
+                return real, error
+            count -= n
+        return real, None
 
     async def _blocking(self, fn: Callable[..., T], *args: object) -> T:
         # A thread stuck on a pipe cannot be interrupted: it is abandoned, and killing the
@@ -242,6 +305,24 @@ class AsyncsshCarrier:
         except (asyncssh.Error, OSError, TimeoutError) as exc:
             self.close()
             raise StreamLost(f"connection lost: {_reason(exc)}") from None
+
+    async def write_file(self, fd: int, count: int, head: Callable[[int], bytes], chunk: int,
+                         progress: Progress) -> tuple[int, OSError | None]:
+        real = 0
+        while count:
+            n = min(chunk, count)
+            try:
+                data = await anyio.to_thread.run_sync(os.read, fd, n)
+            except OSError as exc:
+                await self.write(head(n) + bytes(n))
+                return real, exc
+            real += len(data)
+            await self.write(head(n) + data + bytes(n - len(data)))
+            if len(data) < n:
+                return real, None
+            count -= n
+            progress.add(n)
+        return real, None
 
     async def failure(self) -> tuple[str, bool]:
         text = b""

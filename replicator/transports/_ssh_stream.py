@@ -49,6 +49,11 @@ def data_frame(data: bytes) -> bytes:
     return _DATA.pack(b"D", len(data)) + data
 
 
+def data_header(length: int) -> bytes:
+    """The header of a data frame of ``length`` bytes (which follow it)."""
+    return _DATA.pack(b"D", length)
+
+
 def link_frame(seq: int, mtime_ns: int, dest: bytes, tmp: bytes, target: bytes) -> bytes:
     return (_LINK.pack(b"L", seq, mtime_ns, len(dest), len(tmp), len(target))
             + dest + tmp + target)
