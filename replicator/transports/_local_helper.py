@@ -31,6 +31,7 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .._errors import ErrorClass, FileError
+from .._inventory import Kind
 from ._base import Progress, PutRequest, PutResult, PutStatus
 
 log = structlog.get_logger("replicator.transports.local")
@@ -102,8 +103,10 @@ class CopyHelper:
                 return False
             assert process.stdin is not None
             try:
-                await process.stdin.send(
-                    _frame((self._root, self._fsync, list(requests), run_id)))
+                # Plain tuples: pickling dataclasses goes through fields() per object.
+                await process.stdin.send(_frame((self._root, self._fsync, run_id, [
+                    (r.source, r.dest, r.kind.value, r.size, r.mtime_ns, r.mode, r.target)
+                    for r in requests])))
                 while True:
                     head = await stdout.receive_exactly(_LENGTH.size)
                     message = pickle.loads(
@@ -256,7 +259,9 @@ def serve() -> None:
         data = _read(stdin, _LENGTH.unpack(head)[0])
         if data is None:
             return
-        root, fsync, requests, run_id = pickle.loads(data)
+        root, fsync, run_id, rows = pickle.loads(data)
+        requests = [PutRequest(source, dest, Kind(kind), size, mtime_ns, mode, target)
+                    for source, dest, kind, size, mtime_ns, mode, target in rows]
         progress = _Reporting(send)
         current.append(progress)
         results: list[PutResult] = []
