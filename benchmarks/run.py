@@ -206,10 +206,8 @@ class Bench:
             del self.data[key]
             if not any(ds.path == p or ds.path in p.parents or p in ds.path.parents
                        for p in keep):
-                if ds.files > 1000:  # moved aside, see reset()
-                    trash = self.scratch / "trash"
-                    trash.mkdir(exist_ok=True)
-                    ds.path.rename(trash / f"data-{key}")
+                if ds.files > 1000:
+                    self.set_aside(ds.path)
                 else:
                     subprocess.run(["rm", "-rf", str(ds.path)], check=False)
 
@@ -360,15 +358,19 @@ class Bench:
         by how much depended on the run before. The scratch folder goes at the end.
         """
         if dst.exists() and files > 1000:
-            trash = self.scratch / "trash"
-            trash.mkdir(exist_ok=True)
-            dst.rename(trash / f"{dst.name}-{len(list(trash.iterdir()))}")
+            self.set_aside(dst)
         subprocess.run(["rm", "-rf", str(dst)], check=True)
         dst.mkdir(parents=True)
         for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
             with suppress(FileNotFoundError):
                 os.unlink(f"{inventory}{suffix}")
         run_sync()
+
+    def set_aside(self, path: Path) -> None:
+        """Move a tree of many files out of the way, to be removed at the end (see reset)."""
+        trash = self.scratch / "trash"
+        trash.mkdir(exist_ok=True)
+        path.rename(trash / f"{len(list(trash.iterdir()))}-{path.name}")
 
     def copy_case(self, case: Case, ds: Dataset, out: Outcome, todo_after: int,
                   case_end: float) -> None:

@@ -141,9 +141,9 @@ async def test_a_dead_helper_hands_over_to_threads(tmp_path: Path) -> None:
     requests = sources(tmp_path / "src", 30)
     transport = LocalTransport(str(root), anyio.CapacityLimiter(2))
     try:
-        await transport.prepare()
         helper = transport._helper
         assert helper is not None
+        await helper.start()
         assert helper._process is not None
         helper._process.kill()
         await helper._process.wait()

@@ -442,8 +442,9 @@ class LocalTransport:
             else "threads"
 
     async def prepare(self) -> None:
-        if self._helper is not None:
-            await self._helper.start()  # its imports overlap the scan
+        # The copy helper starts with the first batch, not here: a run with nothing to copy
+        # (a no-change re-run) would pay for its start-up for nothing.
+        return None
 
     async def probe(self) -> None:
         await anyio.to_thread.run_sync(self._probe, limiter=self._limiter, abandon_on_cancel=True)
