@@ -370,7 +370,10 @@ class Bench:
         """Move a tree of many files out of the way, to be removed at the end (see reset)."""
         trash = self.scratch / "trash"
         trash.mkdir(exist_ok=True)
-        path.rename(trash / f"{len(list(trash.iterdir()))}-{path.name}")
+        try:
+            path.rename(trash / f"{len(list(trash.iterdir()))}-{path.name}")
+        except FileNotFoundError:
+            pass  # already gone (with a data set that contained it)
 
     def copy_case(self, case: Case, ds: Dataset, out: Outcome, todo_after: int,
                   case_end: float) -> None:
