@@ -337,3 +337,63 @@ async def test_a_large_file_changing_while_it_streams_is_not_copied(
     assert not (replica / "d" / "big.bin").exists()
     assert (replica / "d" / "small.txt").read_bytes() == b"next file of the batch"
     assert temp_files(replica) == []
+
+
+@pytest.mark.parametrize("splice", [True, False])
+def test_the_receiver_takes_content_from_its_input_spliced_or_read(
+        tmp_path: Path, splice: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver itself, in this process, fed through a pipe as sshd feeds it: content
+    beyond what it has buffered goes from the pipe into the file with splice (Python 3.10+),
+    or is read and written (older Pythons, or an input that is not a pipe)."""
+    import io
+    import json
+    import threading
+
+    from replicator.transports import _receiver
+    from replicator.transports._ssh_stream import COMMIT, data_header, file_frame
+
+    spliced: list[int] = []
+    if not splice:
+        monkeypatch.setattr(_receiver, "SPLICE", None)
+    elif _receiver.SPLICE is None:
+        pytest.skip("os.splice needs Python 3.10+ on Linux")
+    else:
+        real_splice = _receiver.SPLICE
+
+        def counting_splice(src: int, dst: int, count: int) -> int:
+            moved: int = real_splice(src, dst, count)
+            spliced.append(moved)
+            return moved
+
+        monkeypatch.setattr(_receiver, "SPLICE", counting_splice)
+    root = tmp_path / "replica"
+    root.mkdir()
+    big, small = os.urandom((3 << 20) + 7), b"small file"
+    frames = (file_frame(1, 0o640, 1_600_000_000_123_456_789, b"a/big.bin", b".~rep-1-a.tmp")
+              + data_header(len(big)) + big + COMMIT
+              + file_frame(2, 0o600, 1_600_000_000_000_000_000, b"a/small", b".~rep-1-b.tmp")
+              + data_header(len(small)) + small + COMMIT + b"S" + b"Q")
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        with open(write_fd, "wb") as pipe:
+            pipe.write(frames)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    out = io.BytesIO()
+    old_umask = os.umask(0)
+    try:
+        _receiver.serve(os.fsencode(root), read_fd, out)
+    finally:
+        os.umask(old_umask)
+        feeder.join()
+        os.close(read_fd)
+    greeting, flushing, report = out.getvalue().splitlines()
+    assert (greeting + b"\n", flushing + b"\n") == (_receiver.GREETING, _receiver.FLUSHING)
+    assert sorted(json.loads(report)) == [[1, 0, len(big), 1_600_000_000_123_456_789, 1],
+                                          [2, 0, len(small), 1_600_000_000_000_000_000, 1]]
+    assert (root / "a" / "big.bin").read_bytes() == big
+    assert (root / "a" / "small").read_bytes() == small
+    assert temp_files(root) == []
+    assert (sum(spliced) > 0) == splice

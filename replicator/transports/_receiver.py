@@ -31,7 +31,7 @@ import os
 import stat
 import struct
 import sys
-from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 GREETING = b"replicator-receiver 1\n"
 FLUSHING = b"flushing\n"
@@ -39,6 +39,7 @@ PONG = b"pong\n"
 FILE = struct.Struct("!IIqHH")
 LINK = struct.Struct("!IqHHH")
 LENGTH = struct.Struct("!I")
+SPLICE = getattr(os, "splice", None)  # Python 3.10+, Linux
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 TEMP_PREFIX = b".~rep-"
 
@@ -141,6 +142,30 @@ class Receiver:
         except OSError as exc:
             self.drop(cur)
             self.fail(cur[0], exc, "write")
+
+    def data_from(self, src: int, n: int) -> None:
+        """The next ``n`` content bytes, straight from the input ``src``: spliced into the
+        file where the input is a pipe (no copy through this process), else read."""
+        cur = self.current
+        if cur is None:
+            raise Refused("content outside a file")
+        while n > 0 and SPLICE is not None and cur[4] >= 0:
+            try:
+                moved = SPLICE(src, cur[4], n)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    self.drop(cur)  # the file's side (ENOSPC, EIO...): nothing was moved
+                    self.fail(cur[0], exc, "write")
+                break  # the rest is read (and written, or skipped)
+            if not moved:
+                raise EOFError
+            n -= moved
+        while n > 0:
+            block = os.read(src, min(n, 1 << 20))
+            if not block:
+                raise EOFError
+            n -= len(block)
+            self.data(block)
 
     def end(self, commit: bool) -> None:
         cur = self.current
@@ -262,11 +287,12 @@ class Receiver:
 
 
 class Stream:
-    """Frames from stdin, read in large blocks. Through ``sys.stdin.buffer``, not its file
-    descriptor: the loader read this source from that buffer, which may hold what follows."""
+    """Frames from the input file descriptor, read in large blocks. The loader read this
+    source from the same descriptor byte by byte exactly, so nothing that follows is
+    buffered elsewhere, and content can go from the descriptor straight to a file."""
 
-    def __init__(self, inp: BinaryIO) -> None:
-        self.inp = inp
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
         self.buf = bytearray()
         self.pos = 0
 
@@ -276,7 +302,7 @@ class Stream:
             if self.pos:
                 del self.buf[:self.pos]
                 self.pos = 0
-            block = self.inp.read1(1 << 20)  # type: ignore[attr-defined]
+            block = os.read(self.fd, 1 << 20)
             if not block:
                 raise EOFError
             self.buf += block
@@ -284,22 +310,15 @@ class Stream:
         self.pos += n
         return view
 
-    def pieces(self, n: int) -> Iterator[bytes]:
-        """The next ``n`` bytes (content) as they arrive, without gathering them first."""
-        buffered = min(len(self.buf) - self.pos, n)
-        if buffered:
-            yield bytes(self.buf[self.pos:self.pos + buffered])
-            self.pos += buffered
-            n -= buffered
-        while n > 0:
-            block = self.inp.read1(min(n, 1 << 20))  # type: ignore[attr-defined]
-            if not block:
-                raise EOFError
-            n -= len(block)
-            yield block
+    def buffered(self, n: int) -> bytes:
+        """Up to ``n`` bytes already read (the rest of them is still in the input)."""
+        count = min(len(self.buf) - self.pos, n)
+        data = bytes(self.buf[self.pos:self.pos + count])
+        self.pos += count
+        return data
 
 
-def serve(root: bytes, inp: BinaryIO, out: BinaryIO) -> None:
+def serve(root: bytes, inp: int, out: BinaryIO) -> None:
     # The greeting (and the answer to a ping) say this host runs the receiver; the root is
     # opened with the first file: one that cannot be (an unmounted disk) fails that batch,
     # and is not taken for a host without the receiver.
@@ -324,8 +343,11 @@ def serve(root: bytes, inp: BinaryIO, out: BinaryIO) -> None:
                 receiver.begin(seq, mode, mtime_ns, names[:dlen], names[dlen:])
             elif kind == b"D":
                 (n,) = LENGTH.unpack(stream.take(LENGTH.size))
-                for piece in stream.pieces(n):
-                    receiver.data(piece)
+                head = stream.buffered(n)
+                if head:
+                    receiver.data(head)
+                if n > len(head):
+                    receiver.data_from(stream.fd, n - len(head))
             elif kind in (b"C", b"A"):
                 receiver.end(kind == b"C")
             elif kind == b"L":
@@ -356,7 +378,7 @@ def main() -> int:
     except (ImportError, ValueError, OSError):
         pass
     try:
-        serve(root, sys.stdin.buffer, sys.stdout.buffer)
+        serve(root, 0, sys.stdout.buffer)
     except Refused as exc:
         sys.stderr.write("replicator-receiver: refused: %s\n" % exc)
         return 2

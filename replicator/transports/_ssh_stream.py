@@ -36,8 +36,11 @@ _SOURCE = (Path(__file__).with_name("_receiver.py")).read_bytes()
 
 def receiver_command(root: bytes) -> str:
     """One shell line: python3 reads the receiver's source from stdin, then serves."""
-    loader = (f'import sys;exec(compile(sys.stdin.buffer.read({len(_SOURCE)}),'
-              f'"replicator-receiver","exec"))')
+    # Read exactly the source from the descriptor (a buffered read could take frames that
+    # follow it, which the receiver reads from the same descriptor).
+    # One line (a csh login shell refuses newlines in quotes); the read loop is a lambda.
+    loader = ("import os;r=lambda n:(lambda d:d+r(n-len(d)) if 0<len(d)<n else d)"
+              f'(os.read(0,n));exec(compile(r({len(_SOURCE)}),"replicator-receiver","exec"))')
     return f"exec python3 -c {shlex.quote(loader)} {shlex.quote(os.fsdecode(root))}"
 
 
