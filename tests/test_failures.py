@@ -505,12 +505,14 @@ async def test_stalled_transfer_is_abandoned_and_others_replicate(
         async with rep.subscribe() as events:
             summary = await sync(rep, limit=15)
             failures = [e for e in drain(events) if isinstance(e, TransferFailed)]
-        assert [(e.path, e.error_class) for e in failures] == [(os.fsencode(stuck), "transient")]
-        assert "no progress" in failures[0].error
+        # Retried within the run's retry window if time allows: once or more, never other.
+        assert failures
+        assert {(e.path, e.error_class) for e in failures} == {(os.fsencode(stuck), "transient")}
+        assert all("no progress" in e.error for e in failures)
         rows = copies(config, "r1")
         assert rows["stuck.dat"]["state"] == "pending"
         assert rows["stuck.dat"]["error_class"] == "transient"
-        assert rows["stuck.dat"]["attempts"] == 1
+        assert rows["stuck.dat"]["attempts"] == len(failures)
         assert rows["a.dat"]["state"] == rows["b.dat"]["state"] == "replicated"
         assert summary.copied == 2
         assert summary.exit_code == 1
