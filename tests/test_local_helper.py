@@ -71,7 +71,7 @@ async def test_batches_run_in_the_helper_with_progress(tmp_path: Path,
     root = tmp_path / "replica"
     root.mkdir()
     requests = sources(tmp_path / "src", 60)
-    transport = LocalTransport(str(root), anyio.CapacityLimiter(2))
+    transport = LocalTransport(str(root), anyio.CapacityLimiter(2), helper_min_files=1)
     try:
         await transport.prepare()
         progress = Progress()
@@ -103,7 +103,7 @@ async def test_cancelled_batch_stops_the_helper_and_leaves_no_temp_file(
     root = tmp_path / "replica"
     root.mkdir()
     requests = sources(tmp_path / "src", 200)  # 4 s in the slowed helper
-    transport = LocalTransport(str(root), anyio.CapacityLimiter(2))
+    transport = LocalTransport(str(root), anyio.CapacityLimiter(2), helper_min_files=1)
     helper = transport._helper
     assert helper is not None
     progress = Watched()
@@ -139,7 +139,7 @@ async def test_a_dead_helper_hands_over_to_threads(tmp_path: Path) -> None:
     root = tmp_path / "replica"
     root.mkdir()
     requests = sources(tmp_path / "src", 30)
-    transport = LocalTransport(str(root), anyio.CapacityLimiter(2))
+    transport = LocalTransport(str(root), anyio.CapacityLimiter(2), helper_min_files=1)
     try:
         helper = transport._helper
         assert helper is not None
@@ -159,5 +159,26 @@ async def test_a_dead_helper_hands_over_to_threads(tmp_path: Path) -> None:
             object.__setattr__(request, "dest", b"more/" + request.dest)
         assert [r.status for r in await transport.put(more, "run1", Progress())] == [
             PutStatus.COPIED] * 3
+    finally:
+        await transport.aclose()
+
+
+async def test_a_batch_of_few_files_does_not_start_the_helper(tmp_path: Path) -> None:
+    root = tmp_path / "replica"
+    root.mkdir()
+    transport = LocalTransport(str(root), anyio.CapacityLimiter(2))  # the default threshold
+    helper = transport._helper
+    assert helper is not None
+    try:
+        few = sources(tmp_path / "few", 3)
+        assert [r.status for r in await transport.put(few, "run1", Progress())] == [
+            PutStatus.COPIED] * 3
+        assert helper._process is None  # a few files: worker threads, no start-up to pay
+        many = sources(tmp_path / "many", 40)
+        for request in many:
+            object.__setattr__(request, "dest", b"many/" + request.dest)
+        assert [r.status for r in await transport.put(many, "run1", Progress())] == [
+            PutStatus.COPIED] * 40
+        assert helper._process is not None
     finally:
         await transport.aclose()

@@ -68,7 +68,7 @@ async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         root = tmp_path / "replica"
         root.mkdir()
         helper = request.param == "local"
-        transport = LocalTransport(str(root), limiter, helper=helper)
+        transport = LocalTransport(str(root), limiter, helper=helper, helper_min_files=1)
         yield Target(transport, root, "helper" if helper else "threads")
         await transport.aclose()
         return

@@ -39,6 +39,10 @@ from ._paths import confine, copy_mode
 log = structlog.get_logger("replicator.transports.local")
 
 CHUNK = 8 << 20
+# Batches this many files or more go to the copy helper. Its gain is the dozen system calls
+# per file that a thread would make under the GIL; a few large files cost a handful of calls,
+# and the helper's start (a Python start-up, about 0.3 s of CPU) would only delay them.
+HELPER_MIN_FILES = 32
 TEMP_RE = re.compile(rb"^\.~rep-([0-9a-zx]+)-[0-9a-f]+\.tmp$")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -422,8 +426,10 @@ class LocalTransport:
     mount point must not silently receive a copy."""
 
     def __init__(self, root: str, limiter: anyio.CapacityLimiter, fsync: bool = True,
-                 helper: bool = True) -> None:
-        """``helper``: copy in a helper process (see ``_local_helper``), else in threads."""
+                 helper: bool = True, helper_min_files: int = HELPER_MIN_FILES) -> None:
+        """``helper``: copy batches of at least ``helper_min_files`` files in a helper
+        process (see ``_local_helper``); others, or all without it, in worker threads."""
+        self._helper_min_files = helper_min_files
         self.root = os.fsencode(os.path.abspath(root))
         self._limiter = limiter
         self._fsync = fsync
@@ -571,6 +577,7 @@ class LocalTransport:
             return await self._put_remote(requests, run_id, progress)
         # --- end pull mode ------------------------------------------------------------------
         if self._helper is not None and self._helper.broken is None \
+                and len(requests) >= self._helper_min_files \
                 and await self._helper.put(requests, run_id, progress):
             return progress.results
         results = progress.results
