@@ -247,15 +247,8 @@ class Inventory:
         """
         if not listings:
             return ScanDelta()
-        recorded: dict[bytes, bytes | None] = {}
-        for chunk in _chunks([lst.dir for lst in listings if lst.fingerprint], _MAX_PARAMS):
-            marks = ",".join("?" * len(chunk))
-            for d, fingerprint in await self._rows(
-                "SELECT dir, fingerprint FROM dirs"
-                f" WHERE origin = ? AND host = ? AND dir IN ({marks})",
-                (origin, host, *chunk),
-            ):
-                recorded[d] = fingerprint
+        recorded = await self.fingerprints(
+            origin, host, [lst.dir for lst in listings if lst.fingerprint])
         same = [lst for lst in listings
                 if lst.fingerprint is not None and recorded.get(lst.dir) == lst.fingerprint]
         listings = [lst for lst in listings
