@@ -132,7 +132,8 @@ class _Walk:
         self._wake = anyio.Event()
 
     async def take(self, helper: bool) -> Task | None:
-        """The next task, or None when the walk is over (or the thread should stand by)."""
+        """The next task, or None when the walk is over. While helpers run, the thread
+        (``helper`` false) waits here and leaves the work to them."""
         while True:
             if self.todo and (helper or not self.helpers):
                 break
