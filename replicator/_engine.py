@@ -155,6 +155,15 @@ class ReplicaRunner:
         return render(path)
 
     async def run(self, once: bool) -> None:
+        # The transport gets ready (an SSH session logs in) while the replica is checked
+        # and while the first batches are claimed, not before: on a long link a login is
+        # many round trips, and the workers' own sessions start alongside it.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._prepare)
+            await self._run(once)
+            tg.cancel_scope.cancel()
+
+    async def _run(self, once: bool) -> None:
         delay = self.config.backoff_initial
         while not self.engine.stopping:
             try:
@@ -175,27 +184,16 @@ class ReplicaRunner:
                 return
 
     async def _check_replica(self) -> None:
-        """Probe, check the marker, remove dead runs' temp files; meanwhile the transport
-        gets ready for transfers (an SSH session's login overlaps these round trips)."""
-        failed: list[Exception] = []
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._prepare)
-            try:
-                with anyio.fail_after(self.config.op_timeout):
-                    await self.transport.probe()
-                    await self._check_marker()
-                    if self._stale_dirs:
-                        dirs = {os.path.dirname(d) for d in self._stale_dirs}
-                        removed = await self.transport.remove_stale_temps(dirs,
-                                                                          self.engine.run_id)
-                        self._stale_dirs = []
-                        if removed:
-                            self._log.info("removed temp files of dead runs", count=removed)
-            except (ReplicaUnavailableError, FileError, TimeoutError) as exc:
-                failed.append(exc)  # raised as is, not in an exception group
-                tg.cancel_scope.cancel()
-        if failed:
-            raise failed[0]
+        """Probe, check the marker, remove dead runs' temp files."""
+        with anyio.fail_after(self.config.op_timeout):
+            await self.transport.probe()
+            await self._check_marker()
+            if self._stale_dirs:
+                dirs = {os.path.dirname(d) for d in self._stale_dirs}
+                removed = await self.transport.remove_stale_temps(dirs, self.engine.run_id)
+                self._stale_dirs = []
+                if removed:
+                    self._log.info("removed temp files of dead runs", count=removed)
 
     async def _prepare(self) -> None:
         with anyio.move_on_after(self.config.op_timeout):

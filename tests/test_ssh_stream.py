@@ -397,3 +397,57 @@ def test_the_receiver_takes_content_from_its_input_spliced_or_read(
     assert (root / "a" / "small").read_bytes() == small
     assert temp_files(root) == []
     assert (sum(spliced) > 0) == splice
+
+
+@pytest.mark.parametrize("long_link", [False, True])
+async def test_prepare_starts_one_session_per_lane_on_a_long_link(
+        tmp_path: Path, long_link: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the first batch, prepare leaves sessions ready: one on a short link, one per
+    lane on a long one (its logins are round trips the engine's checks leave time for)."""
+    if long_link:
+        monkeypatch.setattr(ssh_transport, "LONG_LINK", 0.0)
+    with run_sshd(tmp_path / "sshd") as sshd:
+        replica = tmp_path / "replica"
+        replica.mkdir()
+        transport = SshTransport(sshd.options(), str(replica), anyio.CapacityLimiter(2),
+                                 op_timeout=10, carriers=("openssh",), lanes=3)
+        try:
+            await transport.prepare()
+            assert len(transport._sessions) == (3 if long_link else 1)
+            await transport.prepare()  # once only
+            assert len(transport._sessions) == (3 if long_link else 1)
+        finally:
+            await transport.aclose()
+        assert transport._live == 0
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+async def test_on_a_long_link_batches_take_the_prepared_sessions(
+        tmp_path: Path, carrier: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches that arrive while prepare's sessions are still starting wait for them instead
+    of starting sessions of their own: as many sessions as workers, not twice as many."""
+    monkeypatch.setattr(ssh_transport, "LONG_LINK", 0.0)
+    started: list[float] = []
+    start = StreamSession.start.__func__  # type: ignore[attr-defined]
+
+    async def slow_start(cls: type[StreamSession], carrier: Carrier) -> StreamSession:
+        await anyio.sleep(0.5)  # a login over a long link: the first batches come first
+        session: StreamSession = await start(cls, carrier)
+        started.append(session.rtt)
+        return session
+
+    monkeypatch.setattr(StreamSession, "start", classmethod(slow_start))
+    origin = tmp_path / "origin"
+    files = {f"d{i % 5}/f{i}.dat": os.urandom(i % 3000) for i in range(3000)}
+    for name, data in files.items():
+        write(origin / name, data)
+    backdate(origin)
+    with run_sshd(tmp_path / "sshd") as sshd:
+        replica = tmp_path / "replica"
+        replica.mkdir()
+        config = ssh_config(tmp_path, origin, sshd.url(replica), transfer=carrier,
+                            workers=3, **sshd.replica_keys())
+        summary = await sync(config)
+        assert (summary.exit_code, summary.copied, summary.pending) == (0, len(files), 0)
+        assert_all_copied(replica, origin, files)
+    assert len(started) == 3, started

@@ -23,6 +23,7 @@ import os
 import posixpath
 import shutil
 import stat
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, suppress
 
@@ -114,8 +115,10 @@ class SshTransport:
     """
 
     def __init__(self, options: SshOptions, root: str, limiter: anyio.CapacityLimiter,
-                 op_timeout: float = 60.0, carriers: Sequence[str] = ("openssh", "asyncssh")
-                 ) -> None:
+                 op_timeout: float = 60.0, carriers: Sequence[str] = ("openssh", "asyncssh"),
+                 lanes: int = 1) -> None:
+        """``lanes``: batches sent at once (the replica's workers); on a long link
+        ``prepare`` starts a receiver session for each."""
         self.options = options
         # How the stream of files reaches the receiver, in order of preference; a carrier
         # that cannot start the receiver is dropped, and with none left files go over SFTP.
@@ -124,6 +127,9 @@ class SshTransport:
             log.warning("transfer = \"openssh\" but no ssh client is installed: using SFTP",
                         host=options.where)
         self._sessions: list[StreamSession] = []  # idle ones
+        self._lanes = lanes
+        self._spares_starting = 0  # sessions prepare starts for batches yet to come
+        self._spare_waiters = 0  # batches waiting for one of those
         self._live = 0  # sessions started (or starting) and not closed
         self._short_link: bool | None = None  # known once a session measured its round trip
         self._session_back = anyio.Event()  # set when a session is returned or closed
@@ -141,7 +147,7 @@ class SshTransport:
         carriers = {"auto": ("openssh", "asyncssh"), "sftp": ()}.get(
             replica.transfer, (replica.transfer,))
         return cls(options_for(replica), replica.remote_path, limiter, replica.op_timeout,
-                   carriers)
+                   carriers, lanes=replica.workers)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -231,17 +237,38 @@ class SshTransport:
     # -- the protocol --
 
     async def prepare(self) -> None:
-        """Start a receiver session ahead of the first batch, while the engine probes: on
-        a long link its login overlaps the probe's and the marker's round trips."""
-        # Logged in first: a host that must not be trusted is refused (and remembered)
-        # before any other client knocks on it.
-        if not self._carriers or self._sessions:
+        """Start receiver sessions ahead of the first batch, while the engine probes and
+        checks the marker: one on a short link, one per lane on a long one, where each
+        login is many round trips and each session's channel window caps its own rate."""
+        if not self._carriers or self._sessions or self._live:
             return
         with suppress(FileError, ReplicaUnavailableError):
-            await self._conn()
-            session = await self._session()
+            # Logged in first: a host that must not be trusted is refused (and remembered)
+            # before any other client knocks on it.
+            conn = await self._conn()
+            if self._short_link is None:
+                began = time.monotonic()
+                with self._io(conn, "stat", self.root):
+                    await conn.sftp.stat(self.root)
+                self._short_link = time.monotonic() - began <= LONG_LINK
+            count = 1 if self._short_link else self._lanes
+            self._spares_starting += count  # counted now: a batch may come before they start
+            async with anyio.create_task_group() as tg:
+                for _ in range(count):
+                    tg.start_soon(self._spare_session)
+
+    async def _spare_session(self) -> None:
+        """Start a session for a batch yet to come (counted in ``_spares_starting``)."""
+        session = None
+        try:
+            with suppress(FileError, ReplicaUnavailableError):
+                session = await self._new_session()
+        finally:
+            self._spares_starting -= 1
             if session is not None:
                 self._keep(session)
+            else:  # a batch waiting for this one starts its own
+                self._wake_waiters()
 
     async def probe(self) -> None:
         where = f"{self.options.where}:{os.fsdecode(self.root)}"
@@ -372,9 +399,11 @@ class SshTransport:
     async def aclose(self) -> None:
         sessions, self._sessions = self._sessions, []
         self._live -= len(sessions)
+        # Together: each waits for its receiver to exit, a round trip on a long link.
         with anyio.CancelScope(shield=True):
-            for session in sessions:
-                await session.quit()
+            async with anyio.create_task_group() as tg:
+                for session in sessions:
+                    tg.start_soon(session.quit)
         if self._pool is not None:
             _release_pool(self._pool)
             self._pool = None
@@ -418,20 +447,24 @@ class SshTransport:
     def _keep(self, session: StreamSession) -> None:
         """An idle session, for the next batch."""
         self._sessions.append(session)
-        self._session_back.set()
-        self._session_back = anyio.Event()
+        self._wake_waiters()
 
     def _drop(self, session: StreamSession) -> None:
         session.close()
         self._live -= 1
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        """Batches waiting in ``_session`` look again."""
         self._session_back.set()
         self._session_back = anyio.Event()
 
     async def _session(self, progress: Progress | None = None) -> StreamSession | None:
         """An idle receiver session, or a new one; None if no carrier can start one.
 
-        On a short link no more than ``SHORT_LINK_SESSIONS`` run: a batch waits for one
-        (and the wait is not a stall: the batch ahead reports progress of its own).
+        On a short link, or while the first session has not yet told what the link is, no
+        more than ``SHORT_LINK_SESSIONS`` run: a batch waits for one (and the wait is not a
+        stall: the batch ahead reports progress of its own).
         """
         while True:
             while self._sessions:
@@ -439,25 +472,43 @@ class SshTransport:
                 if not session.broken:
                     return session
                 self._drop(session)
-            if not (self._short_link and self._live >= SHORT_LINK_SESSIONS):
+            # A spare session on its way (see prepare) that no other batch waits for yet
+            # is this batch's: starting one more would only compete with it.
+            spare = self._spares_starting > self._spare_waiters
+            if not spare and (self._short_link is False
+                              or self._live < SHORT_LINK_SESSIONS):
                 break
             if progress is not None:
                 progress.begin_flush()
+            self._spare_waiters += spare
             try:
                 await self._session_back.wait()
             finally:
+                self._spare_waiters -= spare
                 if progress is not None:
                     progress.end_flush()
+        return await self._new_session()
+
+    async def _new_session(self) -> StreamSession | None:
+        """Start a receiver session; None if no carrier can start one."""
         self._live += 1
+        began = time.monotonic()
         try:
             started = await self._start_session()
         except BaseException:
             self._live -= 1
+            self._wake_waiters()  # one of them may start a session, or learn there is none
             raise
         if started is None:
             self._live -= 1
-        elif self._short_link is None:
+            self._wake_waiters()
+            return None
+        if self._short_link is None:
             self._short_link = started.rtt <= LONG_LINK
+            if not self._short_link:  # batches waiting for a session may start their own
+                self._wake_waiters()
+        self._log.debug("receiver session started", live=self._live,
+                        seconds=round(time.monotonic() - began, 3), rtt=round(started.rtt, 4))
         return started
 
     async def _start_session(self) -> StreamSession | None:
@@ -557,8 +608,11 @@ class SshTransport:
                             results[src.index] = await self._stream_large(
                                 session, src, run_id, progress)
                     progress.add(len(frames), files=len(group))
+            synced = time.monotonic()
             reply = await session.sync(progress)
             reusable = True
+            self._log.debug("batch lane done", files=len(sent),
+                            sync_seconds=round(time.monotonic() - synced, 3))
         except StreamLost as exc:
             # This lane's files are in an unknown state (complete in place, or absent);
             # the batch's other lane goes on with the groups still to send.
