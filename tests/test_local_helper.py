@@ -20,15 +20,15 @@ pytestmark = pytest.mark.anyio
 # 20 ms longer, so a batch lasts long enough to watch and to cancel.
 SLOW_HELPER = '''
 import time
-from replicator.transports import _local
+from replicator.transports import _local_batch
 
-_stage = _local.BatchWriter._stage
+_stage = _local_batch.BatchWriter._stage
 
 def slow_stage(self, *args, **kwargs):
     time.sleep(0.02)
     return _stage(self, *args, **kwargs)
 
-_local.BatchWriter._stage = slow_stage
+_local_batch.BatchWriter._stage = slow_stage
 '''
 
 
@@ -104,8 +104,6 @@ async def test_cancelled_batch_stops_the_helper_and_leaves_no_temp_file(
     root.mkdir()
     requests = sources(tmp_path / "src", 200)  # 4 s in the slowed helper
     transport = LocalTransport(str(root), anyio.CapacityLimiter(2), helper_min_files=1)
-    helper = transport._helper
-    assert helper is not None
     progress = Watched()
     with anyio.move_on_after(10):
         async with anyio.create_task_group() as tg:
@@ -122,6 +120,7 @@ async def test_cancelled_batch_stops_the_helper_and_leaves_no_temp_file(
     assert cancelled_at, "the batch finished before it could be cancelled"
     assert time.monotonic() - cancelled_at[0] < 1.0  # put did not wait for the helper
     assert progress.cancelled
+    [helper] = transport._helpers
     stopping = list(helper._stopping)
     assert len(stopping) == 1
     await transport.aclose()
@@ -141,7 +140,7 @@ async def test_a_dead_helper_hands_over_to_threads(tmp_path: Path) -> None:
     requests = sources(tmp_path / "src", 30)
     transport = LocalTransport(str(root), anyio.CapacityLimiter(2), helper_min_files=1)
     try:
-        helper = transport._helper
+        helper = transport._pick_helper()
         assert helper is not None
         await helper.start()
         assert helper._process is not None
@@ -167,18 +166,54 @@ async def test_a_batch_of_few_files_does_not_start_the_helper(tmp_path: Path) ->
     root = tmp_path / "replica"
     root.mkdir()
     transport = LocalTransport(str(root), anyio.CapacityLimiter(2))  # the default threshold
-    helper = transport._helper
-    assert helper is not None
     try:
         few = sources(tmp_path / "few", 3)
         assert [r.status for r in await transport.put(few, "run1", Progress())] == [
             PutStatus.COPIED] * 3
-        assert helper._process is None  # a few files: worker threads, no start-up to pay
+        assert transport._helpers == []  # a few files: worker threads, no start-up to pay
         many = sources(tmp_path / "many", 40)
         for request in many:
             object.__setattr__(request, "dest", b"many/" + request.dest)
         assert [r.status for r in await transport.put(many, "run1", Progress())] == [
             PutStatus.COPIED] * 40
+        [helper] = transport._helpers
         assert helper._process is not None
     finally:
         await transport.aclose()
+
+
+@pytest.mark.parametrize("helpers", [1, 2])
+async def test_batches_at_once_run_in_as_many_helpers_as_allowed(
+        tmp_path: Path, slow_helper: None, helpers: int) -> None:
+    """A batch that finds the helpers busy starts another, up to ``helpers``; beyond that
+    batches wait their turn. Every batch lands whole either way."""
+    root = tmp_path / "replica"
+    root.mkdir()
+    batches = []
+    for b in range(3):
+        batch = sources(tmp_path / f"src{b}", 20)  # 0.4 s each in the slowed helper
+        for request in batch:
+            object.__setattr__(request, "dest", f"b{b}/".encode() + request.dest)
+        batches.append(batch)
+    transport = LocalTransport(str(root), anyio.CapacityLimiter(4), helper_min_files=1,
+                               helpers=helpers)
+    results: list[list[PutStatus]] = []
+    try:
+        async def put(batch: list[PutRequest]) -> None:
+            done = await transport.put(batch, "run1", Progress())
+            results.append([r.status for r in done])
+
+        async with anyio.create_task_group() as tg:
+            for batch in batches:
+                tg.start_soon(put, batch)
+        assert len(transport._helpers) == helpers
+        assert all(h._process is not None for h in transport._helpers)
+        assert transport.transfer == "helper"
+    finally:
+        await transport.aclose()
+    assert results == [[PutStatus.COPIED] * 20] * 3
+    for b, batch in enumerate(batches):
+        for request in batch:
+            assert (root / f"b{b}" / os.fsdecode(request.dest).split("/", 1)[1]).read_bytes() \
+                == Path(os.fsdecode(request.source)).read_bytes()
+    assert leftovers(root) == []

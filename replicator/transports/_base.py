@@ -11,7 +11,7 @@ from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from .._errors import FileError
-from .._inventory import Kind
+from .._inventory._types import Kind
 
 # A file in each replica root naming the replica: an empty mount point (an unmounted disk)
 # or another disk mounted in its place lacks it, and is then refused instead of filled.

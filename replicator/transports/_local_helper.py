@@ -7,23 +7,19 @@ helper process runs ``BatchWriter.put_batch`` alone on its own GIL; the engine's
 only hands it batches. Requests go in, progress and results come back, as pickled frames
 over the helper's stdin and stdout.
 
-One helper per local replica runs one batch at a time. A helper that cannot start or dies
-leaves the work to worker threads, as before, for the rest of the run.
+Each helper runs one batch at a time; a local replica starts another when a batch finds its
+helpers busy, up to one per worker and core (``LocalTransport``). A helper that cannot start
+or dies leaves the work to worker threads for the rest of the run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pickle
-import signal
-import struct
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import anyio
 import structlog
@@ -31,31 +27,35 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .._errors import ErrorClass, FileError
-from .._inventory import Kind
 from ._base import Progress, PutRequest, PutResult, PutStatus
+from ._copy_worker import HEAD, Row, frame, read_length
 
 log = structlog.get_logger("replicator.transports.local")
 
-_LENGTH = struct.Struct(">I")
-# How often a helper reports bytes moved: often enough for the stall timeout (seconds),
-# rarely enough to cost nothing.
-REPORT_EVERY = 0.25
 # A helper told to stop gets this long to remove its temp files before it is killed.
 STOP_GRACE = 10.0
 
-# Where the replicator package is imported from, for the helper to import the same one.
-_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
-# One result on the wire: (index of the request, status, size, mtime_ns, error, error class).
-_Row = tuple[int, str, int, int, str | None, str | None]
-
-
-def _frame(value: object) -> bytes:
-    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(data)) + data
+# The helper imports the same package as this process, but not the packages' __init__
+# modules (they import the engine, structlog, aiosqlite...): placeholders stand in for them,
+# unless something imported the real ones first (a test's fault-injecting sitecustomize).
+_PACKAGE = Path(__file__).resolve().parents[1]
+_BOOTSTRAP = f"""
+import sys, types
+sys.path.insert(0, {str(_PACKAGE.parent)!r})
+for name, folder in (("replicator", {str(_PACKAGE)!r}),
+                     ("replicator.transports", {str(_PACKAGE / "transports")!r}),
+                     ("replicator._inventory", {str(_PACKAGE / "_inventory")!r})):
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [folder]
+        sys.modules[name] = package
+from replicator.transports._copy_worker import serve
+serve()
+"""
 
 
 class CopyHelper:
-    """The helper process of one local replica root, started on first use."""
+    """One helper process for a local replica root, started on first use."""
 
     def __init__(self, root: bytes, fsync: bool) -> None:
         self._root = root
@@ -65,15 +65,18 @@ class CopyHelper:
         self._lock = anyio.Lock()
         self._stopping: list[Process] = []
         self.broken: str | None = None  # why batches now run in worker threads
+        self.queued = 0  # batches handed to this helper and not yet done
+
+    @property
+    def busy(self) -> bool:
+        return self.queued > 0
 
     async def start(self) -> None:
         """Start the helper unless it runs (or cannot run). Never raises."""
         if self._process is not None or self.broken is not None:
             return
-        code = (f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
-                "from replicator.transports._local_helper import serve; serve()")
         try:
-            process = await anyio.open_process([sys.executable, "-c", code], stderr=None)
+            process = await anyio.open_process([sys.executable, "-c", _BOOTSTRAP], stderr=None)
         except OSError as exc:
             self._give_up(f"copy helper did not start: {exc}")
             return
@@ -90,9 +93,13 @@ class CopyHelper:
         helper to stop at its next file and remove its temp files, and returns at once.
         """
         # Waiting for the helper is not a stall: the batch ahead reports its own progress.
+        self.queued += 1
         progress.begin_flush()
         try:
             await self._lock.acquire()
+        except BaseException:
+            self.queued -= 1
+            raise
         finally:
             progress.end_flush()
         flushes = 0
@@ -104,13 +111,12 @@ class CopyHelper:
             assert process.stdin is not None
             try:
                 # Plain tuples: pickling dataclasses goes through fields() per object.
-                await process.stdin.send(_frame((self._root, self._fsync, run_id, [
+                await process.stdin.send(frame((self._root, self._fsync, run_id, [
                     (r.source, r.dest, r.kind.value, r.size, r.mtime_ns, r.mode, r.target)
                     for r in requests])))
                 while True:
-                    head = await stdout.receive_exactly(_LENGTH.size)
-                    message = pickle.loads(
-                        await stdout.receive_exactly(_LENGTH.unpack(head)[0]))
+                    head = await stdout.receive_exactly(HEAD)
+                    message = pickle.loads(await stdout.receive_exactly(read_length(head)))
                     kind = message[0]
                     if kind == "progress":
                         progress.add(message[1], message[2])
@@ -136,6 +142,7 @@ class CopyHelper:
         finally:
             for _ in range(flushes):
                 progress.end_flush()
+            self.queued -= 1
             self._lock.release()
 
     def _give_up(self, reason: str) -> None:
@@ -170,112 +177,9 @@ class CopyHelper:
             self._stopping.clear()
 
 
-def _results(requests: Sequence[PutRequest], rows: list[_Row]) -> list[PutResult]:
+def _results(requests: Sequence[PutRequest], rows: list[Row]) -> list[PutResult]:
     return [
         PutResult(requests[index], PutStatus(status), size, mtime_ns,
                   None if error is None else FileError(error, ErrorClass(error_class or "")))
         for index, status, size, mtime_ns, error, error_class in rows
     ]
-
-
-# --- the helper process ----------------------------------------------------------------
-
-
-class _Reporting(Progress):
-    """Progress that the helper sends to the engine's process now and then."""
-
-    def __init__(self, send: Callable[[object], None]) -> None:
-        super().__init__()
-        self._send = send
-        self._bytes = 0
-        self._files = 0
-        self._sent = time.monotonic()
-
-    def add(self, nbytes: int = 0, files: int = 0) -> None:
-        self._bytes += nbytes
-        self._files += files
-        if time.monotonic() - self._sent >= REPORT_EVERY:
-            self.report()
-
-    def report(self) -> None:
-        if self._bytes or self._files:
-            self._send(("progress", self._bytes, self._files))
-            self._bytes = self._files = 0
-        self._sent = time.monotonic()
-
-    def begin_flush(self) -> None:
-        self.report()
-        self._send(("flush", 1))
-
-    def end_flush(self) -> None:
-        self._send(("flush", -1))
-
-
-def _die_with_parent() -> None:
-    """SIGTERM when the engine's process dies (Linux), so no orphan goes on writing."""
-    if sys.platform != "linux":
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _read(stream: BinaryIO, size: int) -> bytes | None:
-    data = b""
-    while len(data) < size:
-        chunk = stream.read(size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
-
-
-def serve() -> None:
-    """The helper's main loop: a batch in, its frames out, until end of input or SIGTERM."""
-    from ._local import BatchWriter  # here, not at the top: _local imports this module
-
-    # Frames go to a private copy of stdout; anything printed goes to stderr instead.
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    stdin = sys.stdin.buffer
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle
-    current: list[_Reporting] = []
-
-    def on_term(signum: int, frame: Any) -> None:
-        if not current:
-            raise SystemExit(0)
-        current[0].cancelled = True  # put_batch stops at its next file and cleans up
-
-    signal.signal(signal.SIGTERM, on_term)
-    _die_with_parent()
-
-    def send(value: object) -> None:
-        out.write(_frame(value))
-        out.flush()
-
-    while True:
-        head = _read(stdin, _LENGTH.size)
-        if head is None:
-            return
-        data = _read(stdin, _LENGTH.unpack(head)[0])
-        if data is None:
-            return
-        root, fsync, run_id, rows = pickle.loads(data)
-        requests = [PutRequest(source, dest, Kind(kind), size, mtime_ns, mode, target)
-                    for source, dest, kind, size, mtime_ns, mode, target in rows]
-        progress = _Reporting(send)
-        current.append(progress)
-        results: list[PutResult] = []
-        try:
-            BatchWriter(root, fsync).put_batch(requests, run_id, progress, results)
-        finally:
-            current.clear()
-        if progress.cancelled:
-            return  # told to stop: the engine no longer listens
-        progress.report()
-        index = {id(request): i for i, request in enumerate(requests)}
-        send(("done", [
-            (index[id(r.request)], r.status.value, r.size, r.mtime_ns,
-             None if r.error is None else str(r.error),
-             None if r.error is None else r.error.error_class.value)
-            for r in results
-        ]))

@@ -33,7 +33,7 @@ from ._base import (
     SourceStat,
 )
 from ._errors import file_error
-from ._local import _DIR_FLAGS, _Dirs, _syncfs, flush_folders, rename_into_place, temp_name
+from ._local_batch import _DIR_FLAGS, _Dirs, _syncfs, flush_folders, rename_into_place, temp_name
 from ._paths import confine, copy_mode
 
 log = structlog.get_logger("replicator.transports.pull")

@@ -12,7 +12,7 @@ from .._errors import ErrorClass, FileError
 from .._inventory import Kind
 from ._base import PutRequest, PutResult, PutStatus, SourceReader, SourceStat
 from ._errors import file_error
-from ._local import temp_name
+from ._local_batch import temp_name
 from ._paths import confine, copy_mode
 from ._ssh_stream import COMMIT, data_frame, file_frame, link_frame
 
