@@ -156,7 +156,7 @@ class ReplicaRunner:
 
     async def run(self, once: bool) -> None:
         # The transport gets ready (an SSH session logs in) while the replica is checked
-        # and while the first batches are claimed, not before: on a long link a login is
+        # and while the first batches are claimed, not after: on a long link a login is
         # many round trips, and the workers' own sessions start alongside it.
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._prepare)
@@ -196,6 +196,17 @@ class ReplicaRunner:
                     self._log.info("removed temp files of dead runs", count=removed)
 
     async def _prepare(self) -> None:
+        # Only once there is something to copy: a run that finds nothing to do starts no
+        # session (an SSH login, a shell and an interpreter on the host).
+        inventory = self.engine.inventory
+        while not self.engine.stopping:
+            scanned = self.engine.scans_done.is_set()  # before the query: no scan in between
+            due = await inventory.next_due_time(self.name)
+            if due is not None and due <= time.time():
+                break
+            if scanned:
+                return
+            await self.wake.wait(IDLE_POLL)
         with anyio.move_on_after(self.config.op_timeout):
             await self.transport.prepare()
 
