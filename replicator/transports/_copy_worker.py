@@ -23,7 +23,8 @@ from .._inventory._types import Kind
 from ._base import Progress, PutRequest, PutResult
 from ._local_batch import BatchWriter
 
-_LENGTH = struct.Struct(">I")
+_LENGTH = struct.Struct(">I")  # each frame: its length, then the pickled value
+HEAD = _LENGTH.size
 # How often a helper reports bytes moved: often enough for the stall timeout (seconds),
 # rarely enough to cost nothing.
 REPORT_EVERY = 0.25
@@ -38,10 +39,8 @@ def frame(value: object) -> bytes:
 
 
 def read_length(head: bytes) -> int:
+    """The length of the value that follows a frame's ``HEAD`` bytes."""
     return int(_LENGTH.unpack(head)[0])
-
-
-HEAD = _LENGTH.size
 
 
 class _Reporting(Progress):
