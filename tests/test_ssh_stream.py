@@ -226,6 +226,22 @@ async def test_openssh_client_uses_only_the_configured_known_hosts(
         assert b"Host key verification failed" in done.stderr
 
 
+def count_session_starts(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[float]:
+    """The round trips of the receiver sessions started from now on, each ``delay``
+    seconds slower to start."""
+    started: list[float] = []
+    start = StreamSession.start.__func__  # type: ignore[attr-defined]
+
+    async def counting_start(cls: type[StreamSession], carrier: Carrier) -> StreamSession:
+        await anyio.sleep(delay)
+        session: StreamSession = await start(cls, carrier)
+        started.append(session.rtt)
+        return session
+
+    monkeypatch.setattr(StreamSession, "start", classmethod(counting_start))
+    return started
+
+
 @pytest.mark.parametrize("carrier", CARRIERS)
 @pytest.mark.parametrize("long_link", [False, True])
 async def test_many_batches_through_the_stream(tmp_path: Path, carrier: str, long_link: bool,
@@ -235,15 +251,7 @@ async def test_many_batches_through_the_stream(tmp_path: Path, carrier: str, lon
     SHORT_LINK_SESSIONS sessions start, however many workers there are."""
     if long_link:
         monkeypatch.setattr(ssh_transport, "LONG_LINK", 0.0)
-    started: list[float] = []
-    start = StreamSession.start.__func__  # type: ignore[attr-defined]
-
-    async def counting_start(cls: type[StreamSession], carrier: Carrier) -> StreamSession:
-        session: StreamSession = await start(cls, carrier)
-        started.append(session.rtt)
-        return session
-
-    monkeypatch.setattr(StreamSession, "start", classmethod(counting_start))
+    started = count_session_starts(monkeypatch)
     origin = tmp_path / "origin"
     files = {f"d{i % 7}/f{i}.dat": os.urandom(i % 5000) for i in range(2500)}
     files.update({f"large/{i}.bin": os.urandom((3 << 20) + i) for i in range(4)})
@@ -436,16 +444,8 @@ async def test_on_a_long_link_batches_take_the_prepared_sessions(
     """Batches that arrive while prepare's sessions are still starting wait for them instead
     of starting sessions of their own: as many sessions as workers, not twice as many."""
     monkeypatch.setattr(ssh_transport, "LONG_LINK", 0.0)
-    started: list[float] = []
-    start = StreamSession.start.__func__  # type: ignore[attr-defined]
-
-    async def slow_start(cls: type[StreamSession], carrier: Carrier) -> StreamSession:
-        await anyio.sleep(0.5)  # a login over a long link: the first batches come first
-        session: StreamSession = await start(cls, carrier)
-        started.append(session.rtt)
-        return session
-
-    monkeypatch.setattr(StreamSession, "start", classmethod(slow_start))
+    # A login over a long link: the first batches come before the sessions are up.
+    started = count_session_starts(monkeypatch, delay=0.5)
     origin = tmp_path / "origin"
     files = {f"d{i % 5}/f{i}.dat": os.urandom(i % 3000) for i in range(3000)}
     for name, data in files.items():
