@@ -12,7 +12,13 @@ from conftest import write
 from structlog.testing import capture_logs
 
 from replicator._inventory import Kind
-from replicator.transports import LocalTransport, Progress, PutRequest, PutStatus
+from replicator.transports import (
+    LocalTransport,
+    Progress,
+    PutRequest,
+    PutResult,
+    PutStatus,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -217,3 +223,40 @@ async def test_batches_at_once_run_in_as_many_helpers_as_allowed(
             assert (root / f"b{b}" / os.fsdecode(request.dest).split("/", 1)[1]).read_bytes() \
                 == Path(os.fsdecode(request.source)).read_bytes()
     assert leftovers(root) == []
+
+
+def test_a_large_file_is_pushed_to_disk_chunk_by_chunk(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chunk of a large file is handed to the disk as soon as it is copied, so the
+    batch's flush waits for the last one only; small files are left to that flush."""
+    from replicator.transports import _local_batch
+
+    real = _local_batch._start_writeback
+    assert real is not None  # Linux: sync_file_range is in the C library
+    pushed: list[tuple[int, int]] = []
+
+    def recording(fd: int, offset: int, count: int) -> None:
+        pushed.append((offset, count))
+        real(fd, offset, count)
+
+    monkeypatch.setattr(_local_batch, "_start_writeback", recording)
+    monkeypatch.setattr(_local_batch, "CHUNK", 1 << 20)
+    root = tmp_path / "replica"
+    root.mkdir()
+    big = write(tmp_path / "src" / "big.bin", os.urandom((3 << 20) + 5))
+    small = write(tmp_path / "src" / "small.txt", b"small")
+    requests = [PutRequest(os.fsencode(p), os.fsencode(p.name), Kind.FILE, p.stat().st_size,
+                           p.stat().st_mtime_ns, 0o644) for p in (big, small)]
+    results: list[PutResult] = []
+    _local_batch.BatchWriter(os.fsencode(root), fsync=True).put_batch(
+        requests, "run1", Progress(), results)
+    assert [r.status for r in results] == [PutStatus.COPIED] * 2
+    assert (root / "big.bin").read_bytes() == big.read_bytes()
+    assert pushed == [(0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 1 << 20), (3 << 20, 5)]
+    pushed.clear()
+    (root / "nosync").mkdir()  # fsync = false: no flush, so nothing to give a head start
+    results.clear()
+    _local_batch.BatchWriter(os.fsencode(root / "nosync"), fsync=False).put_batch(
+        requests, "run1", Progress(), results)
+    assert [r.status for r in results] == [PutStatus.COPIED] * 2
+    assert pushed == []

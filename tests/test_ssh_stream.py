@@ -383,6 +383,17 @@ def test_the_receiver_takes_content_from_its_input_spliced_or_read(
             return moved
 
         monkeypatch.setattr(_receiver, "SPLICE", counting_splice)
+    # Writing to disk starts every WRITEBACK_EVERY bytes of a file, as they arrive.
+    monkeypatch.setattr(_receiver, "WRITEBACK_EVERY", 1 << 20)
+    pushed: list[tuple[int, int]] = []
+    real_writeback = _receiver._writeback()
+    assert real_writeback is not None  # Linux: sync_file_range is in the C library
+
+    def recording_writeback(fd: int, offset: int, count: int) -> object:
+        pushed.append((offset, count))
+        return real_writeback(fd, offset, count)
+
+    monkeypatch.setattr(_receiver, "_writeback", lambda: recording_writeback)
     root = tmp_path / "replica"
     root.mkdir()
     big, small = os.urandom((3 << 20) + 7), b"small file"
@@ -414,6 +425,12 @@ def test_the_receiver_takes_content_from_its_input_spliced_or_read(
     assert (root / "a" / "small").read_bytes() == small
     assert temp_files(root) == []
     assert (sum(spliced) > 0) == splice
+    # The big file in order and without gaps, but for a tail under 1 MiB that the flush
+    # takes; nothing of the small file.
+    assert [offset for offset, _ in pushed] == [sum(c for _, c in pushed[:i])
+                                                for i in range(len(pushed))], pushed
+    assert all(count >= 1 << 20 for _, count in pushed)
+    assert len(big) - (1 << 20) < sum(count for _, count in pushed) <= len(big)
 
 
 @pytest.mark.parametrize("long_link", [False, True])
