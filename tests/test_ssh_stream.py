@@ -437,22 +437,37 @@ def test_the_receiver_takes_content_from_its_input_spliced_or_read(
 async def test_prepare_starts_one_session_per_lane_on_a_long_link(
         tmp_path: Path, long_link: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before the first batch, prepare leaves sessions ready: one on a short link, one per
-    lane on a long one (its logins are round trips the engine's checks leave time for)."""
+    lane on a long one (its logins are round trips the engine's checks leave time for), no
+    more than SESSION_STARTS logging in at once (sshd's MaxStartups)."""
     if long_link:
         monkeypatch.setattr(ssh_transport, "LONG_LINK", 0.0)
+    starting, most = [0], [0]
+    start_session = SshTransport._start_session
+
+    async def counted(self: SshTransport) -> StreamSession | None:
+        starting[0] += 1
+        most[0] = max(most[0], starting[0])
+        try:
+            return await start_session(self)
+        finally:
+            starting[0] -= 1
+
+    monkeypatch.setattr(SshTransport, "_start_session", counted)
+    lanes = ssh_transport.SESSION_STARTS + 2
     with run_sshd(tmp_path / "sshd") as sshd:
         replica = tmp_path / "replica"
         replica.mkdir()
         transport = SshTransport(sshd.options(), str(replica), anyio.CapacityLimiter(2),
-                                 op_timeout=10, carriers=("openssh",), lanes=3)
+                                 op_timeout=10, carriers=("openssh",), lanes=lanes)
         try:
             await transport.prepare()
-            assert len(transport._sessions) == (3 if long_link else 1)
+            assert len(transport._sessions) == (lanes if long_link else 1)
             await transport.prepare()  # once only
-            assert len(transport._sessions) == (3 if long_link else 1)
+            assert len(transport._sessions) == (lanes if long_link else 1)
         finally:
             await transport.aclose()
         assert transport._live == 0
+    assert most[0] == (ssh_transport.SESSION_STARTS if long_link else 1)
 
 
 @pytest.mark.parametrize("carrier", CARRIERS)

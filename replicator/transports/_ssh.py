@@ -100,6 +100,8 @@ LONG_LINK = 0.03
 # the host, and there the CPU, not the link, is what two or more sessions share: 20,000 small
 # files took 3.07 s with one session per worker (4) and 2.83-2.87 s with one or two.
 SHORT_LINK_SESSIONS = 2
+# Receiver sessions starting at once, whatever the number of workers (see SshTransport).
+SESSION_STARTS = 4
 # Write requests of one file on the wire at once, bounded in count and bytes.
 MAX_REQUESTS = 16
 BYTES_IN_FLIGHT = 4 << 20
@@ -134,6 +136,9 @@ class SshTransport:
         self._live = 0  # sessions started (or starting) and not closed
         self._short_link: bool | None = None  # known once a session measured its round trip
         self._session_back = anyio.Event()  # set when a session is returned or closed
+        # Logins at once: sshd drops unauthenticated connections beyond its MaxStartups
+        # (10 by default), and a dropped start would cost the OpenSSH carrier.
+        self._starting = anyio.Semaphore(SESSION_STARTS)
         self.root = os.fsencode(root)
         self._limiter = limiter
         self._op_timeout = op_timeout
@@ -495,7 +500,8 @@ class SshTransport:
         self._live += 1
         began = time.monotonic()
         try:
-            started = await self._start_session()
+            async with self._starting:
+                started = await self._start_session()
         except BaseException:
             self._live -= 1
             self._wake_waiters()  # one of them may start a session, or learn there is none
