@@ -493,3 +493,53 @@ async def test_on_a_long_link_batches_take_the_prepared_sessions(
         assert_all_copied(replica, origin, files)
     # (A session still starting when the last batch is done is not waited for.)
     assert 1 <= len(started) <= 3, started
+
+
+@pytest.mark.parametrize("drops", [1, ssh_transport.OPENSSH_DROPS + 1])
+async def test_a_dropped_openssh_login_is_tried_again(tmp_path: Path, drops: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OpenSSH login dropped before it completed (sshd's MaxStartups, a blip) while the
+    SFTP connection works sends that batch another way and leaves the OpenSSH client in use;
+    only OPENSSH_DROPS drops in a row give it up for the process."""
+    real_ssh = shutil.which("ssh")
+    assert real_ssh is not None
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    # An ssh whose first ``drops`` logins are dropped the way sshd drops them.
+    (bin_dir / "ssh").write_text(
+        "#!/bin/sh\n"
+        f'echo x >> "{calls}"\n'
+        f'if [ "$(wc -l < "{calls}")" -le {drops} ]; then\n'
+        '  echo "kex_exchange_identification: Connection closed by remote host" >&2\n'
+        "  exit 255\n"
+        "fi\n"
+        f'exec "{real_ssh}" "$@"\n')
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with run_sshd(tmp_path / "sshd") as sshd:
+        replica = tmp_path / "replica"
+        replica.mkdir()
+        transport = SshTransport(sshd.options(), str(replica), anyio.CapacityLimiter(2),
+                                 op_timeout=10, carriers=("openssh",))
+        try:
+            with capture_logs() as logs:
+                for batch in range(drops + 1):
+                    source = write(tmp_path / "src" / f"{batch}.dat", os.urandom(1000))
+                    results = await transport.put(
+                        [request_for(source, f"b/{batch}.dat".encode())], "1x1", Progress())
+                    assert [r.status for r in results] == [PutStatus.COPIED]
+                    assert (replica / "b" / f"{batch}.dat").read_bytes() == source.read_bytes()
+            dropped = [e for e in logs if "login was dropped" in e["event"]]
+            given_up = [e for e in logs if "did not start through openssh: using" in e["event"]]
+            if drops <= ssh_transport.OPENSSH_DROPS:
+                assert (len(dropped), given_up) == (drops, [])
+                assert transport.transfer == "openssh"  # the last batch went through it
+                assert len(calls.read_text().split()) == drops + 1
+            else:
+                assert (len(dropped), len(given_up)) == (ssh_transport.OPENSSH_DROPS, 1)
+                assert transport.transfer == "sftp"
+                assert len(calls.read_text().split()) == drops  # none once given up
+        finally:
+            await transport.aclose()
+    assert temp_files(replica) == []

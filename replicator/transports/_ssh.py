@@ -102,6 +102,9 @@ LONG_LINK = 0.03
 SHORT_LINK_SESSIONS = 2
 # Receiver sessions starting at once, whatever the number of workers (see SshTransport).
 SESSION_STARTS = 4
+# OpenSSH logins dropped in a row (while the SFTP connection works) before the OpenSSH
+# client is given up for the process.
+OPENSSH_DROPS = 3
 # Write requests of one file on the wire at once, bounded in count and bytes.
 MAX_REQUESTS = 16
 BYTES_IN_FLIGHT = 4 << 20
@@ -139,6 +142,7 @@ class SshTransport:
         # Logins at once: sshd drops unauthenticated connections beyond its MaxStartups
         # (10 by default), and a dropped start would cost the OpenSSH carrier.
         self._starting = anyio.Semaphore(SESSION_STARTS)
+        self._openssh_dropped = 0  # OpenSSH logins dropped in a row
         self.root = os.fsencode(root)
         self._limiter = limiter
         self._op_timeout = op_timeout
@@ -520,8 +524,9 @@ class SshTransport:
 
     async def _start_session(self) -> StreamSession | None:
         command = receiver_command(self.root)
-        while self._carriers:
-            kind = self._carriers[0]
+        for kind in list(self._carriers):
+            if kind not in self._carriers:
+                continue  # given up meanwhile by a concurrent batch
             conn: _Conn | None = None
             try:
                 if kind == "openssh":
@@ -533,17 +538,27 @@ class SshTransport:
                 else:
                     conn = await self._connected()
                     carrier = await AsyncsshCarrier.open(conn.conn, command, self._op_timeout)
-                return await StreamSession.start(carrier)
+                session = await StreamSession.start(carrier)
+                if kind == "openssh":
+                    self._openssh_dropped = 0
+                return session
             except StreamLost as exc:
                 if conn is None:
                     # The OpenSSH client failed: if the host cannot be reached or refuses
                     # us (host key, login), this raises as it would for SFTP; if it can,
-                    # the failure is the client's own (its ciphers, its view of the keys).
+                    # the failure is the client's own (its ciphers, its view of the keys)...
                     conn = await self._connected()
+                    if not exc.definitive and self._openssh_dropped < OPENSSH_DROPS:
+                        # ...unless its login was dropped (sshd's MaxStartups, a blip): this
+                        # batch goes another way, the next one tries OpenSSH again.
+                        self._openssh_dropped += 1
+                        self._log.warning("the receiver did not start through openssh this"
+                                          " time: its login was dropped", reason=str(exc))
+                        continue
                 elif not exc.definitive or conn.closed:  # a dropped connection: try again
                     raise FileError(f"stream to {self.options.where}: {exc}") from None
-                if self._carriers and self._carriers[0] == kind:  # not yet dropped by a
-                    self._carriers.pop(0)                         # concurrent batch
+                if kind in self._carriers:
+                    self._carriers.remove(kind)
                     then = (f"{self._carriers[0]}" if self._carriers
                             else "SFTP, one round trip per file")
                     self._log.warning(f"the receiver did not start through {kind}: using"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from contextlib import suppress
@@ -36,6 +37,9 @@ T = TypeVar("T")
 # operation timeout, so it must fit in it at the slowest link's speed.
 FILE_CALL = 8 << 20
 _GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+# What ssh says when the connection went away before or during the login.
+_DROPPED = re.compile(r"Connection (closed|reset|timed out)|kex_exchange_identification"
+                      r"|Broken pipe|banner exchange")
 
 
 class StreamLost(Exception):
@@ -222,8 +226,11 @@ class OpensshCarrier:
                 text = proc.stderr.read(8192) or b""
         lines = os.fsdecode(text).strip().splitlines()
         tail = lines[-1] if lines else ""
+        # ssh's own failures exit 255; a connection dropped before or during the login
+        # (sshd's MaxStartups, a network blip) may well work the next time.
+        dropped = proc.returncode == 255 and _DROPPED.search(tail) is not None
         return (f"ssh exit {proc.returncode}: {tail}" if tail else f"ssh exit {proc.returncode}",
-                True)
+                not dropped)
 
     def close(self) -> None:
         self._lost = True
