@@ -550,7 +550,7 @@ class SshTransport:
                     conn = await self._connected()
                     if not exc.definitive and self._openssh_dropped < OPENSSH_DROPS:
                         # ...unless its login was dropped (sshd's MaxStartups, a blip): this
-                        # batch goes another way, the next one tries OpenSSH again.
+                        # session starts another way, the next one tries OpenSSH again.
                         self._openssh_dropped += 1
                         self._log.warning("the receiver did not start through openssh this"
                                           " time: its login was dropped", reason=str(exc))
