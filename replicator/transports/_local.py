@@ -8,7 +8,6 @@ a small file.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import stat
 from collections.abc import Iterable, Sequence
@@ -20,7 +19,7 @@ import structlog
 from .._errors import ReplicaUnavailableError
 from ._base import MARKER, Capabilities, DestStat, Progress, PutRequest, PutResult
 from ._errors import file_error
-from ._local_batch import _DIR_FLAGS, BatchWriter
+from ._local_batch import _DIR_FLAGS, TEMP_RE, BatchWriter
 from ._local_helper import CopyHelper
 from ._paths import confine
 
@@ -30,7 +29,6 @@ log = structlog.get_logger("replicator.transports.local")
 # per file that a thread would make under the GIL; a few large files cost a handful of calls,
 # and the helper's start (a Python start-up, about 0.05 s of CPU) would only delay them.
 HELPER_MIN_FILES = 32
-TEMP_RE = re.compile(rb"^\.~rep-([0-9a-zx]+)-[0-9a-f]+\.tmp$")
 
 
 class LocalTransport:

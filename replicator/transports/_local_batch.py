@@ -12,6 +12,7 @@ import ctypes
 import errno
 import itertools
 import os
+import re
 import secrets
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +28,8 @@ CHUNK = 8 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+# A temp name: ".~rep-<run id>-<unique>.tmp", so a later run can tell whose it is.
+TEMP_RE = re.compile(rb"^\.~rep-([0-9a-zx]+)-[0-9a-f]+\.tmp$")
 # Unique per process without a getrandom call per file: a random prefix and a counter.
 _TEMP_PREFIX = secrets.token_hex(4)
 _temp_counter = itertools.count()
@@ -430,4 +433,4 @@ class BatchWriter:
         return staged
 
 
-__all__ = ["BatchWriter", "flush_folders", "rename_into_place", "temp_name"]
+__all__ = ["TEMP_RE", "BatchWriter", "flush_folders", "rename_into_place", "temp_name"]

@@ -45,8 +45,7 @@ from ._base import (
     PutStatus,
 )
 from ._errors import file_error
-from ._local import TEMP_RE
-from ._local_batch import temp_name
+from ._local_batch import TEMP_RE, temp_name
 from ._paths import confine, copy_mode
 from ._ssh_carriers import (
     AsyncsshCarrier,
