@@ -48,10 +48,6 @@ def file_frame(seq: int, mode: int, mtime_ns: int, dest: bytes, tmp: bytes) -> b
     return _FILE.pack(b"F", seq, mode, mtime_ns, len(dest), len(tmp)) + dest + tmp
 
 
-def data_frame(data: bytes) -> bytes:
-    return _DATA.pack(b"D", len(data)) + data
-
-
 def data_header(length: int) -> bytes:
     """The header of a data frame of ``length`` bytes (which follow it)."""
     return _DATA.pack(b"D", length)
