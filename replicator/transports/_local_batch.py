@@ -27,7 +27,6 @@ from ._paths import confine, copy_mode
 CHUNK = 8 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-
 # A temp name: ".~rep-<run id>-<unique>.tmp", so a later run can tell whose it is.
 TEMP_RE = re.compile(rb"^\.~rep-([0-9a-zx]+)-[0-9a-f]+\.tmp$")
 # Unique per process without a getrandom call per file: a random prefix and a counter.
