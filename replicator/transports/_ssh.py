@@ -136,7 +136,8 @@ class SshTransport:
         self._spares_starting = 0  # sessions prepare starts for batches yet to come
         self._spare_waiters = 0  # batches waiting for one of those
         self._live = 0  # sessions started (or starting) and not closed
-        self._short_link: bool | None = None  # known once a session measured its round trip
+        # Known once prepare timed an SFTP round trip, or a session timed its own.
+        self._short_link: bool | None = None
         self._session_back = anyio.Event()  # set when a session is returned or closed
         # Logins at once: sshd drops unauthenticated connections beyond its MaxStartups
         # (10 by default), and a dropped start would cost the OpenSSH carrier.
@@ -471,9 +472,10 @@ class SshTransport:
     async def _session(self, progress: Progress | None = None) -> StreamSession | None:
         """An idle receiver session, or a new one; None if no carrier can start one.
 
-        On a short link, or while the first session has not yet told what the link is, no
-        more than ``SHORT_LINK_SESSIONS`` run: a batch waits for one (and the wait is not a
-        stall: the batch ahead reports progress of its own).
+        On a short link, or while the link is not yet known, no more than
+        ``SHORT_LINK_SESSIONS`` run, and a spare session that prepare is starting is waited
+        for rather than started twice: a batch waits (and the wait is not a stall: the
+        batch ahead reports progress of its own).
         """
         while True:
             while self._sessions:
