@@ -8,9 +8,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import write
+from conftest import backdate, make_config, write
 from structlog.testing import capture_logs
 
+from replicator import Replicator
 from replicator._inventory import Kind
 from replicator.transports import (
     LocalTransport,
@@ -19,6 +20,7 @@ from replicator.transports import (
     PutResult,
     PutStatus,
 )
+from replicator.transports._local_helper import CopyHelper
 
 pytestmark = pytest.mark.anyio
 
@@ -186,6 +188,55 @@ async def test_a_batch_of_few_files_does_not_start_the_helper(tmp_path: Path) ->
         assert helper._process is not None
     finally:
         await transport.aclose()
+
+
+async def test_prepare_starts_the_first_helper(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine prepares a replica once a copy is due: the helper's interpreter starts
+    up while the first batch is claimed, and that batch finds it. A run with nothing to copy
+    prepares nothing, so starts no helper."""
+    spawned: list[int] = []
+    start = CopyHelper.start
+
+    async def counting_start(self: CopyHelper) -> None:
+        fresh = self._process is None
+        await start(self)
+        if fresh and self._process is not None:
+            spawned.append(self._process.pid)
+
+    monkeypatch.setattr(CopyHelper, "start", counting_start)
+    root = tmp_path / "replica"
+    root.mkdir()
+    transport = LocalTransport(str(root), anyio.CapacityLimiter(2), helpers=2)
+    try:
+        await transport.prepare()
+        assert len(spawned) == 1  # spawned, before any batch
+        requests = sources(tmp_path / "src", 40)
+        assert [r.status for r in await transport.put(requests, "run1", Progress())] == [
+            PutStatus.COPIED] * 40
+        assert len(spawned) == 1
+        assert len(transport._helpers) == 1
+    finally:
+        await transport.aclose()
+
+    without = LocalTransport(str(root), anyio.CapacityLimiter(2), helper=False)
+    await without.prepare()
+    assert without._helpers == []
+    assert len(spawned) == 1
+
+    # Through the engine: the first run prepares (a helper), a run with nothing to do not.
+    origin = tmp_path / "origin"
+    for i in range(40):
+        write(origin / f"{i:02}.dat", b"x" * i)
+    backdate(origin)
+    replica = tmp_path / "engine-replica"
+    replica.mkdir()
+    spawned.clear()
+    async with Replicator(make_config(tmp_path, origin, [replica])) as rep:
+        assert (await rep.sync_once()).copied == 40
+        assert len(spawned) == 1
+        assert (await rep.sync_once()).copied == 0
+        assert len(spawned) == 1
 
 
 @pytest.mark.parametrize("helpers", [1, 2])

@@ -78,9 +78,14 @@ class LocalTransport:
         return min(self._helpers, key=lambda h: h.queued)
 
     async def prepare(self) -> None:
-        # The copy helper starts with the first batch, not here: a run with nothing to copy
-        # (a no-change re-run) would pay for its start-up for nothing.
-        return None
+        """Start the first copy helper, so that its interpreter starts up (about 0.07 s)
+        while the first batch is claimed, not after. Returns once it is spawned.
+
+        The engine prepares a replica only once a copy is due: a run with nothing to copy
+        (a no-change re-run) starts no helper."""
+        helper = self._pick_helper()
+        if helper is not None:
+            await helper.start()
 
     async def probe(self) -> None:
         await anyio.to_thread.run_sync(self._probe, limiter=self._limiter, abandon_on_cancel=True)
