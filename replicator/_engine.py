@@ -186,8 +186,30 @@ class ReplicaRunner:
     async def _check_replica(self) -> None:
         """Probe, check the marker, remove dead runs' temp files."""
         with anyio.fail_after(self.config.op_timeout):
-            await self.transport.probe()
-            await self._check_marker()
+            # The marker is read while the root is probed: on a long link each is a round
+            # trip or more. The probe's verdict comes first, the marker's after.
+            failed: dict[str, ReplicaUnavailableError | FileError | TimeoutError] = {}
+            found: list[str | None] = []
+
+            async def probe() -> None:
+                try:
+                    await self.transport.probe()
+                except (ReplicaUnavailableError, FileError, TimeoutError) as exc:
+                    failed["probe"] = exc
+
+            async def read_marker() -> None:
+                try:
+                    found.append(await self.transport.read_marker())
+                except (ReplicaUnavailableError, FileError, TimeoutError) as exc:
+                    failed["marker"] = exc
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(probe)
+                tg.start_soon(read_marker)
+            for step in ("probe", "marker"):
+                if step in failed:
+                    raise failed[step]
+            await self._check_marker(found[0])
             if self._stale_dirs:
                 dirs = {os.path.dirname(d) for d in self._stale_dirs}
                 removed = await self.transport.remove_stale_temps(dirs, self.engine.run_id)
@@ -210,15 +232,15 @@ class ReplicaRunner:
         with anyio.move_on_after(self.config.op_timeout):
             await self.transport.prepare()
 
-    async def _check_marker(self) -> None:
-        """The root must hold this replica's marker once the replica has been used.
+    async def _check_marker(self, found: str | None) -> None:
+        """The root must hold this replica's marker (``found`` in it) once the replica has
+        been used.
 
         An unmounted disk leaves an empty, writable mount point: copies made there would be
         recorded as replicated and then hidden when the disk comes back.
         """
         inventory = self.engine.inventory
         expected = await inventory.replica_marker(self.name)
-        found = await self.transport.read_marker()
         if expected is None:
             if found is None:
                 found = f"replicator {self.name} {uuid.uuid4()}"

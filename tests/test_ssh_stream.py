@@ -13,8 +13,10 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import asyncssh
 import pytest
 from conftest import backdate, temp_files, write
 from ssh_server import Faults, run_sshd, sftp_server
@@ -33,7 +35,7 @@ from test_transport_conformance import request_for
 from replicator.transports import Progress, PutStatus
 from replicator.transports import _ssh as ssh_transport
 from replicator.transports._ssh import SshTransport
-from replicator.transports._ssh_carriers import Carrier, openssh_argv
+from replicator.transports._ssh_carriers import Carrier, OpensshCarrier, StreamLost, openssh_argv
 from replicator.transports._ssh_stream import StreamSession
 
 pytestmark = pytest.mark.anyio
@@ -470,6 +472,47 @@ async def test_prepare_starts_one_session_per_lane_on_a_long_link(
     assert most[0] == (ssh_transport.SESSION_STARTS if long_link else 1)
 
 
+@pytest.mark.parametrize("long_kex", [False, True])
+async def test_sessions_start_once_the_host_key_is_checked(
+        tmp_path: Path, long_kex: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare starts receiver sessions once the SFTP login got past the host key check,
+    not after it authenticated and started SFTP (round trips on a long link): one, or one
+    per lane when the key exchange was long. The SFTP start is slowed here by 1 s."""
+    if long_kex:
+        monkeypatch.setattr(ssh_transport, "KEX_LONG", 0.0)
+    events: list[str] = []
+    start_sftp = asyncssh.SSHClientConnection.start_sftp_client
+
+    async def slow_sftp(self: asyncssh.SSHClientConnection, *args: Any, **kwargs: Any
+                        ) -> asyncssh.SFTPClient:
+        await anyio.sleep(1.0)
+        sftp = await start_sftp(self, *args, **kwargs)
+        events.append("logged in")
+        return sftp
+
+    start_session = SshTransport._start_session
+
+    async def recorded(self: SshTransport) -> StreamSession | None:
+        events.append("session")
+        return await start_session(self)
+
+    monkeypatch.setattr(asyncssh.SSHClientConnection, "start_sftp_client", slow_sftp)
+    monkeypatch.setattr(SshTransport, "_start_session", recorded)
+    lanes = 3
+    with run_sshd(tmp_path / "sshd") as sshd:
+        replica = tmp_path / "replica"
+        replica.mkdir()
+        transport = SshTransport(sshd.options(), str(replica), anyio.CapacityLimiter(2),
+                                 op_timeout=10, carriers=("openssh",), lanes=lanes)
+        try:
+            await transport.prepare()
+            early = lanes if long_kex else 1
+            assert events[:early + 1] == ["session"] * early + ["logged in"], events
+            assert len(transport._sessions) == early  # a LAN: no more after the login
+        finally:
+            await transport.aclose()
+
+
 @pytest.mark.parametrize("carrier", CARRIERS)
 async def test_on_a_long_link_batches_take_the_prepared_sessions(
         tmp_path: Path, carrier: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -493,6 +536,17 @@ async def test_on_a_long_link_batches_take_the_prepared_sessions(
         assert_all_copied(replica, origin, files)
     # (A session still starting when the last batch is done is not waited for.)
     assert 1 <= len(started) <= 3, started
+
+
+async def test_what_ssh_said_outlives_a_write_to_it_once_it_died() -> None:
+    """A batch that writes to an ssh already gone closes the carrier; why it went (its
+    stderr) is still what tells a dropped login from a refusal."""
+    said = "kex_exchange_identification: Connection closed by remote host"
+    carrier = await OpensshCarrier.open(["sh", "-c", f'echo "{said}" >&2; exit 255'], 10)
+    await anyio.to_thread.run_sync(carrier._proc.wait, 5)
+    with pytest.raises(StreamLost):
+        await carrier.write(b"x" * (4 << 20))  # more than the pipe holds: EPIPE
+    assert await carrier.failure() == (f"ssh exit 255: {said}", False)  # not definitive
 
 
 @pytest.mark.parametrize("drops", [1, ssh_transport.OPENSSH_DROPS + 1])
@@ -533,11 +587,11 @@ async def test_a_dropped_openssh_login_is_tried_again(tmp_path: Path, drops: int
             dropped = [e for e in logs if "login was dropped" in e["event"]]
             given_up = [e for e in logs if "did not start through openssh: using" in e["event"]]
             if drops <= ssh_transport.OPENSSH_DROPS:
-                assert (len(dropped), given_up) == (drops, [])
+                assert (len(dropped), given_up) == (drops, []), logs
                 assert transport.transfer == "openssh"  # the last batch went through it
                 assert len(calls.read_text().split()) == drops + 1
             else:
-                assert (len(dropped), len(given_up)) == (ssh_transport.OPENSSH_DROPS, 1)
+                assert (len(dropped), len(given_up)) == (ssh_transport.OPENSSH_DROPS, 1), logs
                 assert transport.transfer == "sftp"
                 assert len(calls.read_text().split()) == drops  # none once given up
         finally:

@@ -19,7 +19,7 @@ import pytest
 from conftest import OLD, temp_files, write
 from ssh_server import run_sshd, sftp_server
 
-from replicator import ErrorClass, FileError
+from replicator import ErrorClass, FileError, ReplicaUnavailableError
 from replicator._inventory import Kind
 from replicator.transports import (
     LocalTransport,
@@ -271,5 +271,16 @@ async def test_stale_temps_of_other_runs_are_removed(target: Target) -> None:
 
 
 async def test_probe(target: Target) -> None:
+    await target.transport.probe()
+    assert list(target.root.iterdir()) == []
+    aside = target.root.with_name("aside")
+    target.root.rename(aside)
+    with pytest.raises(ReplicaUnavailableError, match="does not exist"):
+        await target.transport.probe()
+    target.root.write_bytes(b"a file where the root should be")
+    with pytest.raises(ReplicaUnavailableError, match="is not a folder"):
+        await target.transport.probe()
+    target.root.unlink()
+    aside.rename(target.root)
     await target.transport.probe()
     assert list(target.root.iterdir()) == []

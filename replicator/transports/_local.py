@@ -96,6 +96,8 @@ class LocalTransport:
             fd = os.open(self.root, _DIR_FLAGS)
         except FileNotFoundError:
             raise ReplicaUnavailableError(f"replica root {root!r} does not exist") from None
+        except NotADirectoryError:
+            raise ReplicaUnavailableError(f"replica root {root!r} is not a folder") from None
         except OSError as exc:
             raise ReplicaUnavailableError(f"replica root {root!r}: {exc.strerror}") from None
         try:

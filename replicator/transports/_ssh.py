@@ -24,12 +24,14 @@ import posixpath
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, suppress
+from typing import TypeVar
 
 import anyio
 import asyncssh
 import structlog
+from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._config import ReplicaConfig
@@ -108,6 +110,44 @@ OPENSSH_DROPS = 3
 MAX_REQUESTS = 16
 BYTES_IN_FLIGHT = 4 << 20
 SAFE_WRITE = 16 << 10  # without the server's limits@openssh.com
+
+# A key exchange (from the TCP connection to the start of authentication) longer than
+# this says the link is long: it is three or four round trips, and on a LAN 10-20 ms of CPU.
+KEX_LONG = 4 * LONG_LINK
+
+
+async def _first_of(*events: anyio.Event) -> None:
+    """Wait until one of ``events`` is set."""
+    async with anyio.create_task_group() as tg:
+        async def wait(event: anyio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(wait, event)
+
+
+_T = TypeVar("_T")
+
+
+async def _pipelined(*steps: Callable[[], Awaitable[_T]]) -> list[_T | FileError]:
+    """Run independent SFTP requests together, in one round trip instead of one each. Not
+    for requests that must be handled in turn (a write and the close of its file): some
+    servers (asyncssh's) handle a connection's requests concurrently. A step's FileError
+    comes back in its place."""
+    outcomes: dict[int, _T | FileError] = {}
+
+    async def run(index: int, step: Callable[[], Awaitable[_T]]) -> None:
+        try:
+            outcomes[index] = await step()
+        except FileError as exc:
+            outcomes[index] = exc
+
+    async with anyio.create_task_group() as tg:
+        for index, step in enumerate(steps):
+            tg.start_soon(run, index, step)
+    return [outcomes[index] for index in range(len(steps))]
+
 
 # --- the transport -------------------------------------------------------------------------
 
@@ -249,23 +289,48 @@ class SshTransport:
     async def prepare(self) -> None:
         """Start receiver sessions ahead of the first batch, while the engine probes and
         checks the marker: one on a short link, one per lane on a long one, where each
-        login is many round trips and each session's channel window caps its own rate."""
+        login is many round trips and each session's channel window caps its own rate.
+
+        They start as soon as the SFTP login has passed the host key check, while it
+        authenticates and starts SFTP: a host that must not be trusted is refused (and
+        remembered) by that login before any other client knocks on it.
+        """
         if not self._carriers or self._sessions or self._live:
             return
-        with suppress(FileError, ReplicaUnavailableError):
-            # Logged in first: a host that must not be trusted is refused (and remembered)
-            # before any other client knocks on it.
-            conn = await self._conn()
+        if self._pool is None:
+            self._pool = _acquire_pool(self.options)
+        pool = self._pool
+        logged_in: list[_Conn] = []
+        login_over = anyio.Event()
+
+        async def login() -> None:
+            with suppress(FileError, ReplicaUnavailableError):
+                logged_in.append(await self._conn())
+            login_over.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(login)
+            await _first_of(pool.verified, login_over)
+            if not pool.verified.is_set():
+                return  # refused, unreachable: the engine's probe says why
+            # A key exchange is a few round trips: a long one says the link is long.
+            started = self._lanes if pool.kex_seconds > KEX_LONG else 1
+            self._start_spares(tg, started)
+            await login_over.wait()
+            if not logged_in:
+                return
             if self._short_link is None:
                 began = time.monotonic()
-                with self._io(conn, "stat", self.root):
-                    await conn.sftp.stat(self.root)
-                self._short_link = time.monotonic() - began <= LONG_LINK
-            count = 1 if self._short_link else self._lanes
-            self._spares_starting += count  # counted now: a batch may come before they start
-            async with anyio.create_task_group() as tg:
-                for _ in range(count):
-                    tg.start_soon(self._spare_session)
+                with suppress(FileError), self._io(logged_in[0], "stat", self.root):
+                    await logged_in[0].sftp.stat(self.root)
+                    self._short_link = time.monotonic() - began <= LONG_LINK
+            if self._short_link is False and started < self._lanes:
+                self._start_spares(tg, self._lanes - started)
+
+    def _start_spares(self, tg: TaskGroup, count: int) -> None:
+        self._spares_starting += count  # counted now: a batch may come before they start
+        for _ in range(count):
+            tg.start_soon(self._spare_session)
 
     async def _spare_session(self) -> None:
         """Start a session for a batch yet to come (counted in ``_spares_starting``)."""
@@ -281,27 +346,45 @@ class SshTransport:
                 self._wake_waiters()
 
     async def probe(self) -> None:
+        """The root is a folder we can create files in. The stat and the create go
+        together (one round trip for two), then the close and the remove."""
         where = f"{self.options.where}:{os.fsdecode(self.root)}"
         conn = await self._conn()
-        try:
+        name = self._path(b".~rep-probe-" + os.urandom(4).hex().encode())
+
+        async def stat_root() -> asyncssh.SFTPAttrs | None:
             with self._io(conn, "stat", self.root):
                 try:
-                    attrs = await conn.sftp.stat(self.root)
+                    return await conn.sftp.stat(self.root)
                 except asyncssh.SFTPNoSuchFile:
-                    raise ReplicaUnavailableError(
-                        f"replica root {where} does not exist") from None
-            if not stat.S_ISDIR(attrs.permissions or 0):
-                raise ReplicaUnavailableError(f"replica root {where} is not a folder")
-            name = self._path(b".~rep-probe-" + os.urandom(4).hex().encode())
+                    return None
+
+        async def create() -> asyncssh.SFTPClientFile:
             with self._io(conn, "create", name):
-                f = await conn.sftp.open(name, asyncssh.FXF_WRITE | asyncssh.FXF_CREAT
-                                         | asyncssh.FXF_EXCL,
-                                         asyncssh.SFTPAttrs(permissions=0o600), encoding=None)
-                await f.close()
-            with self._io(conn, "remove", name):
-                await conn.sftp.remove(name)
-        except FileError as exc:
-            raise ReplicaUnavailableError(f"replica root {where} is not usable: {exc}") from None
+                return await conn.sftp.open(name, asyncssh.FXF_WRITE | asyncssh.FXF_CREAT
+                                            | asyncssh.FXF_EXCL,
+                                            asyncssh.SFTPAttrs(permissions=0o600),
+                                            encoding=None)
+
+        attrs, created = await _pipelined(stat_root, create)
+        cleanup: FileError | None = None
+        if isinstance(created, asyncssh.SFTPClientFile):
+            # Closed before it is removed: not every server removes an open file.
+            try:
+                with self._io(conn, "close", name):
+                    await created.close()
+                with self._io(conn, "remove", name):
+                    await conn.sftp.remove(name)
+            except FileError as exc:
+                cleanup = exc
+        if attrs is None:
+            raise ReplicaUnavailableError(f"replica root {where} does not exist")
+        if isinstance(attrs, asyncssh.SFTPAttrs) and not stat.S_ISDIR(attrs.permissions or 0):
+            raise ReplicaUnavailableError(f"replica root {where} is not a folder")
+        for outcome in (attrs, created, cleanup):
+            if isinstance(outcome, FileError):
+                raise ReplicaUnavailableError(
+                    f"replica root {where} is not usable: {outcome}") from None
 
     async def read_marker(self) -> str | None:
         conn = await self._conn()

@@ -158,6 +158,7 @@ class OpensshCarrier:
         self._proc = proc
         self._timeout = timeout
         self._lost = False
+        self._said = b""  # stderr read when the carrier was closed
 
     @classmethod
     async def open(cls, argv: list[str], op_timeout: float) -> OpensshCarrier:
@@ -219,11 +220,7 @@ class OpensshCarrier:
             await anyio.to_thread.run_sync(_reap, proc, 2.0, abandon_on_cancel=True)
         if proc.poll() is None:
             self.close()
-        text = b""
-        if proc.stderr is not None:
-            with suppress(OSError, ValueError):
-                os.set_blocking(proc.stderr.fileno(), False)
-                text = proc.stderr.read(8192) or b""
+        text = self._said + self._read_stderr()
         lines = os.fsdecode(text).strip().splitlines()
         tail = lines[-1] if lines else ""
         # ssh's own failures exit 255; a connection dropped before or during the login
@@ -231,6 +228,15 @@ class OpensshCarrier:
         dropped = proc.returncode == 255 and _DROPPED.search(tail) is not None
         return (f"ssh exit {proc.returncode}: {tail}" if tail else f"ssh exit {proc.returncode}",
                 not dropped)
+
+    def _read_stderr(self) -> bytes:
+        """What ssh wrote on stderr and nobody read yet, without waiting for more."""
+        stderr = self._proc.stderr
+        with suppress(OSError, ValueError):  # closed, or nothing there
+            if stderr is not None and not stderr.closed:
+                os.set_blocking(stderr.fileno(), False)
+                return stderr.read(8192) or b""
+        return b""
 
     def close(self) -> None:
         self._lost = True
@@ -240,6 +246,8 @@ class OpensshCarrier:
                 proc.kill()
             with suppress(subprocess.TimeoutExpired):
                 proc.wait(0.5)  # reaps a killed child: milliseconds
+        # Kept for failure(): a write that met a dead ssh closes the carrier first.
+        self._said += self._read_stderr()
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
                 with suppress(OSError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -136,6 +137,22 @@ class _Conn:
         self.conn.close()
 
 
+class _Client(asyncssh.SSHClient):
+    """Tells its pool when a login got past the host key check (``_Pool.verified``)."""
+
+    def __init__(self, pool: _Pool) -> None:
+        self._pool = pool
+        self._made = time.monotonic()
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self._made = time.monotonic()
+
+    def begin_auth(self, username: str) -> None:
+        # Called once the key exchange is done, so once the host key was accepted.
+        self._pool.kex_seconds = time.monotonic() - self._made
+        self._pool.verified.set()
+
+
 def _stamp(path: str) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -159,6 +176,11 @@ class _Pool:
         self._locks = [anyio.Lock() for _ in range(options.connections)]
         self._next = 0
         self._refused: tuple[str, tuple[int, int] | None] | None = None
+        # Set once a login of this pool got past the host key check: other clients (the
+        # OpenSSH one) may knock from then on. With how long its key exchange took, from
+        # the TCP connection: a few round trips.
+        self.verified = anyio.Event()
+        self.kex_seconds = 0.0
         self._log = log.bind(host=options.where)
 
     async def get(self, spread: bool = False) -> _Conn:
@@ -214,6 +236,7 @@ class _Pool:
             with anyio.fail_after(o.connect_timeout):
                 conn = await asyncssh.connect(
                     o.host, port=o.port or (), username=o.user or (),
+                    client_factory=lambda: _Client(self),
                     client_keys=[o.identity_file] if o.identity_file else (),
                     known_hosts=known_hosts, encryption_algs=_GCM_FIRST,
                     keepalive_interval=o.keepalive_interval,
