@@ -472,6 +472,27 @@ async def test_prepare_starts_one_session_per_lane_on_a_long_link(
     assert most[0] == (ssh_transport.SESSION_STARTS if long_link else 1)
 
 
+async def test_a_host_key_refused_later_starts_no_session(tmp_path: Path) -> None:
+    """A pool that once accepted the host key and then refuses it (known_hosts changed)
+    starts no OpenSSH session in prepare: only the refused SFTP login knocks."""
+    async with sftp_server(tmp_path / "server", commands=True) as server:
+        (server.root / "replica").mkdir()
+        transport = SshTransport(server.options(), "replica", anyio.CapacityLimiter(2),
+                                 op_timeout=10, carriers=("openssh",))
+        try:
+            await transport.probe()
+            other = asyncssh.generate_private_key("ssh-ed25519")
+            server.keys.known_hosts.write_text(
+                f"[127.0.0.1]:{server.port} {other.export_public_key().decode()}")
+            assert transport._pool is not None
+            transport._pool.close()
+            await transport.prepare()
+            assert transport._live == 0
+            assert len(server.connections) == 2  # the first login and the refused one
+        finally:
+            await transport.aclose()
+
+
 @pytest.mark.parametrize("long_kex", [False, True])
 async def test_sessions_start_once_the_host_key_is_checked(
         tmp_path: Path, long_kex: bool, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -212,12 +212,20 @@ class _Pool:
             if slot is conn:
                 self._slots[i] = None
         conn.close()
+        self._unverified()
 
     def close(self) -> None:
         for conn in self._slots:
             if conn is not None:
                 conn.close()
         self._slots = [None] * len(self._slots)
+        self._unverified()
+
+    def _unverified(self) -> None:
+        """No live login vouches for the host key any more: the next one must (it may find
+        known_hosts changed)."""
+        if not any(c is not None and not c.closed for c in self._slots):
+            self.verified = anyio.Event()
 
     async def _connect(self) -> _Conn:
         o = self.options
