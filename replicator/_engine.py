@@ -37,6 +37,7 @@ from ._events import (
 from ._inventory import Inventory, Outcome, OutcomeKind, Work
 from ._layout import Layout
 from ._scanner import OriginUnavailableError, Scanner
+from ._together import together
 from .transports import MARKER, Progress, PutRequest, PutResult, PutStatus, Transport
 
 if TYPE_CHECKING:
@@ -188,28 +189,14 @@ class ReplicaRunner:
         with anyio.fail_after(self.config.op_timeout):
             # The marker is read while the root is probed: on a long link each is a round
             # trip or more. The probe's verdict comes first, the marker's after.
-            failed: dict[str, ReplicaUnavailableError | FileError | TimeoutError] = {}
-            found: list[str | None] = []
-
-            async def probe() -> None:
-                try:
-                    await self.transport.probe()
-                except (ReplicaUnavailableError, FileError, TimeoutError) as exc:
-                    failed["probe"] = exc
-
-            async def read_marker() -> None:
-                try:
-                    found.append(await self.transport.read_marker())
-                except (ReplicaUnavailableError, FileError, TimeoutError) as exc:
-                    failed["marker"] = exc
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(probe)
-                tg.start_soon(read_marker)
-            for step in ("probe", "marker"):
-                if step in failed:
-                    raise failed[step]
-            await self._check_marker(found[0])
+            probed, found = await together(
+                self.transport.probe, self.transport.read_marker,
+                catch=(ReplicaUnavailableError, FileError, TimeoutError))
+            for outcome in (probed, found):
+                if isinstance(outcome, Exception):
+                    raise outcome
+            assert found is None or isinstance(found, str)
+            await self._check_marker(found)
             if self._stale_dirs:
                 dirs = {os.path.dirname(d) for d in self._stale_dirs}
                 removed = await self.transport.remove_stale_temps(dirs, self.engine.run_id)

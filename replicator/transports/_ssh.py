@@ -24,9 +24,8 @@ import posixpath
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, suppress
-from typing import TypeVar
 
 import anyio
 import asyncssh
@@ -37,6 +36,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .._config import ReplicaConfig
 from .._errors import ErrorClass, FileError, OriginUnavailableError, ReplicaUnavailableError
 from .._inventory import Kind
+from .._together import together
 from ._base import (
     MARKER,
     Capabilities,
@@ -127,28 +127,6 @@ async def _first_of(*events: anyio.Event) -> None:
             tg.start_soon(wait, event)
 
 
-_T = TypeVar("_T")
-
-
-async def _pipelined(*steps: Callable[[], Awaitable[_T]]) -> list[_T | FileError]:
-    """Run independent SFTP requests together, in one round trip instead of one each. Not
-    for requests that must be handled in turn (a write and the close of its file): some
-    servers (asyncssh's) handle a connection's requests concurrently. A step's FileError
-    comes back in its place."""
-    outcomes: dict[int, _T | FileError] = {}
-
-    async def run(index: int, step: Callable[[], Awaitable[_T]]) -> None:
-        try:
-            outcomes[index] = await step()
-        except FileError as exc:
-            outcomes[index] = exc
-
-    async with anyio.create_task_group() as tg:
-        for index, step in enumerate(steps):
-            tg.start_soon(run, index, step)
-    return [outcomes[index] for index in range(len(steps))]
-
-
 # --- the transport -------------------------------------------------------------------------
 
 
@@ -215,10 +193,13 @@ class SshTransport:
             return self.root
         return self.root.rstrip(b"/") + b"/" + rel if self.root != b"/" else b"/" + rel
 
-    async def _conn(self, spread: bool = False) -> _Conn:
+    def _the_pool(self) -> _Pool:
         if self._pool is None:
             self._pool = _acquire_pool(self.options)
-        return await self._pool.get(spread)
+        return self._pool
+
+    async def _conn(self, spread: bool = False) -> _Conn:
+        return await self._the_pool().get(spread)
 
     def _discard(self, conn: _Conn) -> None:
         if self._pool is not None:
@@ -297,9 +278,7 @@ class SshTransport:
         """
         if not self._carriers or self._sessions or self._live:
             return
-        if self._pool is None:
-            self._pool = _acquire_pool(self.options)
-        pool = self._pool
+        pool = self._the_pool()
         logged_in: list[_Conn] = []
         login_over = anyio.Event()
 
@@ -366,7 +345,9 @@ class SshTransport:
                                             asyncssh.SFTPAttrs(permissions=0o600),
                                             encoding=None)
 
-        attrs, created = await _pipelined(stat_root, create)
+        # Independent, so sent together; requests on one file (close, then remove) are not:
+        # some servers (asyncssh's) handle a connection's requests concurrently.
+        attrs, created = await together(stat_root, create, catch=(FileError,))
         cleanup: FileError | None = None
         if isinstance(created, asyncssh.SFTPClientFile):
             # Closed before it is removed: not every server removes an open file.
