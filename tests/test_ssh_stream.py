@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,21 @@ async def test_openssh_client_uses_only_the_configured_known_hosts(
         assert b"Host key verification failed" in done.stderr
 
 
+@asynccontextmanager
+async def sshd_transport(tmp_path: Path, carrier: str = "openssh", lanes: int = 1
+                         ) -> AsyncIterator[tuple[SshTransport, Path]]:
+    """A transport to an empty replica folder on a private OpenSSH sshd, closed after."""
+    with run_sshd(tmp_path / "sshd") as sshd:
+        replica = tmp_path / "replica"
+        replica.mkdir()
+        transport = SshTransport(sshd.options(), str(replica), anyio.CapacityLimiter(2),
+                                 op_timeout=10, carriers=(carrier,), lanes=lanes)
+        try:
+            yield transport, replica
+        finally:
+            await transport.aclose()
+
+
 def count_session_starts(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[float]:
     """The round trips of the receiver sessions started from now on, each ``delay``
     seconds slower to start."""
@@ -339,18 +355,11 @@ async def test_a_large_file_changing_while_it_streams_is_not_copied(
     source = write(tmp_path / "big.bin", os.urandom(9 << 20))
     request = request_for(source, b"d/big.bin")
     small = write(tmp_path / "small.txt", b"next file of the batch")
-    with run_sshd(tmp_path / "sshd") as sshd:
-        replica = tmp_path / "replica"
-        replica.mkdir()
-        transport = SshTransport(sshd.options(), str(replica), anyio.CapacityLimiter(2),
-                                 op_timeout=10, carriers=(carrier,))
-        try:
-            progress = ChangesSource(source, change)
-            results = await transport.put([request, request_for(small, b"d/small.txt")],
-                                          "1x1", progress)
-            assert transport.transfer == carrier
-        finally:
-            await transport.aclose()
+    async with sshd_transport(tmp_path, carrier) as (transport, replica):
+        progress = ChangesSource(source, change)
+        results = await transport.put([request, request_for(small, b"d/small.txt")],
+                                      "1x1", progress)
+        assert transport.transfer == carrier
     assert progress.changed
     assert [r.status for r in results] == [PutStatus.CHANGED, PutStatus.COPIED]
     assert not (replica / "d" / "big.bin").exists()
@@ -456,19 +465,12 @@ async def test_prepare_starts_one_session_per_lane_on_a_long_link(
 
     monkeypatch.setattr(SshTransport, "_start_session", counted)
     lanes = ssh_transport.SESSION_STARTS + 2
-    with run_sshd(tmp_path / "sshd") as sshd:
-        replica = tmp_path / "replica"
-        replica.mkdir()
-        transport = SshTransport(sshd.options(), str(replica), anyio.CapacityLimiter(2),
-                                 op_timeout=10, carriers=("openssh",), lanes=lanes)
-        try:
-            await transport.prepare()
-            assert len(transport._sessions) == (lanes if long_link else 1)
-            await transport.prepare()  # once only
-            assert len(transport._sessions) == (lanes if long_link else 1)
-        finally:
-            await transport.aclose()
-        assert transport._live == 0
+    async with sshd_transport(tmp_path, lanes=lanes) as (transport, _):
+        await transport.prepare()
+        assert len(transport._sessions) == (lanes if long_link else 1)
+        await transport.prepare()  # once only
+        assert len(transport._sessions) == (lanes if long_link else 1)
+    assert transport._live == 0
     assert most[0] == (ssh_transport.SESSION_STARTS if long_link else 1)
 
 
@@ -520,18 +522,11 @@ async def test_sessions_start_once_the_host_key_is_checked(
     monkeypatch.setattr(asyncssh.SSHClientConnection, "start_sftp_client", slow_sftp)
     monkeypatch.setattr(SshTransport, "_start_session", recorded)
     lanes = 3
-    with run_sshd(tmp_path / "sshd") as sshd:
-        replica = tmp_path / "replica"
-        replica.mkdir()
-        transport = SshTransport(sshd.options(), str(replica), anyio.CapacityLimiter(2),
-                                 op_timeout=10, carriers=("openssh",), lanes=lanes)
-        try:
-            await transport.prepare()
-            early = lanes if long_kex else 1
-            assert events[:early + 1] == ["session"] * early + ["logged in"], events
-            assert len(transport._sessions) == early  # a LAN: no more after the login
-        finally:
-            await transport.aclose()
+    async with sshd_transport(tmp_path, lanes=lanes) as (transport, _):
+        await transport.prepare()
+        early = lanes if long_kex else 1
+        assert events[:early + 1] == ["session"] * early + ["logged in"], events
+        assert len(transport._sessions) == early  # a LAN: no more after the login
 
 
 @pytest.mark.parametrize("carrier", CARRIERS)
@@ -592,29 +587,22 @@ async def test_a_dropped_openssh_login_is_tried_again(tmp_path: Path, drops: int
         f'exec "{real_ssh}" "$@"\n')
     (bin_dir / "ssh").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    with run_sshd(tmp_path / "sshd") as sshd:
-        replica = tmp_path / "replica"
-        replica.mkdir()
-        transport = SshTransport(sshd.options(), str(replica), anyio.CapacityLimiter(2),
-                                 op_timeout=10, carriers=("openssh",))
-        try:
-            with capture_logs() as logs:
-                for batch in range(drops + 1):
-                    source = write(tmp_path / "src" / f"{batch}.dat", os.urandom(1000))
-                    results = await transport.put(
-                        [request_for(source, f"b/{batch}.dat".encode())], "1x1", Progress())
-                    assert [r.status for r in results] == [PutStatus.COPIED]
-                    assert (replica / "b" / f"{batch}.dat").read_bytes() == source.read_bytes()
-            dropped = [e for e in logs if "login was dropped" in e["event"]]
-            given_up = [e for e in logs if "did not start through openssh: using" in e["event"]]
-            if drops <= ssh_transport.OPENSSH_DROPS:
-                assert (len(dropped), given_up) == (drops, []), logs
-                assert transport.transfer == "openssh"  # the last batch went through it
-                assert len(calls.read_text().split()) == drops + 1
-            else:
-                assert (len(dropped), len(given_up)) == (ssh_transport.OPENSSH_DROPS, 1), logs
-                assert transport.transfer == "sftp"
-                assert len(calls.read_text().split()) == drops  # none once given up
-        finally:
-            await transport.aclose()
+    async with sshd_transport(tmp_path) as (transport, replica):
+        with capture_logs() as logs:
+            for batch in range(drops + 1):
+                source = write(tmp_path / "src" / f"{batch}.dat", os.urandom(1000))
+                results = await transport.put(
+                    [request_for(source, f"b/{batch}.dat".encode())], "1x1", Progress())
+                assert [r.status for r in results] == [PutStatus.COPIED]
+                assert (replica / "b" / f"{batch}.dat").read_bytes() == source.read_bytes()
+        dropped = [e for e in logs if "login was dropped" in e["event"]]
+        given_up = [e for e in logs if "did not start through openssh: using" in e["event"]]
+        if drops <= ssh_transport.OPENSSH_DROPS:
+            assert (len(dropped), given_up) == (drops, []), logs
+            assert transport.transfer == "openssh"  # the last batch went through it
+            assert len(calls.read_text().split()) == drops + 1
+        else:
+            assert (len(dropped), len(given_up)) == (ssh_transport.OPENSSH_DROPS, 1), logs
+            assert transport.transfer == "sftp"
+            assert len(calls.read_text().split()) == drops  # none once given up
     assert temp_files(replica) == []
