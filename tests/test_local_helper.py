@@ -52,12 +52,13 @@ class Watched(Progress):
         self.moved.set()
 
 
-def sources(folder: Path, count: int) -> list[PutRequest]:
+def sources(folder: Path, count: int, under: str = "out") -> list[PutRequest]:
+    """``count`` new files in ``folder``, each to be copied to ``under/NNNN.dat``."""
     requests = []
     for i in range(count):
         path = write(folder / f"{i:04}.dat", os.urandom(1000 + i))
         st = path.stat()
-        requests.append(PutRequest(os.fsencode(path), f"out/{i:04}.dat".encode(), Kind.FILE,
+        requests.append(PutRequest(os.fsencode(path), f"{under}/{i:04}.dat".encode(), Kind.FILE,
                                    st.st_size, st.st_mtime_ns, 0o644))
     return requests
 
@@ -161,9 +162,7 @@ async def test_a_dead_helper_hands_over_to_threads(tmp_path: Path) -> None:
         assert any(e["event"] == "local copies go on in worker threads" for e in logs)
         assert leftovers(root) == []
         # And it stays so: the next batch goes to the threads at once.
-        more = sources(tmp_path / "more", 3)
-        for request in more:
-            object.__setattr__(request, "dest", b"more/" + request.dest)
+        more = sources(tmp_path / "more", 3, under="more/out")
         assert [r.status for r in await transport.put(more, "run1", Progress())] == [
             PutStatus.COPIED] * 3
     finally:
@@ -179,9 +178,7 @@ async def test_a_batch_of_few_files_does_not_start_the_helper(tmp_path: Path) ->
         assert [r.status for r in await transport.put(few, "run1", Progress())] == [
             PutStatus.COPIED] * 3
         assert transport._helpers == []  # a few files: worker threads, no start-up to pay
-        many = sources(tmp_path / "many", 40)
-        for request in many:
-            object.__setattr__(request, "dest", b"many/" + request.dest)
+        many = sources(tmp_path / "many", 40, under="many/out")
         assert [r.status for r in await transport.put(many, "run1", Progress())] == [
             PutStatus.COPIED] * 40
         [helper] = transport._helpers
@@ -248,10 +245,8 @@ async def test_batches_at_once_run_in_as_many_helpers_as_allowed(
     root.mkdir()
     batches = []
     for b in range(3):
-        batch = sources(tmp_path / f"src{b}", 20)  # 0.4 s each in the slowed helper
-        for request in batch:
-            object.__setattr__(request, "dest", f"b{b}/".encode() + request.dest)
-        batches.append(batch)
+        # 0.4 s each in the slowed helper
+        batches.append(sources(tmp_path / f"src{b}", 20, under=f"b{b}/out"))
     transport = LocalTransport(str(root), anyio.CapacityLimiter(4), helper_min_files=1,
                                helpers=helpers)
     results: list[list[PutStatus]] = []

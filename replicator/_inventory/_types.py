@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from typing import NamedTuple
 
 
 class Kind(IntEnum):
@@ -19,8 +20,11 @@ class CopyState(StrEnum):
     IGNORED = "ignored"
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+# The records made once per file (Entry, Work, and the transports' PutRequest and
+# PutResult) are named tuples, not frozen dataclasses: just as immutable, but a frozen
+# dataclass's __init__ sets each field through object.__setattr__, 1.8 us for Work's twelve
+# fields against 0.3 us, paid several times per file in a run of small files.
+class Entry(NamedTuple):
     """One directory entry as the scanner saw it."""
 
     name: bytes
@@ -65,8 +69,7 @@ class ScanDelta:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Work:
+class Work(NamedTuple):
     """One file due on one replica, claimed by the engine (state ``copying``)."""
 
     replica: str

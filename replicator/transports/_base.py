@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from .._errors import FileError
 from .._inventory._types import Kind
@@ -89,8 +89,7 @@ class Source(Protocol):
         """Open a regular file for reading; None if it does not exist."""
 
 
-@dataclass(frozen=True, slots=True)
-class PutRequest:
+class PutRequest(NamedTuple):
     """Copy one origin file to ``dest``, relative to the replica root.
 
     ``source`` is a local path, or a path on ``remote`` when that is set (pull mode).
@@ -124,8 +123,7 @@ class PutStatus(StrEnum):
     SOURCE_UNAVAILABLE = "source_unavailable"
 
 
-@dataclass(frozen=True, slots=True)
-class PutResult:
+class PutResult(NamedTuple):
     request: PutRequest
     status: PutStatus
     size: int = 0  # the source version that was copied (read before the copy)
