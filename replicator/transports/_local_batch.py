@@ -36,7 +36,14 @@ _temp_counter = itertools.count()
 
 def temp_name(run_id: str) -> bytes:
     """A temp name carrying the run's id, so a later run can tell whose it is."""
-    return f".~rep-{run_id}-{_TEMP_PREFIX}{next(_temp_counter):x}.tmp".encode()
+    return b"%s%x.tmp" % (_temp_head(run_id), next(_temp_counter))
+
+
+def _temp_head(run_id: str, heads: dict[str, bytes] = {}) -> bytes:  # noqa: B006 (a cache)
+    head = heads.get(run_id)
+    if head is None:
+        head = heads[run_id] = f".~rep-{run_id}-{_TEMP_PREFIX}".encode()
+    return head
 
 
 class _Cancelled(Exception):
@@ -294,7 +301,7 @@ class BatchWriter:
                 if result.status is PutStatus.COPIED:
                     item = by_request[id(result.request)]
                     final[index] = (item.fail(flush_error) if flush_error
-                                    else self._verify(result, item.dir_fd))
+                                    else self._verify(result, item.dir_fd, item.name))
             if not progress.cancelled:
                 results.extend(final)
         finally:
@@ -307,9 +314,8 @@ class BatchWriter:
     def _flush(self, dirs: _Dirs, dir_fds: set[int], what: str) -> FileError | None:
         return flush_folders(dirs, dir_fds, what) if self._fsync else None
 
-    def _verify(self, result: PutResult, dir_fd: int) -> PutResult:
+    def _verify(self, result: PutResult, dir_fd: int, name: bytes) -> PutResult:
         """Compare the final file with the source version read before the copy."""
-        name = os.path.basename(result.request.dest)
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
@@ -326,7 +332,7 @@ class BatchWriter:
     ) -> PutResult | _Staged:
         """Write ``request`` to a temp name next to its destination, mode and times set."""
         try:
-            reldir, name = os.path.split(confine(request.dest))
+            reldir, _, name = confine(request.dest).rpartition(b"/")
             dir_fd = dirs.open(reldir, create=True)
         except FileError as exc:
             return PutResult(request, PutStatus.ERROR, error=exc)
@@ -367,8 +373,8 @@ class BatchWriter:
             except OSError as exc:
                 return PutResult(request, PutStatus.ERROR,
                                  error=file_error(exc, "write", request.dest))
-            if not _same(before, os.fstat(src)):
-                return PutResult(request, PutStatus.CHANGED)
+            # Whether the source changed during the read is checked once, in _commit, by
+            # path: that also catches a file replaced since, and costs one stat per file.
             result, staged = staged, None
             return result
         except _Cancelled:

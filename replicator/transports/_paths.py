@@ -14,6 +14,11 @@ def _show(path: bytes) -> str:
 
 def confine(dest: bytes) -> bytes:
     """``dest`` normalised and relative; FileError (permanent) if it could leave the root."""
+    # Once per file copied: a path that is plainly normal (no NUL, no empty, "." or ".."
+    # component, not the marker) is returned as it is without being taken apart.
+    if (b"\0" not in dest and b"//" not in dest and b"/." not in dest
+            and not dest.startswith((b"/", b".")) and not dest.endswith(b"/") and dest):
+        return dest
     if b"\0" in dest:
         raise FileError(f"refused path with a NUL byte: {_show(dest)}", ErrorClass.PERMANENT)
     if dest.startswith(b"/"):
