@@ -32,6 +32,9 @@ REPORT_EVERY = 0.25
 Row = tuple[int, str, int, int, str | None, str | None]
 
 
+_KINDS = {int(kind): kind for kind in Kind}  # a dict lookup per file, not an enum's call
+
+
 def frame(value: object) -> bytes:
     """``value`` pickled, after its length."""
     data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -120,7 +123,7 @@ def serve() -> None:
         if data is None:
             return
         root, fsync, run_id, rows = pickle.loads(data)
-        requests = [PutRequest(source, dest, Kind(kind), size, mtime_ns, mode, target)
+        requests = [PutRequest(source, dest, _KINDS[kind], size, mtime_ns, mode, target)
                     for source, dest, kind, size, mtime_ns, mode, target in rows]
         progress = _Reporting(send)
         current.append(progress)

@@ -177,9 +177,13 @@ class CopyHelper:
             self._stopping.clear()
 
 
+_STATUS = {status.value: status for status in PutStatus}
+
+
 def _results(requests: Sequence[PutRequest], rows: list[Row]) -> list[PutResult]:
+    # Once per file: the status by a dict lookup (an enum's call is ten times slower).
     return [
-        PutResult(requests[index], PutStatus(status), size, mtime_ns,
+        PutResult(requests[index], _STATUS[status], size, mtime_ns,
                   None if error is None else FileError(error, ErrorClass(error_class or "")))
         for index, status, size, mtime_ns, error, error_class in rows
     ]
