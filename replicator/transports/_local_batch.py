@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import itertools
 import os
 import re
@@ -39,11 +40,9 @@ def temp_name(run_id: str) -> bytes:
     return b"%s%x.tmp" % (_temp_head(run_id), next(_temp_counter))
 
 
-def _temp_head(run_id: str, heads: dict[str, bytes] = {}) -> bytes:  # noqa: B006 (a cache)
-    head = heads.get(run_id)
-    if head is None:
-        head = heads[run_id] = f".~rep-{run_id}-{_TEMP_PREFIX}".encode()
-    return head
+@functools.lru_cache(maxsize=8)
+def _temp_head(run_id: str) -> bytes:
+    return f".~rep-{run_id}-{_TEMP_PREFIX}".encode()
 
 
 class _Cancelled(Exception):
