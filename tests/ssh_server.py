@@ -102,7 +102,8 @@ class FaultySFTPServer(asyncssh.SFTPServer):
 
     faults: Faults
 
-    def __init__(self, chan: asyncssh.SSHServerChannel, chroot: bytes, faults: Faults) -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], chroot: bytes,
+                 faults: Faults) -> None:
         super().__init__(chan, chroot=chroot)
         self.faults = faults
         self._exempt: set[int] = set()
@@ -119,7 +120,7 @@ class FaultySFTPServer(asyncssh.SFTPServer):
             self._exempt.add(id(file_obj))
         return file_obj
 
-    async def read(self, file_obj: object, offset: int, size: int) -> bytes:  # type: ignore[override]
+    async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         f = self.faults
         if (f.enabled and f.drop_read_after is not None and not f.dropped
                 and f.read + size > f.drop_read_after):
@@ -159,7 +160,7 @@ class FaultySFTPServer(asyncssh.SFTPServer):
             return result
         return target
 
-    async def write(self, file_obj: object, offset: int, data: bytes) -> int:  # type: ignore[override]
+    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         f = self.faults
         if f.enabled and id(file_obj) not in self._exempt:
             if f.write_delay:
@@ -233,7 +234,7 @@ async def sftp_server(folder: Path, faults: Faults | None = None, *, trust: bool
     connections: list[int] = []
     chroot = os.fsencode(root)
 
-    def factory(chan: asyncssh.SSHServerChannel) -> asyncssh.SFTPServer:
+    def factory(chan: asyncssh.SSHServerChannel[bytes]) -> asyncssh.SFTPServer:
         return FaultySFTPServer(chan, chroot, faults)
 
     def run(process: asyncssh.SSHServerProcess[bytes]) -> Awaitable[None]:

@@ -14,7 +14,7 @@ import pytest
 from conftest import OLD, backdate, write
 from structlog.testing import capture_logs
 
-from replicator import OriginConfig
+from replicator import OriginConfig, _walk
 from replicator import _scanner as scanner_module
 from replicator._inventory import Inventory
 from replicator._scanner import Scanner, ScanResult
@@ -162,7 +162,7 @@ async def test_a_folder_diffed_meanwhile_is_listed_again(
     await scan(tmp_path, origin)
     db = tmp_path / "inventory.db"
     folder = os.path.join(os.fsencode(origin), b"night 1", b"seq-1")
-    original = scanner_module._walk.list_folders
+    original = _walk.list_folders
 
     def list_then_interfere(tasks: Any, rules: Any) -> Any:
         results = original(tasks, rules)
@@ -171,7 +171,7 @@ async def test_a_folder_diffed_meanwhile_is_listed_again(
                 conn.execute("UPDATE dirs SET fingerprint = x'00' WHERE dir = ?", (folder,))
         return results
 
-    monkeypatch.setattr(scanner_module._walk, "list_folders", list_then_interfere)
+    monkeypatch.setattr(_walk, "list_folders", list_then_interfere)
     monkeypatch.setattr(scanner_module, "HELPERS_AFTER", 1 << 60)
     second = await scan(tmp_path, origin)
     assert (second.delta.new, second.delta.changed, second.delta.unchanged) == (

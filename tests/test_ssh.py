@@ -128,7 +128,7 @@ async def _unavailable_run(tmp_path: Path, server: SftpServer, files: dict[str, 
     assert list((server.root / "replica").iterdir()) == []
     [(name, reason)] = summary.unavailable
     assert name == config.replicas[0].name
-    return reason
+    return str(reason)
 
 
 async def test_unknown_host_key_makes_the_replica_unavailable(tmp_path: Path) -> None:
