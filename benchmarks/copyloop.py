@@ -38,8 +38,8 @@ typedef struct { char src[4096]; char name[256]; char tmp[64]; int dfd; struct s
 static double secs(struct timeval t) { return t.tv_sec + t.tv_usec / 1e6; }
 int main(int argc, char **argv) {
   const char *srcroot = argv[1], *dst = argv[2];
-  int batch = atoi(argv[3]), cap = 1 << 20, n = 0;
-  item *items = calloc(cap, sizeof(item));
+  int batch = atoi(argv[3]), cap = 1024, n = 0;
+  item *items = malloc(cap * sizeof(item));
   mkdir(dst, 0755);
   int root = open(dst, O_RDONLY | O_DIRECTORY);
   DIR *top = opendir(srcroot); struct dirent *d;
@@ -49,8 +49,10 @@ int main(int argc, char **argv) {
     int dfd = openat(root, d->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
     char path[4096]; snprintf(path, sizeof path, "%s/%s", srcroot, d->d_name);
     DIR *sub = opendir(path); struct dirent *e;
-    while ((e = readdir(sub)) && n < cap) {
+    while ((e = readdir(sub))) {
       if (e->d_name[0] == '.') continue;
+      if (n == cap) items = realloc(items, (cap *= 2) * sizeof(item));
+      if (items == NULL) return 1;
       snprintf(items[n].src, 4096, "%s/%s", path, e->d_name);
       snprintf(items[n].name, 256, "%s", e->d_name); items[n].dfd = dfd; n++;
     }

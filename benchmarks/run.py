@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -707,16 +708,21 @@ def _byte_compile(replicator: str) -> str:
     installs a wheel. Under PYTHONDONTWRITEBYTECODE (set on these machines) an editable
     install is otherwise compiled from source at every start: 29 modules, about 70 ms of
     each run. Returns what was done, for the results' metadata."""
-    with open(replicator, "rb") as script:
-        first = script.readline()
-    python = first[2:].strip().decode() if first.startswith(b"#!") else sys.executable
-    done = subprocess.run(
-        [python, "-c", "import compileall, os, replicator; print(compileall.compile_dir("
-         "os.path.dirname(replicator.__file__), quiet=1))"],
-        capture_output=True, text=True, timeout=120)
+    try:
+        with open(shutil.which(replicator) or replicator, "rb") as script:
+            first = script.readline()
+        # "#!/path/python" or "#!/usr/bin/env python3"; anything else: this Python.
+        python = (shlex.split(first[2:].decode()) if first.startswith(b"#!")
+                  else [sys.executable])
+        done = subprocess.run(
+            [*python, "-c", "import compileall, os, replicator; print(compileall.compile_dir("
+             "os.path.dirname(replicator.__file__), quiet=1))"],
+            capture_output=True, text=True, timeout=120)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return f"failed: {exc}"
     if done.returncode or done.stdout.strip() != "True":
         return f"failed: {(done.stderr or done.stdout).strip()[-200:]}"
-    return f"compiled with {python}"
+    return f"compiled with {' '.join(python)}"
 
 
 def main(argv: list[str] | None = None) -> int:
