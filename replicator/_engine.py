@@ -10,6 +10,7 @@ events are published after the record committed, so subscribers can trust the in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -127,7 +128,6 @@ class ReplicaRunner:
         config: ReplicaConfig,
         transport: Transport,
         origins: Sequence[OriginConfig],
-        stale_dirs: Sequence[bytes],
     ) -> None:
         self.engine = engine
         self.config = config
@@ -137,7 +137,10 @@ class ReplicaRunner:
         self._roots = {o.name: os.fsencode(o.root) for o in origins}
         self._layout = Layout.parse(config.layout)
         self._renderers: dict[tuple[str, str], Callable[[bytes], bytes]] = {}
-        self._stale_dirs = list(stale_dirs)
+        self._stale_dirs: list[bytes] = []
+        # Set by place(): whether claims record destinations and check who owns them.
+        self._record_dest = True
+        self._check_owners = True
         self.wake = _Wake()
         self.inflight = 0
         self._idle = _Wake()
@@ -154,6 +157,55 @@ class ReplicaRunner:
             render = self._layout.renderer(host=host, origin=origin, root=root)
             self._renderers[origin, host] = render
         return render(path)
+
+    def _placed_by(self, template: str) -> Callable[[str, str, bytes], bytes]:
+        """``destination`` under another layout, for files of any configured origin."""
+        layout = Layout.parse(template)
+        roots = {o.name: os.fsencode(o.root) for o in self.engine.config.origins}
+        renderers: dict[tuple[str, str], Callable[[bytes], bytes]] = {}
+
+        def place(origin: str, host: str, path: bytes) -> bytes:
+            render = renderers.get((origin, host))
+            if render is None:
+                if origin not in roots:
+                    raise ValueError(f"origin {origin!r} is not configured")
+                render = layout.renderer(host=host, origin=origin, root=roots[origin])
+                renderers[origin, host] = render
+            return render(path)
+
+        return place
+
+    async def place(self, recovered: Sequence[tuple[bytes | None, str, str, bytes]]) -> None:
+        """Decide how claims record destinations, before the first claim; note where temp
+        files of the ``recovered`` copies of a dead run may lie.
+
+        Recording a copy's destination doubles what a claim writes. It is needed to refuse
+        a destination that another file's copy holds, and to find a dead run's temp files.
+        A layout that gives each file its own path (``Layout.unique_per_file``) needs it
+        for neither, as long as every copy placed without one was placed by that layout:
+        the replica remembers which. When the layout changes, the destinations of those
+        copies are recorded first, under the layout that placed them.
+        """
+        inventory = self.engine.inventory
+        unrecorded, any_recorded = await inventory.placement(self.name)
+        old = self._placed_by(unrecorded) if unrecorded is not None else None
+        for dest, origin, host, path in recovered:
+            if dest is None and old is not None:
+                with contextlib.suppress(ValueError):
+                    dest = old(origin, host, path)
+            if dest is not None:
+                self._stale_dirs.append(dest)
+        unique = self._layout.unique_per_file(len(self._roots))
+        if old is not None and (unrecorded != self.config.layout or not unique):
+            count = await inventory.record_destinations(self.name, old)
+            self._log.info("recorded destinations of copies placed by the previous layout",
+                           layout=unrecorded, count=count)
+            await inventory.set_unrecorded_layout(self.name, None)
+            unrecorded, any_recorded = None, any_recorded or count > 0
+        if unique:
+            if unrecorded is None:
+                await inventory.set_unrecorded_layout(self.name, self.config.layout)
+            self._record_dest, self._check_owners = False, any_recorded
 
     async def run(self, once: bool) -> None:
         # The transport gets ready (an SSH session logs in) while the replica is checked
@@ -269,7 +321,7 @@ class ReplicaRunner:
         while not engine.stopping and self.unavailable is None:
             claimed, refused = await engine.inventory.claim(
                 self.name, time.time(), CLAIM_BATCH, self.destination,
-                engine.started_at if once else None,
+                engine.started_at if once else None, self._record_dest, self._check_owners,
             )
             for work, reason in refused:
                 engine.state.failed += 1
@@ -530,14 +582,15 @@ class Engine:
                 pass
 
     async def run(self, once: bool) -> None:
-        stale: dict[str, list[bytes]] = {}
+        recovered: dict[str, list[tuple[bytes | None, str, str, bytes]]] = {}
         names = [r.name for r in self._replicas]
-        for name, dest in await self.inventory.recover(names):
-            stale.setdefault(name, []).append(dest)
+        for name, dest, origin, host, path in await self.inventory.recover(names):
+            recovered.setdefault(name, []).append((dest, origin, host, path))
         for replica in self._replicas:
-            self._runners.append(ReplicaRunner(
-                self, replica, self._transports[replica.name],
-                self.config.origins_for(replica), stale.get(replica.name, ())))
+            runner = ReplicaRunner(self, replica, self._transports[replica.name],
+                                   self.config.origins_for(replica))
+            await runner.place(recovered.get(replica.name, ()))
+            self._runners.append(runner)
         # Bounded in messages; a message is one transfer's outcomes (a batch of files).
         send, receive = anyio.create_memory_object_stream[_Outcomes](64)
         self._send = send

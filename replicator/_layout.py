@@ -50,6 +50,16 @@ class Layout:
         pieces = tuple((literal, field) for literal, field, _spec, _conv in parsed)
         return cls(template, frozenset(fields), pieces)
 
+    def unique_per_file(self, origins: int) -> bool:
+        """Whether no two files can get the same path: the replica serves one origin (one
+        host) and the template holds its file's whole path once, and no bare name.
+
+        A fixed text around one injective part is injective; two file fields, or a
+        ``{name}`` beside a path, would need a proof this does not attempt.
+        """
+        path_fields = [field for _literal, field in self.pieces if field in _FILE_FIELDS]
+        return origins == 1 and len(path_fields) == 1 and path_fields[0] != "name"
+
     def render(self, *, host: str, origin: str, root: bytes, path: bytes) -> bytes:
         """The replica-relative path of origin file ``path`` below origin folder ``root``.
 
@@ -72,6 +82,27 @@ class Layout:
         for literal, field in self.pieces:
             code = _FROM_PATH.get(field or "", 0)
             steps.append((os.fsencode(literal), code, fixed.get(field or "", b"")))
+        from_path = [i for i, step in enumerate(steps) if step[1]]
+        if len(from_path) == 1:
+            # The usual template: fixed text around one part of the path, joined once per
+            # file without a loop over the pieces.
+            at = from_path[0]
+            code = steps[at][1]
+            head = b"".join(lit + value for lit, _code, value in steps[:at]) + steps[at][0]
+            tail = b"".join(lit + value for lit, _code, value in steps[at + 1:])
+
+            def render_one(path: bytes) -> bytes:
+                if not path.startswith(prefix):
+                    raise ValueError(f"{path!r} is not inside origin root {root or b'/'!r}")
+                if code == _RELPATH:
+                    part = path[skip:]
+                elif code == _PATH:
+                    part = path.lstrip(b"/")
+                else:
+                    part = path.rpartition(b"/")[2]
+                return _checked(head + part + tail)
+
+            return render_one
 
         def render(path: bytes) -> bytes:
             if not path.startswith(prefix):

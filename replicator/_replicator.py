@@ -167,7 +167,7 @@ class Replicator:
         engine = Engine(self.config, inventory, self._bus, self.run_id, {}, (), limiter)
         for replica in self._selected(replicas):
             runner = ReplicaRunner(engine, replica, open_transport(replica, limiter),
-                                   self.config.origins_for(replica), ())
+                                   self.config.origins_for(replica))
             for work in await inventory.preview(replica.name, time.time()):
                 try:
                     dest = runner.destination(work.origin, work.host, work.path)

@@ -303,6 +303,66 @@ async def test_temp_files_of_dead_runs_are_removed_but_not_live_ones(tmp_path: P
         assert live.exists()
 
 
+async def test_dead_runs_temp_files_are_found_without_recorded_destinations(
+        tmp_path: Path) -> None:
+    """With a layout that gives each file its own path, claims do not record destinations:
+    a restart finds a dead run's temp files by the layout the replica remembers."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "first", b"1")
+    config = make_config(tmp_path, origin, [r1])
+    async with Replicator(config) as rep:
+        assert (await rep.sync_once()).copied == 1
+        assert await rep.inventory.placement("r1") == ("{host}/{path}", False)
+        write(origin / "a" / "x.dat", b"payload")
+        await rep.scan()
+        claimed, _ = await rep.inventory.claim(
+            "r1", time.time(), 10, lambda *_: b"elsewhere/x.dat", record_dest=False)
+        assert [w.path for w in claimed] == [os.fsencode(origin / "a" / "x.dat")]
+        folder = replica_path(r1, origin / "a")
+        folder.mkdir(parents=True)
+        dead = folder / ".~rep-dead1x000000-0123456789ab.tmp"
+        dead.write_bytes(b"partial")
+    with closing(sqlite3.connect(tmp_path / "inventory.db")) as db:
+        assert db.execute("SELECT COUNT(*) FROM copies WHERE dest IS NOT NULL").fetchone() == (0,)
+    async with Replicator(config) as rep:
+        summary = await rep.sync_once()
+        assert summary.copied == 1
+        assert not dead.exists()
+    assert replica_path(r1, origin / "a" / "x.dat").read_bytes() == b"payload"
+
+
+@pytest.mark.parametrize(("before", "after"), [("{relpath}", "{name}"), ("{name}", "{relpath}")])
+async def test_a_new_layout_never_takes_a_path_the_old_one_filled(
+        tmp_path: Path, before: str, after: str) -> None:
+    """Copies placed by one layout keep their paths when the layout changes, whether or
+    not their destinations were recorded when they were made."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    # Both layouts put one of these files at "f", each a different one.
+    old_file = origin / ("sub/f" if before == "{name}" else "f")
+    new_file = origin / ("f" if before == "{name}" else "sub/f")
+    write(old_file, b"placed first")
+    base = make_config(tmp_path, origin, [r1], max_attempts=1)
+
+    def config(layout: str) -> Config:
+        return Config(inventory=base.inventory, origins=base.origins, engine=base.engine,
+                      replicas=(replace(base.replicas[0], layout=layout),))
+
+    async with Replicator(config(before)) as rep:
+        assert (await rep.sync_once()).copied == 1
+    assert (r1 / "f").read_bytes() == b"placed first"
+    write(new_file, b"second")
+    async with Replicator(config(after)) as rep:
+        summary = await rep.sync_once()
+        assert (summary.copied, summary.exit_code) == (0, 1)
+        [failed] = await rep.inventory.failed()
+        assert failed.path == os.fsencode(new_file)
+        assert "another origin file" in (failed.error or "")
+        assert (await rep.inventory.placement("r1"))[1] is True
+    assert (r1 / "f").read_bytes() == b"placed first"  # not overwritten
+
+
 async def test_continuous_mode_copies_new_files_and_stops(tmp_path: Path) -> None:
     origin, r1 = tmp_path / "o", tmp_path / "r1"
     r1.mkdir()

@@ -68,3 +68,36 @@ def test_render_rejects_file_outside_root() -> None:
         render("{relpath}", b"/data/rawx/a")
     with pytest.raises(ValueError, match="not inside"):
         render("{relpath}", b"/data/raw")
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        # One field from the path, fixed text around it (joined once per renderer).
+        ("{host}/{origin}/x/{relpath}.bak", b"h/raw/x/2024/a.fits.bak"),
+        ("pre-{name}", b"pre-a.fits"),
+        ("{path}", b"data/raw/2024/a.fits"),
+        # Two fields from the path: the general loop over the pieces.
+        ("{relpath}/{name}", b"2024/a.fits/a.fits"),
+        ("{host}/{name}/{origin}/{path}", b"h/a.fits/raw/data/raw/2024/a.fits"),
+    ],
+)
+def test_render_one_and_several_path_fields(template: str, expected: bytes) -> None:
+    assert render(template, b"/data/raw/2024/a.fits") == expected
+
+
+@pytest.mark.parametrize(
+    ("template", "origins", "unique"),
+    [
+        ("{host}/{path}", 1, True),
+        ("{relpath}", 1, True),
+        ("{origin}/x/{relpath}.bak", 1, True),
+        ("{relpath}", 2, False),  # two origins can hold the same relative path
+        ("{origin}/{relpath}", 2, False),  # "a" + "b/x" and "ab" + "/x": not proved
+        ("{name}", 1, False),  # a bare name repeats across folders
+        ("{relpath}/{name}", 1, False),  # two file fields: not proved
+        ("{path}/{relpath}", 1, False),
+    ],
+)
+def test_unique_per_file(template: str, origins: int, unique: bool) -> None:
+    assert Layout.parse(template).unique_per_file(origins) is unique

@@ -79,6 +79,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (origin, host, dir)
     ) WITHOUT ROWID;
     """,
+    # v5: the layout under which the replica's copies were placed without recording their
+    # destinations (NULL: none were; every copy made has its destination recorded).
+    """
+    ALTER TABLE replicas ADD COLUMN unrecorded_layout TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -450,14 +450,20 @@ class Inventory:
         limit: int,
         destination: Callable[[str, str, bytes], bytes],
         run_started: float | None = None,
+        record_dest: bool = True,
+        check_owners: bool = True,
     ) -> tuple[list[Work], list[tuple[Work, str]]]:
         """Take up to ``limit`` due copies, oldest first, and mark them ``copying``.
 
         The destination, ``destination(origin, host, path)``, is recorded before any side
-        effect, so a restart knows where temp files of a dead run may lie. Returns the
-        claimed work and the work whose destination could not be computed (with the
-        reason), which is marked failed.
+        effect, so a restart knows where temp files of a dead run may lie, and so that no
+        other file is given the same one. Returns the claimed work and the work whose
+        destination could not be computed or belongs to another file (with the reason),
+        which is marked failed.
         ``run_started`` (one-shot runs): skip copies given a non-transient error since then.
+        ``record_dest=False``: the destination follows from the file by the replica's
+        layout (see ``placement``); ``check_owners=False``: no recorded destination can
+        collide with this layout's.
         """
         claimed: list[Work] = []
         refused: list[tuple[Work, str]] = []
@@ -484,11 +490,20 @@ class Inventory:
                     continue
                 claimed.append(Work(replica, file_id, origin, host, path, kinds[kind], size,
                                     mtime_ns, mode, target, attempts, dest))
-            claimed = await self._one_file_per_destination(db, replica, claimed, refused)
-            await db.executemany(
-                "UPDATE copies SET state = 'copying', dest = ? WHERE replica = ? AND file_id = ?",
-                [(w.dest, replica, w.file_id) for w in claimed],
-            )
+            if check_owners:
+                claimed = await self._one_file_per_destination(db, replica, claimed, refused)
+            if record_dest:
+                await db.executemany(
+                    "UPDATE copies SET state = 'copying', dest = ?"
+                    " WHERE replica = ? AND file_id = ?",
+                    [(w.dest, replica, w.file_id) for w in claimed],
+                )
+            else:
+                # Half the cost per copy: a destination grows the row and adds an index entry.
+                await db.executemany(
+                    "UPDATE copies SET state = 'copying' WHERE replica = ? AND file_id = ?",
+                    [(replica, w.file_id) for w in claimed],
+                )
             if refused:
                 await db.executemany(
                     "UPDATE copies SET state = 'failed', attempts = attempts + 1,"
@@ -630,11 +645,14 @@ class Inventory:
             )
             return cursor.rowcount
 
-    async def recover(self, replicas: Sequence[str]) -> list[tuple[str, bytes]]:
+    async def recover(
+        self, replicas: Sequence[str]
+    ) -> list[tuple[str, bytes | None, str, str, bytes]]:
         """After a crash: every ``copying`` copy goes back to pending.
 
-        Returns the (replica, destination) pairs so that temp files of dead runs next to
-        them can be removed. Only call this while holding the engine lock.
+        Returns (replica, recorded destination or None, origin, host, path) of each, so
+        that temp files of dead runs next to their destinations can be removed. Only call
+        this while holding the engine lock.
         """
         if not replicas:
             return []
@@ -642,8 +660,9 @@ class Inventory:
         rows = await self._rows(
             # INDEXED BY: without statistics SQLite takes the primary key and reads every
             # copy of the replica (30 ms per 300,000) to find the few in flight.
-            "SELECT replica, dest FROM copies INDEXED BY copies_due"
-            f" WHERE state = 'copying' AND dest IS NOT NULL AND replica IN ({marks})",
+            "SELECT c.replica, c.dest, f.origin, f.host, f.dir, f.name"
+            " FROM copies c INDEXED BY copies_due JOIN files f ON f.id = c.file_id"
+            f" WHERE c.state = 'copying' AND c.replica IN ({marks})",
             tuple(replicas),
         )
         async with self._write() as db:
@@ -654,7 +673,50 @@ class Inventory:
                 f" WHERE state = 'copying' AND replica IN ({marks})",
                 tuple(replicas),
             )
-        return [(row[0], row[1]) for row in rows]
+        return [(r[0], r[1], r[2], r[3], join_path(r[4], r[5])) for r in rows]
+
+    async def placement(self, replica: str) -> tuple[str | None, bool]:
+        """(the layout of the replica's copies placed without a recorded destination, or
+        None; whether any copy has its destination recorded)."""
+        rows = await self._rows(
+            "SELECT unrecorded_layout, EXISTS (SELECT 1 FROM copies"
+            " WHERE replica = ?1 AND dest IS NOT NULL) FROM replicas WHERE name = ?1",
+            (replica,),
+        )
+        return (rows[0][0], bool(rows[0][1])) if rows else (None, False)
+
+    async def set_unrecorded_layout(self, replica: str, layout: str | None) -> None:
+        async with self._write() as db:
+            await db.execute("UPDATE replicas SET unrecorded_layout = ? WHERE name = ?",
+                             (layout, replica))
+
+    async def record_destinations(
+        self, replica: str, destination: Callable[[str, str, bytes], bytes]
+    ) -> int:
+        """Record the destination of every copy made whose destination was not recorded,
+        as ``destination(origin, host, path)`` places it (None: leave it unrecorded).
+
+        Done once when a replica leaves a layout under which destinations went unrecorded,
+        so that files placed by the next layout cannot take their paths.
+        """
+        rows = await self._rows(
+            "SELECT c.file_id, f.origin, f.host, f.dir, f.name FROM copies c"
+            " JOIN files f ON f.id = c.file_id"
+            " WHERE c.replica = ? AND c.dest IS NULL AND c.replicated_at IS NOT NULL",
+            (replica,),
+        )
+        updates: list[tuple[bytes, str, int]] = []
+        for file_id, origin, host, folder, name in rows:
+            try:
+                updates.append((destination(origin, host, join_path(folder, name)), replica,
+                                file_id))
+            except ValueError:
+                continue  # its origin is gone from the configuration: nothing to place
+        for chunk in _chunks(updates, 10_000):
+            async with self._write() as db:
+                await db.executemany(
+                    "UPDATE copies SET dest = ? WHERE replica = ? AND file_id = ?", chunk)
+        return len(updates)
 
     # -- operators ----------------------------------------------------------------------
 
