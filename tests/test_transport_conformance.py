@@ -29,6 +29,7 @@ from replicator.transports import (
     PutStatus,
     Transport,
 )
+from replicator.transports._local_batch import PURE_PYTHON_ENV
 from replicator.transports._ssh import SshTransport
 
 pytestmark = pytest.mark.anyio
@@ -60,14 +61,19 @@ SSH_TARGETS = {
 }
 
 
-@pytest.fixture(params=["local", "local-threads", *SSH_TARGETS])
-async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Target]:
+# "local" and "local-threads" copy small files through the C accelerator, "local-python"
+# through the Python path that it mirrors.
+@pytest.fixture(params=["local", "local-threads", "local-python", *SSH_TARGETS])
+async def target(request: pytest.FixtureRequest, tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Target]:
     limiter = anyio.CapacityLimiter(4)
     transport: Transport
     if request.param.startswith("local"):
         root = tmp_path / "replica"
         root.mkdir()
-        helper = request.param == "local"
+        if request.param == "local-python":
+            monkeypatch.setenv(PURE_PYTHON_ENV, "1")  # before the helper starts
+        helper = request.param != "local-threads"
         transport = LocalTransport(str(root), limiter, helper=helper, helper_min_files=1)
         yield Target(transport, root, "helper" if helper else "threads")
         await transport.aclose()

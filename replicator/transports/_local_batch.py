@@ -18,6 +18,7 @@ import secrets
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
+from types import ModuleType
 
 from .._errors import FileError
 from .._inventory._types import Kind
@@ -25,7 +26,19 @@ from ._base import Progress, PutRequest, PutResult, PutStatus
 from ._errors import file_error
 from ._paths import confine, copy_mode
 
+_fastcopy: ModuleType | None
+try:  # the optional C accelerator (see _fastcopy.c); absent where it was not built
+    from . import _fastcopy
+except ImportError:
+    _fastcopy = None
+
 CHUNK = 8 << 20
+# Files up to this size go through the accelerator, this many per call: a call copies
+# without the GIL and cannot report progress or see a cancellation until it returns.
+FAST_MAX_SIZE = 1 << 20
+FAST_GROUP = 64
+# Set (to anything but "" or "0") to take the Python path even where the accelerator exists.
+PURE_PYTHON_ENV = "REPLICATOR_PURE_PYTHON"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # A temp name: ".~rep-<run id>-<unique>.tmp", so a later run can tell whose it is.
@@ -198,28 +211,28 @@ def rename_into_place(tmp: bytes, name: bytes, dir_fd: int, dest: bytes) -> File
     try:
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as exc:
-        error = file_error(exc, "rename into", dest)
-        if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-            error = FileError(f"destination path blocked: {os.fsdecode(dest)!r} is a folder",
-                              error.error_class)
-        return error
+        return rename_error(exc, dest)
     return None
 
 
 class _Staged:
     """A temp file written next to its destination, waiting for flush and rename."""
 
-    __slots__ = ("before", "committed", "dir_fd", "name", "request", "target", "tmp")
+    __slots__ = ("committed", "dir_fd", "name", "request", "target", "tmp", "version")
 
     def __init__(self, request: PutRequest, dir_fd: int, name: bytes, tmp: bytes,
-                 before: os.stat_result, target: bytes | None = None) -> None:
+                 version: tuple[int, int, int, int], target: bytes | None = None) -> None:
         self.request = request
         self.dir_fd = dir_fd
         self.name = name
         self.tmp = tmp
-        self.before = before
+        # The source as read: (st_ino, st_dev, st_size, st_mtime_ns) before the copy.
+        self.version = version
         self.target = target
         self.committed = False
+
+    def copied(self) -> PutResult:
+        return PutResult(self.request, PutStatus.COPIED, self.version[2], self.version[3])
 
     def fail(self, error: FileError) -> PutResult:
         return PutResult(self.request, PutStatus.ERROR, error=error)
@@ -232,13 +245,63 @@ class _Staged:
                 os.unlink(self.tmp, dir_fd=self.dir_fd)
 
 
-def _same(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_ino, a.st_dev, a.st_size, a.st_mtime_ns) == (
-        b.st_ino,
-        b.st_dev,
-        b.st_size,
-        b.st_mtime_ns,
-    )
+def _version(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+
+def _os_error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def rename_error(exc: OSError, dest: bytes) -> FileError:
+    """What a failed rename of a temp file to ``dest`` means to the operator."""
+    error = file_error(exc, "rename into", dest)
+    if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+        error = FileError(f"destination path blocked: {os.fsdecode(dest)!r} is a folder",
+                          error.error_class)
+    return error
+
+
+# Codes of the accelerator's stage() and commit() (see _fastcopy.c).
+_STAGED, _VANISHED, _CHANGED, _SOURCE_ERROR = 0, 1, 2, 3
+_RENAMED, _GONE, _MOVED = 0, 1, 2
+
+
+def _folder(request: PutRequest, dirs: _Dirs) -> tuple[int, bytes] | PutResult:
+    """The open folder of the request's destination and its name there, or the error."""
+    try:
+        reldir, _, name = confine(request.dest).rpartition(b"/")
+        return dirs.open(reldir, create=True), name
+    except FileError as exc:
+        return PutResult(request, PutStatus.ERROR, error=exc)
+    except OSError as exc:
+        return PutResult(request, PutStatus.ERROR, error=file_error(exc, "mkdir", reldir))
+
+
+def _committed(item: _Staged, code: int, err: int) -> PutResult:
+    """``_commit``'s result from the accelerator's code for the item."""
+    if code == _RENAMED:
+        item.committed = True
+        return item.copied()
+    if code == _GONE:
+        return PutResult(item.request, PutStatus.VANISHED)
+    if code == _MOVED:
+        return PutResult(item.request, PutStatus.CHANGED)
+    return PutResult(item.request, PutStatus.ERROR,
+                     error=rename_error(_os_error(err), item.request.dest))
+
+
+def _verified(result: PutResult, err: int, size: int, mtime_ns: int) -> PutResult:
+    """A copied file's result once its final file was looked at (``err``: lstat's errno)."""
+    dest = result.request.dest
+    if err:
+        return PutResult(result.request, PutStatus.ERROR,
+                         error=file_error(_os_error(err), "verify", dest))
+    if size != result.size or mtime_ns != result.mtime_ns:
+        return PutResult(result.request, PutStatus.ERROR, error=FileError(
+            f"verification failed for {os.fsdecode(dest)!r}: size/mtime"
+            f" {size}/{mtime_ns}, expected {result.size}/{result.mtime_ns}"))
+    return result
 
 
 class BatchWriter:
@@ -247,6 +310,8 @@ class BatchWriter:
     def __init__(self, root: bytes, fsync: bool) -> None:
         self.root = root
         self._fsync = fsync
+        pure = os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0")
+        self._fast = None if pure else _fastcopy
 
     def put_batch(
         self,
@@ -272,71 +337,103 @@ class BatchWriter:
         # nothing, and its renamed files are simply copied again later.
         done: list[PutResult | _Staged] = []
         try:
-            for request in requests:
-                if progress.cancelled:
-                    return
-                done.append(self._stage(request, run_id, progress, dirs))
-                progress.add(files=1)
+            self._stage_all(requests, run_id, progress, dirs, done)
+            if progress.cancelled:
+                return
             staged = [item for item in done if isinstance(item, _Staged)]
             with progress.flushing():
                 flush_error = self._flush(dirs, {item.dir_fd for item in staged}, "write")
-            final: list[PutResult] = []
-            renamed: list[_Staged] = []
-            for item in done:
-                if progress.cancelled:
-                    return  # abandoned: the engine released these files; rename nothing more
-                if not isinstance(item, _Staged):
-                    final.append(item)
-                    continue
-                result = item.fail(flush_error) if flush_error else self._commit(item)
-                if result.status is PutStatus.COPIED:
-                    renamed.append(item)
-                final.append(result)
+            final = self._commit_all(done, flush_error, progress)
+            if final is None:
+                return  # abandoned: the engine released these files; rename nothing more
+            renamed = [(index, item) for index, item in enumerate(done)
+                       if isinstance(item, _Staged) and final[index].status is PutStatus.COPIED]
             with progress.flushing():
                 flush_error = self._flush(
-                    dirs, {item.dir_fd for item in renamed} | dirs.touched_fds(), "rename")
-            by_request = {id(item.request): item for item in renamed}
-            for index, result in enumerate(final):
-                if result.status is PutStatus.COPIED:
-                    item = by_request[id(result.request)]
-                    final[index] = (item.fail(flush_error) if flush_error
-                                    else self._verify(result, item.dir_fd, item.name))
+                    dirs, {item.dir_fd for _, item in renamed} | dirs.touched_fds(), "rename")
+            if flush_error is not None:
+                for index, item in renamed:
+                    final[index] = item.fail(flush_error)
+            else:
+                self._verify_all(final, renamed)
             if not progress.cancelled:
                 results.extend(final)
         finally:
-            for item in done:
-                if isinstance(item, _Staged):
-                    item.discard()
+            for entry in done:
+                if isinstance(entry, _Staged):
+                    entry.discard()
             dirs.close()
             os.close(root_fd)
 
     def _flush(self, dirs: _Dirs, dir_fds: set[int], what: str) -> FileError | None:
         return flush_folders(dirs, dir_fds, what) if self._fsync else None
 
-    def _verify(self, result: PutResult, dir_fd: int, name: bytes) -> PutResult:
-        """Compare the final file with the source version read before the copy."""
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except OSError as exc:
-            return PutResult(result.request, PutStatus.ERROR,
-                             error=file_error(exc, "verify", result.request.dest))
-        if st.st_size != result.size or st.st_mtime_ns != result.mtime_ns:
-            return PutResult(result.request, PutStatus.ERROR, error=FileError(
-                f"verification failed for {os.fsdecode(result.request.dest)!r}: size/mtime"
-                f" {st.st_size}/{st.st_mtime_ns}, expected {result.size}/{result.mtime_ns}"))
-        return result
+    # -- stage: every file to a temp name next to its destination ------------------------
+
+    def _stage_all(self, requests: Sequence[PutRequest], run_id: str, progress: Progress,
+                   dirs: _Dirs, done: list[PutResult | _Staged]) -> None:
+        """Stage each request into ``done``, in order, until done or cancelled."""
+        fast = self._fast
+        group: list[tuple[PutRequest, int, bytes, bytes]] = []
+        for request in requests:
+            if progress.cancelled:
+                return
+            if fast is None or request.kind is not Kind.FILE or request.size > FAST_MAX_SIZE:
+                if group:
+                    self._stage_group(group, progress, done)
+                    group = []
+                done.append(self._stage(request, run_id, progress, dirs))
+                progress.add(files=1)
+                continue
+            folder = _folder(request, dirs)
+            if isinstance(folder, PutResult):
+                if group:
+                    self._stage_group(group, progress, done)
+                    group = []
+                done.append(folder)
+                progress.add(files=1)
+                continue
+            group.append((request, folder[0], folder[1], temp_name(run_id)))
+            if len(group) >= FAST_GROUP:
+                self._stage_group(group, progress, done)
+                group = []
+        if group and not progress.cancelled:
+            self._stage_group(group, progress, done)
+
+    def _stage_group(self, group: list[tuple[PutRequest, int, bytes, bytes]],
+                     progress: Progress, done: list[PutResult | _Staged]) -> None:
+        """``_stage`` of small regular files whose folders are open, in one C call."""
+        assert self._fast is not None
+        rows = self._fast.stage(
+            [(dir_fd, request.source, tmp, request.size, request.mtime_ns)
+             for request, dir_fd, _name, tmp in group],
+            self._fsync and _syncfs is None)
+        copied = 0
+        for (request, dir_fd, name, tmp), (code, err, ino, dev, size, mtime_ns) in zip(
+                group, rows, strict=True):
+            if code == _STAGED:
+                done.append(_Staged(request, dir_fd, name, tmp, (ino, dev, size, mtime_ns)))
+                copied += size
+            elif code == _VANISHED:
+                done.append(PutResult(request, PutStatus.VANISHED))
+            elif code == _CHANGED:
+                done.append(PutResult(request, PutStatus.CHANGED))
+            elif code == _SOURCE_ERROR:
+                done.append(PutResult(request, PutStatus.ERROR, error=file_error(
+                    _os_error(err), "read source", request.source)))
+            else:
+                done.append(PutResult(request, PutStatus.ERROR, error=file_error(
+                    _os_error(err), "write", request.dest)))
+        progress.add(copied, len(group))
 
     def _stage(
         self, request: PutRequest, run_id: str, progress: Progress, dirs: _Dirs
     ) -> PutResult | _Staged:
         """Write ``request`` to a temp name next to its destination, mode and times set."""
-        try:
-            reldir, _, name = confine(request.dest).rpartition(b"/")
-            dir_fd = dirs.open(reldir, create=True)
-        except FileError as exc:
-            return PutResult(request, PutStatus.ERROR, error=exc)
-        except OSError as exc:
-            return PutResult(request, PutStatus.ERROR, error=file_error(exc, "mkdir", reldir))
+        folder = _folder(request, dirs)
+        if isinstance(folder, PutResult):
+            return folder
+        dir_fd, name = folder
         if request.kind is Kind.SYMLINK:
             return self._stage_symlink(request, run_id, dir_fd, name)
         try:
@@ -359,7 +456,7 @@ class BatchWriter:
             try:
                 dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                               | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
-                staged = _Staged(request, dir_fd, name, tmp, before)
+                staged = _Staged(request, dir_fd, name, tmp, _version(before))
                 try:
                     _copy_data(src, dst, progress, before.st_size,
                                writeback=self._fsync and before.st_size > CHUNK)
@@ -386,6 +483,36 @@ class BatchWriter:
             if staged is not None:
                 staged.discard()
 
+    # -- commit: rename each durable temp file whose source did not change ---------------
+
+    def _commit_all(self, done: list[PutResult | _Staged], flush_error: FileError | None,
+                    progress: Progress) -> list[PutResult] | None:
+        """One result per item of ``done``, in order; None when cancelled."""
+        fast = self._fast
+        outcome: dict[int, PutResult] = {}
+        if fast is not None and flush_error is None:
+            regular = [item for item in done if isinstance(item, _Staged) and item.target is None]
+            for start in range(0, len(regular), FAST_GROUP):
+                if progress.cancelled:
+                    return None
+                chunk = regular[start:start + FAST_GROUP]
+                rows = fast.commit([(staged.request.source, staged.dir_fd, staged.tmp,
+                                     staged.name, *staged.version) for staged in chunk])
+                for staged, (code, err) in zip(chunk, rows, strict=True):
+                    outcome[id(staged)] = _committed(staged, code, err)
+        final: list[PutResult] = []
+        for item in done:
+            if progress.cancelled:
+                return None
+            if not isinstance(item, _Staged):
+                final.append(item)
+                continue
+            result = outcome.get(id(item))
+            if result is None:
+                result = item.fail(flush_error) if flush_error else self._commit(item)
+            final.append(result)
+        return final
+
     def _commit(self, item: _Staged) -> PutResult:
         """Rename a durable temp file into place if its source is still the one we read."""
         request = item.request
@@ -397,13 +524,30 @@ class BatchWriter:
             return PutResult(request, PutStatus.VANISHED)
         except OSError:
             return PutResult(request, PutStatus.CHANGED)
-        if not _same(item.before, current):
+        if _version(current) != item.version:
             return PutResult(request, PutStatus.CHANGED)
         error = rename_into_place(item.tmp, item.name, item.dir_fd, request.dest)
         if error is not None:
             return PutResult(request, PutStatus.ERROR, error=error)
         item.committed = True
-        return PutResult(request, PutStatus.COPIED, item.before.st_size, item.before.st_mtime_ns)
+        return item.copied()
+
+    # -- verify: each final file against the source version read ------------------------
+
+    def _verify_all(self, final: list[PutResult], renamed: list[tuple[int, _Staged]]) -> None:
+        """Replace each renamed file's result by its verification's."""
+        if self._fast is not None:
+            rows = self._fast.lstat_at([(item.dir_fd, item.name) for _, item in renamed])
+            for (index, _item), (err, size, mtime_ns) in zip(renamed, rows, strict=True):
+                final[index] = _verified(final[index], err, size, mtime_ns)
+            return
+        for index, item in renamed:
+            try:
+                st = os.stat(item.name, dir_fd=item.dir_fd, follow_symlinks=False)
+            except OSError as exc:
+                final[index] = _verified(final[index], exc.errno or errno.EIO, 0, 0)
+            else:
+                final[index] = _verified(final[index], 0, st.st_size, st.st_mtime_ns)
 
     def _stage_symlink(
         self, request: PutRequest, run_id: str, dir_fd: int, name: bytes
@@ -426,7 +570,7 @@ class BatchWriter:
         except OSError as exc:
             return PutResult(request, PutStatus.ERROR,
                              error=file_error(exc, "write link", request.dest))
-        staged = _Staged(request, dir_fd, name, tmp, before, target)
+        staged = _Staged(request, dir_fd, name, tmp, _version(before), target)
         try:
             os.utime(tmp, ns=(before.st_atime_ns, before.st_mtime_ns), dir_fd=dir_fd,
                      follow_symlinks=False)

@@ -1,0 +1,9 @@
+# Types of the optional C accelerator (_fastcopy.c); see there for the codes.
+
+def stage(
+    items: list[tuple[int, bytes, bytes, int, int]], fsync_each: bool
+) -> list[tuple[int, int, int, int, int, int]]: ...
+def commit(
+    items: list[tuple[bytes, int, bytes, bytes, int, int, int, int]],
+) -> list[tuple[int, int]]: ...
+def lstat_at(items: list[tuple[int, bytes]]) -> list[tuple[int, int, int]]: ...

@@ -1,0 +1,122 @@
+"""The C accelerator of local batches gives the results of the Python path it mirrors."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import OLD, write
+
+from replicator._inventory import Kind
+from replicator.transports import Progress, PutRequest, PutResult, PutStatus, _local_batch
+from replicator.transports._local_batch import PURE_PYTHON_ENV, BatchWriter
+
+
+def test_accelerator_is_built() -> None:
+    # `pip install` builds it wherever a C compiler exists (it does on every machine this
+    # project is developed and tested on); without one the package falls back silently,
+    # and this import fails.
+    from replicator.transports import _fastcopy
+
+    assert _fastcopy.stage([], False) == []
+
+
+def request_for(path: Path, dest: bytes, size: int | None = None) -> PutRequest:
+    st = os.lstat(path)
+    return PutRequest(os.fsencode(path), dest, Kind.FILE,
+                      st.st_size if size is None else size, st.st_mtime_ns, 0o644)
+
+
+def tricky_batch(src: Path, root: Path) -> list[PutRequest]:
+    """A batch with one of each outcome a small regular file can have."""
+    ok = [write(src / f"ok{i}.dat", bytes([i]) * (100 * i), mtime=OLD + i) for i in range(5)]
+    os.chmod(ok[1], 0o6755)  # set-id bits are never copied
+    requests = [request_for(p, b"out/" + p.name.encode()) for p in ok]
+    gone = write(src / "gone.dat", b"x")
+    requests.append(request_for(gone, b"out/gone.dat"))
+    gone.unlink()
+    grown = write(src / "grown.dat", b"short")
+    requests.append(request_for(grown, b"out/grown.dat", size=3))
+    link = src / "link.dat"
+    link.symlink_to("ok0.dat")  # a symlink where the scan saw a file
+    requests.append(PutRequest(os.fsencode(link), b"out/link.dat", Kind.FILE, 1,
+                               int(OLD * 1e9), 0o644))
+    blocked = write(src / "blocked.dat", b"b")
+    (root / "out" / "blocked.dat").mkdir(parents=True)
+    (root / "out" / "blocked.dat" / "x").write_bytes(b"")
+    requests.append(request_for(blocked, b"out/blocked.dat"))
+    file_in_way = write(src / "deep.dat", b"d")
+    (root / "notadir").write_bytes(b"")
+    requests.append(request_for(file_in_way, b"notadir/deep.dat"))
+    requests.append(request_for(write(src / "empty.dat", b""), b"out/empty.dat"))
+    return requests
+
+
+def run_batch(root: Path, requests: list[PutRequest]) -> list[PutResult]:
+    results: list[PutResult] = []
+    BatchWriter(os.fsencode(root), True).put_batch(requests, "7x7", Progress(), results)
+    return results
+
+
+def summary(results: list[PutResult]) -> list[tuple[bytes, str, int, int, str | None]]:
+    return sorted((r.request.dest, r.status.value, r.size, r.mtime_ns,
+                   None if r.error is None else f"{r.error} [{r.error.error_class}]")
+                  for r in results)
+
+
+def test_same_results_as_the_python_path(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    by_path = {}
+    for name, pure in (("c", ""), ("python", "1")):
+        monkeypatch.setenv(PURE_PYTHON_ENV, pure)
+        root = tmp_path / name / "replica"
+        root.mkdir(parents=True)
+        requests = tricky_batch(tmp_path / name / "src", root)
+        results = run_batch(root, requests)
+        assert len(results) == len(requests)
+        # The copies: every regular file but the test's own obstacles.
+        by_path[name] = summary(results), sorted(
+            (str(p.relative_to(root)), p.stat().st_mode, p.stat().st_mtime_ns, p.read_bytes())
+            for p in root.rglob("*")
+            if p.is_file() and p.name != "notadir" and "blocked.dat" not in str(p))
+    c, python = by_path["c"], by_path["python"]
+    # Paths differ between the two runs (src folders): compare what is inside the replicas
+    # and the results' statuses and messages with the folder names taken out.
+    assert c[1] == python[1]
+    assert [row[:4] for row in c[0]] == [row[:4] for row in python[0]]
+    assert [(row[4] or "").replace("/c/", "/X/") for row in c[0]] == \
+        [(row[4] or "").replace("/python/", "/X/") for row in python[0]]
+    statuses = {row[0]: row[1] for row in c[0]}
+    assert statuses == {
+        **{f"out/ok{i}.dat".encode(): "copied" for i in range(5)},
+        b"out/gone.dat": "vanished", b"out/grown.dat": "changed", b"out/link.dat": "changed",
+        b"out/blocked.dat": "error", b"notadir/deep.dat": "error", b"out/empty.dat": "copied",
+    }
+    assert oct(os.stat(tmp_path / "c" / "replica" / "out" / "ok1.dat").st_mode & 0o7777) \
+        == "0o755"
+
+
+def test_source_changed_between_copy_and_rename_is_not_renamed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit compares the source with the version read: a change in between (here,
+    during the flush) leaves the destination alone."""
+    root = tmp_path / "replica"
+    root.mkdir()
+    paths = [write(tmp_path / "src" / f"f{i}", b"old", mtime=OLD) for i in range(3)]
+    requests = [request_for(p, p.name.encode()) for p in paths]
+    flush = _local_batch.flush_folders
+
+    def flush_then_touch(*args: object, **kwargs: object) -> object:
+        if not (tmp_path / "touched").exists():
+            (tmp_path / "touched").write_bytes(b"")
+            os.utime(paths[1], (time.time(), time.time()))
+            paths[2].unlink()
+        return flush(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_local_batch, "flush_folders", flush_then_touch)
+    results = {r.request.dest: r.status for r in run_batch(root, requests)}
+    assert results == {b"f0": PutStatus.COPIED, b"f1": PutStatus.CHANGED,
+                       b"f2": PutStatus.VANISHED}
+    assert sorted(p.name for p in root.iterdir()) == ["f0"]  # no temp file left either
