@@ -150,11 +150,15 @@ stage_one(const stage_item *it, int fsync_each, stage_result *out)
 static PyObject *
 fastcopy_stage(PyObject *self, PyObject *args)
 {
-    PyObject *items;
+    PyObject *list, *items;
     int fsync_each;
-    if (!PyArg_ParseTuple(args, "O!p", &PyList_Type, &items, &fsync_each))
+    if (!PyArg_ParseTuple(args, "O!p", &PyList_Type, &list, &fsync_each))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(items);
+    /* A tuple of the items: the strings parsed below must outlive the call, even if another
+     * thread changed the caller's list while the GIL is released. */
+    if ((items = PyList_AsTuple(list)) == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(items);
     stage_item *in = PyMem_Calloc((size_t)(n ? n : 1), sizeof *in);
     stage_result *out = PyMem_Calloc((size_t)(n ? n : 1), sizeof *out);
     PyObject *result = NULL;
@@ -162,9 +166,8 @@ fastcopy_stage(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
-    /* The items list and its bytes stay referenced by the caller while the GIL is released. */
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyList_GET_ITEM(items, i);
+        PyObject *item = PyTuple_GET_ITEM(items, i);
         if (!PyArg_ParseTuple(item, "iyyLL;stage item", &in[i].dir_fd, &in[i].source,
                               &in[i].tmp, &in[i].size, &in[i].mtime_ns))
             goto done;
@@ -189,6 +192,7 @@ fastcopy_stage(PyObject *self, PyObject *args)
         PyList_SET_ITEM(result, i, row);
     }
 done:
+    Py_DECREF(items);
     PyMem_Free(in);
     PyMem_Free(out);
     return result;
@@ -228,10 +232,12 @@ commit_one(const commit_item *it, int *error)
 static PyObject *
 fastcopy_commit(PyObject *self, PyObject *args)
 {
-    PyObject *items;
-    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &items))
+    PyObject *list, *items;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(items);
+    if ((items = PyList_AsTuple(list)) == NULL)  /* see fastcopy_stage */
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(items);
     commit_item *in = PyMem_Calloc((size_t)(n ? n : 1), sizeof *in);
     int *codes = PyMem_Calloc((size_t)(n ? n : 1), sizeof *codes);
     int *errors = PyMem_Calloc((size_t)(n ? n : 1), sizeof *errors);
@@ -241,7 +247,7 @@ fastcopy_commit(PyObject *self, PyObject *args)
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyList_GET_ITEM(items, i);
+        PyObject *item = PyTuple_GET_ITEM(items, i);
         if (!PyArg_ParseTuple(item, "yiyyKKLL;commit item", &in[i].source, &in[i].dir_fd,
                               &in[i].tmp, &in[i].name, &in[i].ino, &in[i].dev, &in[i].size,
                               &in[i].mtime_ns))
@@ -263,6 +269,7 @@ fastcopy_commit(PyObject *self, PyObject *args)
         PyList_SET_ITEM(result, i, row);
     }
 done:
+    Py_DECREF(items);
     PyMem_Free(in);
     PyMem_Free(codes);
     PyMem_Free(errors);
@@ -273,10 +280,12 @@ done:
 static PyObject *
 fastcopy_lstat_at(PyObject *self, PyObject *args)
 {
-    PyObject *items;
-    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &items))
+    PyObject *list, *items;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(items);
+    if ((items = PyList_AsTuple(list)) == NULL)  /* see fastcopy_stage */
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(items);
     int *fds = PyMem_Calloc((size_t)(n ? n : 1), sizeof *fds);
     const char **names = PyMem_Calloc((size_t)(n ? n : 1), sizeof *names);
     struct stat *st = PyMem_Calloc((size_t)(n ? n : 1), sizeof *st);
@@ -287,7 +296,7 @@ fastcopy_lstat_at(PyObject *self, PyObject *args)
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(items, i), "iy;lstat item", &fds[i], &names[i]))
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(items, i), "iy;lstat item", &fds[i], &names[i]))
             goto done;
     }
     Py_BEGIN_ALLOW_THREADS
@@ -307,6 +316,7 @@ fastcopy_lstat_at(PyObject *self, PyObject *args)
         PyList_SET_ITEM(result, i, row);
     }
 done:
+    Py_DECREF(items);
     PyMem_Free(fds);
     PyMem_Free(names);
     PyMem_Free(st);
@@ -327,7 +337,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fastcopy",
     "The system calls of a local batch's small files, many files per call (optional).",
-    -1, methods,
+    -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC
