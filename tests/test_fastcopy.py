@@ -12,6 +12,7 @@ from conftest import OLD, write
 from replicator._inventory import Kind
 from replicator.transports import Progress, PutRequest, PutResult, PutStatus, _local_batch
 from replicator.transports._local_batch import PURE_PYTHON_ENV, BatchWriter
+from replicator.transports._ssh_files import _load, _Source
 
 
 def test_accelerator_is_built() -> None:
@@ -120,3 +121,47 @@ def test_source_changed_between_copy_and_rename_is_not_renamed(
     assert results == {b"f0": PutStatus.COPIED, b"f1": PutStatus.CHANGED,
                        b"f2": PutStatus.VANISHED}
     assert sorted(p.name for p in root.iterdir()) == ["f0"]  # no temp file left either
+
+
+def test_ssh_sources_read_the_same_as_the_python_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SSH sender's small files, read whole by the accelerator or by Python."""
+    src = tmp_path / "src"
+    ok = [write(src / f"ok{i}.dat", bytes([i]) * (1000 * i), mtime=OLD + i) for i in range(4)]
+    requests = [request_for(p, p.name.encode()) for p in ok]
+    gone = write(src / "gone.dat", b"x")
+    requests.append(request_for(gone, b"gone.dat"))
+    gone.unlink()
+    requests.append(request_for(write(src / "grown.dat", b"longer"), b"grown.dat", size=2))
+    (src / "link.dat").symlink_to("ok1.dat")
+    requests.append(PutRequest(os.fsencode(src / "link.dat"), b"link.dat", Kind.FILE, 1000,
+                               int(OLD * 1e9) + 10**9, 0o644))
+    big = write(src / "big.dat", b"b" * ((1 << 20) + 1))  # streamed later: opened, not read
+    requests.append(request_for(big, b"big.dat"))
+
+    def load(pure: str) -> list[tuple[object, ...]]:
+        monkeypatch.setenv(PURE_PYTHON_ENV, pure)
+        sources = [_Source(i, r) for i, r in enumerate(requests)]
+        _load(sources)
+        try:
+            return [(s.result.status if s.result else None,
+                     str(s.result.error) if s and s.result and s.result.error else None,
+                     s.data, s.fd >= 0,
+                     None if s.before is None or s.result else
+                     (s.before.st_ino, s.before.st_size, s.before.st_mode,
+                      s.before.st_mtime_ns)) for s in sources]
+        finally:
+            for s in sources:
+                s.close()
+
+    atimes = [os.stat(p).st_atime_ns for p in ok]  # as fstat sees them before the read
+    monkeypatch.setenv(PURE_PYTHON_ENV, "")
+    first = [_Source(i, r) for i, r in enumerate(requests[:4])]
+    _load(first)
+    assert [s.before.st_atime_ns if s.before else None for s in first] == atimes
+    c, python = load(""), load("1")
+    assert c == python
+    assert [row[0] for row in c] == [None] * 4 + [PutStatus.VANISHED, PutStatus.CHANGED,
+                                                  PutStatus.CHANGED, None]
+    assert c[2][2] == bytes([2]) * 2000
+    assert c[-1][3]  # the large file's descriptor is open for streaming

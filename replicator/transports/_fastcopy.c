@@ -1,7 +1,8 @@
-/* The system calls of a local batch's small files, many files per call, without the GIL.
+/* The system calls of small files' copies, many files per call, without the GIL.
  *
- * An optional accelerator of _local_batch.BatchWriter: the same calls in the same order as
- * its Python path, which stays the reference and the fallback where this module was not
+ * An optional accelerator of _local_batch.BatchWriter (stage, commit, lstat_at) and of the
+ * SSH sender's reads (_ssh_files._load: read_small): the same calls in the same order as
+ * their Python paths, which stay the reference and the fallback where this module was not
  * built. Copying a 4 KiB file is a dozen system calls; made from Python each costs a
  * microsecond or two of interpreter work on top of the kernel's, as much again as the copy.
  * Here the interpreter is entered once per file to build the result tuple.
@@ -16,6 +17,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -324,11 +326,161 @@ done:
     return result;
 }
 
+/* read_small() codes */
+enum { READ = 0, READ_VANISHED = 1, READ_CHANGED = 2, READ_ERROR = 3 };
+
+static int
+same_version(const struct stat *a, const struct stat *b)
+{
+    return a->st_ino == b->st_ino && a->st_dev == b->st_dev && a->st_size == b->st_size
+           && mtime_ns(a) == mtime_ns(b);
+}
+
+typedef struct {
+    const char *source;
+    long long size, mtime_ns;
+    int code, error;
+    char *data;
+    size_t length;
+    struct stat before;
+} read_item;
+
+/* One small file, as _ssh_files._load and _check_unchanged do: read whole, then checked
+ * unchanged by descriptor and by path. */
+static void
+read_one(read_item *it)
+{
+    int fd = open(it->source, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        it->error = errno;
+        it->code = errno == ENOENT ? READ_VANISHED
+                   : (errno == ELOOP || errno == EINVAL) ? READ_CHANGED : READ_ERROR;
+        return;
+    }
+    struct stat after, current;
+    if (fstat(fd, &it->before) != 0) {
+        it->error = errno;
+        it->code = READ_ERROR;
+        goto done;
+    }
+    if (it->before.st_size != it->size || mtime_ns(&it->before) != it->mtime_ns) {
+        it->code = READ_CHANGED;
+        goto done;
+    }
+    /* Until EOF: a file that grew is read whole, and then found changed. */
+    size_t capacity = (size_t)it->before.st_size + 1;
+    it->data = malloc(capacity);
+    if (it->data == NULL) {
+        it->error = ENOMEM;
+        it->code = READ_ERROR;
+        goto done;
+    }
+    for (;;) {
+        if (it->length == capacity) {
+            char *grown = realloc(it->data, capacity * 2);
+            if (grown == NULL) {
+                it->error = ENOMEM;
+                it->code = READ_ERROR;
+                goto done;
+            }
+            it->data = grown;
+            capacity *= 2;
+        }
+        ssize_t n = read(fd, it->data + it->length, capacity - it->length);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            it->error = errno;
+            it->code = READ_ERROR;
+            goto done;
+        }
+        if (n == 0)
+            break;
+        it->length += (size_t)n;
+    }
+    if (fstat(fd, &after) != 0) {
+        it->error = errno;
+        it->code = READ_ERROR;
+        goto done;
+    }
+    if (lstat(it->source, &current) != 0) {
+        it->error = errno;
+        it->code = errno == ENOENT ? READ_VANISHED : READ_ERROR;
+        goto done;
+    }
+    it->code = same_version(&it->before, &after) && same_version(&it->before, &current)
+               ? READ : READ_CHANGED;
+done:
+    close(fd);
+}
+
+/* read_small(items) -> [(code, errno, data or None, st_ino, st_dev, st_size, st_mode,
+ *                        st_atime_ns, st_mtime_ns), ...]; items: [(source, size, mtime_ns)] */
+static PyObject *
+fastcopy_read_small(PyObject *self, PyObject *args)
+{
+    PyObject *list, *items;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list))
+        return NULL;
+    if ((items = PyList_AsTuple(list)) == NULL)  /* see fastcopy_stage */
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(items);
+    read_item *in = PyMem_Calloc((size_t)(n ? n : 1), sizeof *in);
+    PyObject *result = NULL;
+    if (in == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(items, i), "yLL;read item", &in[i].source,
+                              &in[i].size, &in[i].mtime_ns))
+            goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        read_one(&in[i]);
+    Py_END_ALLOW_THREADS
+    result = PyList_New(n);
+    if (result == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const struct stat *st = &in[i].before;
+        PyObject *data;
+        if (in[i].code == READ)
+            data = PyBytes_FromStringAndSize(in[i].data, (Py_ssize_t)in[i].length);
+        else
+            data = Py_NewRef(Py_None);
+        if (data == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        long long atime = (long long)st->st_atim.tv_sec * 1000000000LL + st->st_atim.tv_nsec;
+        PyObject *row = Py_BuildValue("(iiNKKLiLL)", in[i].code, in[i].error, data,
+                                      (unsigned long long)st->st_ino,
+                                      (unsigned long long)st->st_dev, (long long)st->st_size,
+                                      (int)st->st_mode, atime, mtime_ns(st));
+        if (row == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, row);
+    }
+done:
+    Py_DECREF(items);
+    if (in != NULL)
+        for (Py_ssize_t i = 0; i < n; i++)
+            free(in[i].data);
+    PyMem_Free(in);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"stage", fastcopy_stage, METH_VARARGS,
      "stage(items, fsync_each): write each source to its temp name; one row per item."},
     {"commit", fastcopy_commit, METH_VARARGS,
      "commit(items): rename each temp file into place if its source is unchanged."},
+    {"read_small", fastcopy_read_small, METH_VARARGS,
+     "read_small(items): each small source read whole and checked unchanged."},
     {"lstat_at", fastcopy_lstat_at, METH_VARARGS,
      "lstat_at(items): size and mtime of each (dir_fd, name), or the errno."},
     {NULL, NULL, 0, NULL},

@@ -48,6 +48,13 @@ _TEMP_PREFIX = secrets.token_hex(4)
 _temp_counter = itertools.count()
 
 
+def accelerator() -> ModuleType | None:
+    """The C accelerator, unless it was not built or ``REPLICATOR_PURE_PYTHON`` is set."""
+    if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
+        return None
+    return _fastcopy
+
+
 def temp_name(run_id: str) -> bytes:
     """A temp name carrying the run's id, so a later run can tell whose it is."""
     return b"%s%x.tmp" % (_temp_head(run_id), next(_temp_counter))
@@ -310,8 +317,7 @@ class BatchWriter:
     def __init__(self, root: bytes, fsync: bool) -> None:
         self.root = root
         self._fsync = fsync
-        pure = os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0")
-        self._fast = None if pure else _fastcopy
+        self._fast = accelerator()
 
     def put_batch(
         self,
@@ -581,4 +587,5 @@ class BatchWriter:
         return staged
 
 
-__all__ = ["TEMP_RE", "BatchWriter", "flush_folders", "rename_into_place", "temp_name"]
+__all__ = ["TEMP_RE", "BatchWriter", "accelerator", "flush_folders", "rename_into_place",
+           "temp_name"]

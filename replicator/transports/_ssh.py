@@ -764,7 +764,10 @@ class SshTransport:
         assert before is not None
         if entry[1] != 0:
             return PutResult(req, PutStatus.ERROR, error=result_error(entry, req.dest))
-        size, mtime_ns, kind_ok = (int(str(x)) for x in entry[2:5])
+        size, mtime_ns, kind_ok = entry[2], entry[3], entry[4]
+        if not (isinstance(size, int) and isinstance(mtime_ns, int)
+                and isinstance(kind_ok, int)):  # numbers, as the receiver sends them
+            size, mtime_ns, kind_ok = int(str(size)), int(str(mtime_ns)), int(str(kind_ok))
         if req.kind is Kind.SYMLINK:
             ok = bool(kind_ok) and size == len(src.target)
         else:

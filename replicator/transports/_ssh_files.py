@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .._errors import ErrorClass, FileError
 from .._inventory import Kind
 from ._base import PutRequest, PutResult, PutStatus, SourceReader, SourceStat
 from ._errors import file_error
-from ._local_batch import temp_name
+from ._local_batch import accelerator, temp_name
 from ._paths import confine, copy_mode
 from ._ssh_stream import COMMIT, data_header, file_frame, link_frame
 
@@ -20,6 +21,21 @@ from ._ssh_stream import COMMIT, data_header, file_frame, link_frame
 SMALL_FILE = 1 << 20
 SMALL_GROUP_BYTES = 8 << 20
 SMALL_GROUP_FILES = 64
+
+class _Stat(NamedTuple):
+    """The fields of a source's ``fstat`` that an upload uses, as the accelerator gives them."""
+
+    st_ino: int
+    st_dev: int
+    st_size: int
+    st_mode: int
+    st_atime_ns: int
+    st_mtime_ns: int
+
+
+# Codes of the accelerator's read_small() (see _fastcopy.c).
+_READ, _READ_VANISHED, _READ_CHANGED = 0, 1, 2
+
 
 @dataclass(slots=True)
 class _Source:
@@ -29,7 +45,7 @@ class _Source:
     index: int
     request: PutRequest
     result: PutResult | None = None  # decided before the upload: CHANGED, VANISHED, ERROR
-    before: os.stat_result | None = None
+    before: os.stat_result | _Stat | None = None
     data: bytes | None = None  # a small file's whole content
     fd: int = -1  # a large file, read chunk by chunk
     target: bytes = b""
@@ -53,13 +69,23 @@ class _Source:
             self.fd = -1  # the number may be reused by the next file opened
 
 
-def _same(a: os.stat_result, b: os.stat_result) -> bool:
+def _same(a: os.stat_result | _Stat, b: os.stat_result) -> bool:
     return (a.st_ino, a.st_dev, a.st_size, a.st_mtime_ns) == (
         b.st_ino, b.st_dev, b.st_size, b.st_mtime_ns)
 
 
 def _load(sources: list[_Source]) -> None:
     """Open (and for small files, read) a group of sources. Runs in a worker thread."""
+    fast = accelerator()
+    if fast is not None:
+        small: list[_Source] = []
+        rest: list[_Source] = []
+        for src in sources:
+            is_small = src.request.kind is Kind.FILE and src.request.size <= SMALL_FILE
+            (small if is_small else rest).append(src)
+        if small:
+            _read_small(fast.read_small, small)
+        sources = rest
     for src in sources:
         req = src.request
         try:
@@ -96,6 +122,26 @@ def _load(sources: list[_Source]) -> None:
                                    error=file_error(exc, "read source", req.source))
         if src.result is not None or src.data is not None:
             src.close()
+
+
+def _read_small(read: Callable[[list[tuple[bytes, int, int]]],
+                                list[tuple[int, int, bytes | None, int, int, int, int, int, int]]],
+                sources: list[_Source]) -> None:
+    """``_load`` of small regular files through the accelerator: one call, no GIL."""
+    rows = read([(src.request.source, src.request.size, src.request.mtime_ns)
+                 for src in sources])
+    for src, (code, err, data, *stat) in zip(sources, rows, strict=True):
+        req = src.request
+        if code == _READ:
+            src.before = _Stat(*stat)
+            src.data = data
+        elif code == _READ_VANISHED:
+            src.result = PutResult(req, PutStatus.VANISHED)
+        elif code == _READ_CHANGED:
+            src.result = PutResult(req, PutStatus.CHANGED)
+        else:
+            src.result = PutResult(req, PutStatus.ERROR, error=file_error(
+                OSError(err, os.strerror(err)), "read source", req.source))
 
 
 def _check_unchanged(src: _Source) -> PutResult | None:
