@@ -161,6 +161,36 @@ async def test_full_disk_fails_the_file_then_recovers(tmp_path: Path, carrier: s
 
 
 @pytest.mark.parametrize("carrier", CARRIERS)
+async def test_small_files_that_fill_the_disk_leave_no_temp_file(
+        tmp_path: Path, carrier: str, mount: Callable[..., None]) -> None:
+    """Small files travel whole, one frame each: one that fills the disk half-way is
+    removed, reported no_space, and copied by the next run once there is room."""
+    origin = tmp_path / "origin"
+    for i in range(6):
+        write(origin / f"f{i}.dat", bytes([i]) * (300 << 10))
+    backdate(origin)
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(replica))
+    with run_sshd(tmp_path / "sshd") as sshd:
+        config = ssh_config(tmp_path, origin, sshd.url(replica), transfer=carrier,
+                            **sshd.replica_keys())
+        summary = await sync(config)
+        assert summary.exit_code == 1
+        assert 0 < summary.copied < 6
+        assert temp_files(replica) == []
+        assert {cls for cls, _ in copy_errors(config)} == {"no_space"}
+        for i in range(6):
+            copy = copy_of(replica, origin, f"f{i}.dat")
+            assert not copy.exists() or copy.read_bytes() == bytes([i]) * (300 << 10)
+        mount("-o", "remount,size=8m", str(replica))
+        await anyio.sleep(0.3)  # the retry backoff of the failed files
+        again = await sync(config)
+        assert (again.exit_code, again.copied + summary.copied, again.pending) == (0, 6, 0)
+        assert temp_files(replica) == []
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
 async def test_read_only_folder_fails_its_files(tmp_path: Path, carrier: str,
                                                 mount: Callable[..., None]) -> None:
     origin = tmp_path / "origin"

@@ -11,6 +11,9 @@ following symlinks. When the stream ends without a final sync (dropped connectio
 client) the temp files of the unfinished batch are removed.
 
 Frames from the client, each one byte of kind then a fixed header (network order):
+  W seq:I mode:I mtime_ns:q dest_len:H tmp_len:H length:I, dest, tmp, content
+                                                               a small file, whole (read,
+                                                               and found unchanged, first)
   F seq:I mode:I mtime_ns:q dest_len:H tmp_len:H, dest, tmp   a regular file begins
   D len:I, bytes                                               content of the current file
   C / A                                                        commit / abort the current file
@@ -33,10 +36,11 @@ import struct
 import sys
 from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-GREETING = b"replicator-receiver 1\n"
+GREETING = b"replicator-receiver 2\n"
 FLUSHING = b"flushing\n"
 PONG = b"pong\n"
 FILE = struct.Struct("!IIqHH")
+WHOLE = struct.Struct("!IIqHHI")
 LINK = struct.Struct("!IqHHH")
 LENGTH = struct.Struct("!I")
 SPLICE = getattr(os, "splice", None)  # Python 3.10+, Linux
@@ -148,6 +152,32 @@ class Receiver:
             self.fail(seq, exc, what)
         self.current = (seq, dir_fd, tmp, name, fd)
         self.written = self.pushed = 0
+
+    def whole(self, seq: int, mode: int, mtime_ns: int, dest: bytes, tmp: bytes,
+              content: memoryview) -> None:
+        """A small file in one frame: ``begin``, ``data`` and ``end(commit=True)`` at once."""
+        reldir, name = self.split(dest, tmp)
+        dir_fd, fd, what = -1, -1, "mkdir"
+        try:
+            dir_fd = self.folder(reldir)
+            what = "write"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | getattr(os, "O_CLOEXEC", 0), mode & 0o1777, dir_fd=dir_fd)
+            view = content
+            while view:
+                view = view[os.write(fd, view):]
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+            if self.syncfs is None:
+                os.fsync(fd)
+            st = os.fstat(fd)  # what the copy holds, reported once it is in place
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+                self.unlink(dir_fd, tmp)
+            self.fail(seq, exc, what)
+            return
+        os.close(fd)
+        self.staged.append((seq, dir_fd, tmp, name, [st.st_size, st.st_mtime_ns, 1]))
 
     def wrote(self, fd: int, n: int) -> None:
         self.written += n
@@ -366,7 +396,15 @@ def serve(root: bytes, inp: int, out: BinaryIO) -> None:
                 return
             if receiver is None:
                 receiver = Receiver(root, out)
-            if kind == b"F":
+            if kind == b"W":
+                seq, mode, mtime_ns, dlen, tlen, n = WHOLE.unpack(stream.take(WHOLE.size))
+                names = bytes(stream.take(dlen + tlen))
+                content = stream.take(n)
+                try:
+                    receiver.whole(seq, mode, mtime_ns, names[:dlen], names[dlen:], content)
+                finally:
+                    content.release()  # the buffer cannot shrink while it is exported
+            elif kind == b"F":
                 seq, mode, mtime_ns, dlen, tlen = FILE.unpack(stream.take(FILE.size))
                 names = bytes(stream.take(dlen + tlen))
                 receiver.begin(seq, mode, mtime_ns, names[:dlen], names[dlen:])

@@ -15,7 +15,7 @@ from ._base import PutRequest, PutResult, PutStatus, SourceReader, SourceStat
 from ._errors import file_error
 from ._local_batch import accelerator, temp_name
 from ._paths import confine, copy_mode
-from ._ssh_stream import COMMIT, data_header, file_frame, link_frame
+from ._ssh_stream import link_frame, whole_header
 
 # Files up to this size are read whole, many per thread call.
 SMALL_FILE = 1 << 20
@@ -201,8 +201,9 @@ def _load_frames(sources: list[_Source], run_id: str) -> bytes:
             frames.append(link_frame(src.index, src.before.st_mtime_ns, dest,
                                      temp_name(run_id), src.target))
         elif src.data is not None:
-            frames += (file_frame(src.index, copy_mode(src.before.st_mode),
-                                  src.before.st_mtime_ns, dest, temp_name(run_id)),
-                       data_header(len(src.data)), src.data, COMMIT)
+            # Read whole and found unchanged already: begin, content and commit in a frame.
+            frames += (whole_header(src.index, copy_mode(src.before.st_mode),
+                                    src.before.st_mtime_ns, dest, temp_name(run_id),
+                                    len(src.data)), src.data)
             src.data = None  # the frames hold it now; a batch keeps its sources to the end
     return b"".join(frames)

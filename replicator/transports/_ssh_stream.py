@@ -24,9 +24,10 @@ from ._errors import file_error
 from ._ssh_carriers import Carrier, StreamLost
 
 _FILE = struct.Struct("!cIIqHH")
+_WHOLE = struct.Struct("!cIIqHHI")
 _LINK = struct.Struct("!cIqHHH")
 _DATA = struct.Struct("!cI")
-GREETING = b"replicator-receiver 1\n"
+GREETING = b"replicator-receiver 2\n"
 FLUSHING = b"flushing\n"
 PONG = b"pong\n"
 DATA_CHUNK = 1 << 20
@@ -46,6 +47,12 @@ def receiver_command(root: bytes) -> str:
 
 def file_frame(seq: int, mode: int, mtime_ns: int, dest: bytes, tmp: bytes) -> bytes:
     return _FILE.pack(b"F", seq, mode, mtime_ns, len(dest), len(tmp)) + dest + tmp
+
+
+def whole_header(seq: int, mode: int, mtime_ns: int, dest: bytes, tmp: bytes,
+                 length: int) -> bytes:
+    """The header of a small file sent whole (its ``length`` content bytes follow it)."""
+    return _WHOLE.pack(b"W", seq, mode, mtime_ns, len(dest), len(tmp), length) + dest + tmp
 
 
 def data_header(length: int) -> bytes:
