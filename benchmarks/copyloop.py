@@ -1,5 +1,6 @@
-"""How much of a copy helper's time is Python: its batch writer against the same system
-calls made by a loop in C, on the same small files (an input to issue 4's decision).
+"""How much of a copy helper's time is Python: its batch writer (as installed, with the C
+accelerator where it was built, and on its Python path alone) against the same system calls
+made by a loop in C, on the same small files (an input to issue 4's decisions).
 
     .venv/bin/python -m benchmarks.copyloop [--files 10000] [--repeat 3] [--scratch DIR]
 
@@ -14,6 +15,7 @@ on recently freed inodes).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -137,19 +139,24 @@ def main(argv: list[str] | None = None) -> int:
         binary = scratch / "cloop"
         (scratch / "cloop.c").write_text(_C_LOOP)
         subprocess.run([cc, "-O2", "-o", str(binary), str(scratch / "cloop.c")], check=True)
-        tools = {"python (BatchWriter)": [sys.executable, "-c", _PY_LOOP],
-                 "C, same calls": [str(binary)]}
+        # The batch writer as installed (with the accelerator where it was built), and on
+        # its Python path alone.
+        tools = {"BatchWriter": ([sys.executable, "-c", _PY_LOOP], "0"),
+                 "BatchWriter, Python path": ([sys.executable, "-c", _PY_LOOP], "1"),
+                 "C, same calls": ([str(binary)], "0")}
         rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in tools}
         for run in range(args.repeat):
-            for name, argv_ in tools.items():
-                dst = scratch / f"dst-{run}-{len(rows[name])}-{name[0]}"
+            for index, (name, (argv_, pure)) in enumerate(tools.items()):
+                dst = scratch / f"dst-{run}-{index}"
                 subprocess.run(["sync"], check=True)
+                env = dict(os.environ, REPLICATOR_PURE_PYTHON=pure)
                 out = subprocess.run([*argv_, str(src), str(dst), str(args.batch)],
-                                     capture_output=True, text=True, check=True).stdout
+                                     capture_output=True, text=True, check=True,
+                                     env=env).stdout
                 files, wall, user, system = out.split()
                 assert int(files) == args.files, out
                 rows[name].append((float(wall), float(user), float(system)))
-                print(f"  {name:22} run {run + 1}: {wall} s wall, {user} s user,"
+                print(f"  {name:26} run {run + 1}: {wall} s wall, {user} s user,"
                       f" {system} s system", file=sys.stderr)
         print(f"| {args.files:,} x 4 KiB, batches of {args.batch} | wall s | user s | system s |")
         print("|---|--:|--:|--:|")
