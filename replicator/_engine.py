@@ -11,6 +11,7 @@ events are published after the record committed, so subscribers can trust the in
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -158,19 +159,30 @@ class ReplicaRunner:
             self._renderers[origin, host] = render
         return render(path)
 
-    def _placed_by(self, template: str) -> Callable[[str, str, bytes], bytes]:
-        """``destination`` under another layout, for files of any configured origin."""
-        layout = Layout.parse(template)
-        roots = {o.name: os.fsencode(o.root) for o in self.engine.config.origins}
-        renderers: dict[tuple[str, str], Callable[[bytes], bytes]] = {}
+    def _placement(self) -> str | None:
+        """How this replica places files when no two can get the same path, as a key that
+        changes with anything that could make a new file's path another's old one: the
+        layout, the one origin and its root. None when destinations must be recorded."""
+        if not self._layout.unique_per_file(len(self._roots)):
+            return None
+        [(origin, root)] = self._roots.items()
+        return json.dumps({"layout": self.config.layout, "origin": origin,
+                           "root": os.fsdecode(root)})
 
-        def place(origin: str, host: str, path: bytes) -> bytes:
-            render = renderers.get((origin, host))
+    @staticmethod
+    def _placed_by(placement: str) -> Callable[[str, str, bytes], bytes]:
+        """``destination`` as a ``_placement`` key says: ValueError for other origins."""
+        how = json.loads(placement)
+        layout, origin, root = Layout.parse(how["layout"]), how["origin"], how["root"]
+        renderers: dict[str, Callable[[bytes], bytes]] = {}
+
+        def place(file_origin: str, host: str, path: bytes) -> bytes:
+            if file_origin != origin:
+                raise ValueError(f"origin {file_origin!r} was not placed this way")
+            render = renderers.get(host)
             if render is None:
-                if origin not in roots:
-                    raise ValueError(f"origin {origin!r} is not configured")
-                render = layout.renderer(host=host, origin=origin, root=roots[origin])
-                renderers[origin, host] = render
+                render = layout.renderer(host=host, origin=origin, root=os.fsencode(root))
+                renderers[host] = render
             return render(path)
 
         return place
@@ -181,10 +193,10 @@ class ReplicaRunner:
 
         Recording a copy's destination doubles what a claim writes. It is needed to refuse
         a destination that another file's copy holds, and to find a dead run's temp files.
-        A layout that gives each file its own path (``Layout.unique_per_file``) needs it
-        for neither, as long as every copy placed without one was placed by that layout:
-        the replica remembers which. When the layout changes, the destinations of those
-        copies are recorded first, under the layout that placed them.
+        A replica that gives each file its own path (one origin, ``Layout.unique_per_file``)
+        needs it for neither, as long as every copy placed without one was placed the same
+        way (layout, origin, origin root): the replica remembers how. When that changes, the
+        destinations of those copies are recorded first, as they were placed.
         """
         inventory = self.engine.inventory
         unrecorded, any_recorded = await inventory.placement(self.name)
@@ -195,16 +207,16 @@ class ReplicaRunner:
                     dest = old(origin, host, path)
             if dest is not None:
                 self._stale_dirs.append(dest)
-        unique = self._layout.unique_per_file(len(self._roots))
-        if old is not None and (unrecorded != self.config.layout or not unique):
+        placement = self._placement()
+        if old is not None and unrecorded != placement:
             count = await inventory.record_destinations(self.name, old)
-            self._log.info("recorded destinations of copies placed by the previous layout",
-                           layout=unrecorded, count=count)
-            await inventory.set_unrecorded_layout(self.name, None)
+            self._log.info("recorded destinations of copies placed without them",
+                           placement=unrecorded, count=count)
+            await inventory.set_unrecorded_placement(self.name, None)
             unrecorded, any_recorded = None, any_recorded or count > 0
-        if unique:
+        if placement is not None:
             if unrecorded is None:
-                await inventory.set_unrecorded_layout(self.name, self.config.layout)
+                await inventory.set_unrecorded_placement(self.name, placement)
             self._record_dest, self._check_owners = False, any_recorded
 
     async def run(self, once: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import sqlite3
 import stat
@@ -313,7 +314,10 @@ async def test_dead_runs_temp_files_are_found_without_recorded_destinations(
     config = make_config(tmp_path, origin, [r1])
     async with Replicator(config) as rep:
         assert (await rep.sync_once()).copied == 1
-        assert await rep.inventory.placement("r1") == ("{host}/{path}", False)
+        how, recorded = await rep.inventory.placement("r1")
+        assert json.loads(how or "") == {"layout": "{host}/{path}", "origin": "raw",
+                                          "root": str(origin)}
+        assert not recorded
         write(origin / "a" / "x.dat", b"payload")
         await rep.scan()
         claimed, _ = await rep.inventory.claim(
@@ -361,6 +365,35 @@ async def test_a_new_layout_never_takes_a_path_the_old_one_filled(
         assert "another origin file" in (failed.error or "")
         assert (await rep.inventory.placement("r1"))[1] is True
     assert (r1 / "f").read_bytes() == b"placed first"  # not overwritten
+
+
+@pytest.mark.parametrize("change", ["root", "origin"])
+async def test_another_origin_never_takes_a_path_filled_without_a_record(
+        tmp_path: Path, change: str) -> None:
+    """Copies placed without recorded destinations keep their paths when the replica's one
+    origin moves (another root) or is another origin, under the same layout."""
+    first, second, r1 = tmp_path / "o1", tmp_path / "o2", tmp_path / "r1"
+    r1.mkdir()
+    write(first / "x.dat", b"placed first")
+    write(second / "x.dat", b"second")
+    base = make_config(tmp_path, first, [r1], max_attempts=1)
+
+    def config(origin: OriginConfig) -> Config:
+        return Config(inventory=base.inventory, origins=(origin,), engine=base.engine,
+                      replicas=(replace(base.replicas[0], layout="{relpath}"),))
+
+    async with Replicator(config(base.origins[0])) as rep:
+        assert (await rep.sync_once()).copied == 1
+    moved = replace(base.origins[0], path=str(second))
+    if change == "origin":
+        moved = replace(moved, name="other")
+    async with Replicator(config(moved)) as rep:
+        summary = await rep.sync_once()
+        assert (summary.copied, summary.exit_code) == (0, 1)
+        [failed] = await rep.inventory.failed()
+        assert failed.path == os.fsencode(second / "x.dat")
+        assert "another origin file" in (failed.error or "")
+    assert (r1 / "x.dat").read_bytes() == b"placed first"
 
 
 async def test_continuous_mode_copies_new_files_and_stops(tmp_path: Path) -> None:

@@ -79,10 +79,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (origin, host, dir)
     ) WITHOUT ROWID;
     """,
-    # v5: the layout under which the replica's copies were placed without recording their
-    # destinations (NULL: none were; every copy made has its destination recorded).
+    # v5: how the replica's copies placed without a recorded destination were placed (JSON:
+    # layout, origin, origin root; NULL: none were, every copy made has its destination).
     """
-    ALTER TABLE replicas ADD COLUMN unrecorded_layout TEXT;
+    ALTER TABLE replicas ADD COLUMN unrecorded_placement TEXT;
     """,
 )
 

@@ -676,28 +676,30 @@ class Inventory:
         return [(r[0], r[1], r[2], r[3], join_path(r[4], r[5])) for r in rows]
 
     async def placement(self, replica: str) -> tuple[str | None, bool]:
-        """(the layout of the replica's copies placed without a recorded destination, or
-        None; whether any copy has its destination recorded)."""
+        """(how the replica's copies placed without a recorded destination were placed, as
+        given to ``set_unrecorded_placement``, or None; whether any copy has its destination
+        recorded)."""
         rows = await self._rows(
-            "SELECT unrecorded_layout, EXISTS (SELECT 1 FROM copies"
+            "SELECT unrecorded_placement, EXISTS (SELECT 1 FROM copies"
             " WHERE replica = ?1 AND dest IS NOT NULL) FROM replicas WHERE name = ?1",
             (replica,),
         )
         return (rows[0][0], bool(rows[0][1])) if rows else (None, False)
 
-    async def set_unrecorded_layout(self, replica: str, layout: str | None) -> None:
+    async def set_unrecorded_placement(self, replica: str, placement: str | None) -> None:
         async with self._write() as db:
-            await db.execute("UPDATE replicas SET unrecorded_layout = ? WHERE name = ?",
-                             (layout, replica))
+            await db.execute("UPDATE replicas SET unrecorded_placement = ? WHERE name = ?",
+                             (placement, replica))
 
     async def record_destinations(
         self, replica: str, destination: Callable[[str, str, bytes], bytes]
     ) -> int:
         """Record the destination of every copy made whose destination was not recorded,
-        as ``destination(origin, host, path)`` places it (None: leave it unrecorded).
+        as ``destination(origin, host, path)`` places it (a ValueError leaves it unrecorded).
 
-        Done once when a replica leaves a layout under which destinations went unrecorded,
-        so that files placed by the next layout cannot take their paths.
+        Done once when a replica's placement changes (its layout, its origin or the origin's
+        root) after copies were placed without a recorded destination, so that files placed
+        the new way cannot take their paths.
         """
         rows = await self._rows(
             "SELECT c.file_id, f.origin, f.host, f.dir, f.name FROM copies c"

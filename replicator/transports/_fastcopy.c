@@ -80,56 +80,112 @@ copy_data(int src, int dst, long long expected)
     return 0;
 }
 
-typedef struct {
-    int dir_fd;
-    const char *source;
-    const char *tmp;
-    long long size;
-    long long mtime_ns;
-} stage_item;
+/* -- the driver: a list of tuples in, a list of rows out -------------------------------- */
 
 typedef struct {
-    int code;
-    int error;
+    size_t size;                                /* of one item */
+    int (*parse)(PyObject *tuple, void *item);  /* false, with an exception, on bad input */
+    void (*work)(void *item, int flag);         /* runs without the GIL */
+    PyObject *(*build)(void *item);             /* the item's row */
+    void (*clear)(void *item);                  /* frees what work allocated, or NULL */
+} kind;
+
+static PyObject *
+for_each(PyObject *list, const kind *k, int flag)
+{
+    /* A tuple of the items: the strings parsed from them must outlive the call, even if
+     * another thread changed the caller's list while the GIL is released. Every item is
+     * parsed before any work starts, so bad input raises with nothing done. */
+    PyObject *items = PyList_AsTuple(list);
+    if (items == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(items);
+    char *slots = PyMem_Calloc((size_t)(n ? n : 1), k->size);
+    PyObject *result = NULL;
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!k->parse(PyTuple_GET_ITEM(items, i), slots + (size_t)i * k->size))
+            goto done;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        k->work(slots + (size_t)i * k->size, flag);
+    Py_END_ALLOW_THREADS
+    if ((result = PyList_New(n)) == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *row = k->build(slots + (size_t)i * k->size);
+        if (row == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, row);
+    }
+done:
+    if (slots != NULL && k->clear != NULL)
+        for (Py_ssize_t i = 0; i < n; i++)
+            k->clear(slots + (size_t)i * k->size);
+    PyMem_Free(slots);
+    Py_DECREF(items);
+    return result;
+}
+
+/* -- stage: a source to a temp file next to its destination ---------------------------- */
+
+typedef struct {
+    int dir_fd;
+    const char *source, *tmp;
+    long long size, mtime_ns;
+    int code, error;
     struct stat before;
-} stage_result;
+} stage_item;
+
+static int
+stage_parse(PyObject *tuple, void *slot)
+{
+    stage_item *it = slot;
+    return PyArg_ParseTuple(tuple, "iyyLL;stage item", &it->dir_fd, &it->source, &it->tmp,
+                            &it->size, &it->mtime_ns);
+}
 
 /* One file, as BatchWriter._stage does for a regular file once its folder is open. */
 static void
-stage_one(const stage_item *it, int fsync_each, stage_result *out)
+stage_work(void *slot, int fsync_each)
 {
-    memset(out, 0, sizeof *out);
+    stage_item *it = slot;
     int src = open(it->source, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (src < 0) {
-        out->error = errno;
-        out->code = errno == ENOENT ? VANISHED : errno == ELOOP ? CHANGED : SOURCE_ERROR;
+        it->error = errno;
+        it->code = errno == ENOENT ? VANISHED : errno == ELOOP ? CHANGED : SOURCE_ERROR;
         return;
     }
-    if (fstat(src, &out->before) != 0) {
-        out->error = errno;
-        out->code = SOURCE_ERROR;
+    if (fstat(src, &it->before) != 0) {
+        it->error = errno;
+        it->code = SOURCE_ERROR;
         close(src);
         return;
     }
-    if (out->before.st_size != it->size || mtime_ns(&out->before) != it->mtime_ns) {
-        out->code = CHANGED;
+    if (it->before.st_size != it->size || mtime_ns(&it->before) != it->mtime_ns) {
+        it->code = CHANGED;
         close(src);
         return;
     }
     int dst = openat(it->dir_fd, it->tmp,
                      O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (dst < 0) {
-        out->error = errno;
-        out->code = WRITE_ERROR;
+        it->error = errno;
+        it->code = WRITE_ERROR;
         close(src);
         return;
     }
-    int error = copy_data(src, dst, out->before.st_size);
+    int error = copy_data(src, dst, it->before.st_size);
     /* Never set-user-ID or set-group-ID (_paths.copy_mode). */
-    if (!error && fchmod(dst, out->before.st_mode & 01777) != 0)
+    if (!error && fchmod(dst, it->before.st_mode & 01777) != 0)
         error = errno;
     if (!error) {
-        struct timespec times[2] = {out->before.st_atim, out->before.st_mtim};
+        struct timespec times[2] = {it->before.st_atim, it->before.st_mtim};
         if (futimens(dst, times) != 0)
             error = errno;
     }
@@ -140,191 +196,142 @@ stage_one(const stage_item *it, int fsync_each, stage_result *out)
     close(src);
     if (error) {
         unlinkat(it->dir_fd, it->tmp, 0);
-        out->error = error;
-        out->code = WRITE_ERROR;
+        it->error = error;
+        it->code = WRITE_ERROR;
         return;
     }
-    out->code = STAGED;
+    it->code = STAGED;
 }
+
+static PyObject *
+stage_build(void *slot)
+{
+    const stage_item *it = slot;
+    return Py_BuildValue("(iiKKLL)", it->code, it->error, (unsigned long long)it->before.st_ino,
+                         (unsigned long long)it->before.st_dev, (long long)it->before.st_size,
+                         mtime_ns(&it->before));
+}
+
+static const kind STAGE = {sizeof(stage_item), stage_parse, stage_work, stage_build, NULL};
 
 /* stage(items, fsync_each) -> [(code, errno, st_ino, st_dev, st_size, st_mtime_ns), ...]
  * items: [(dir_fd, source, tmp, size, mtime_ns), ...]; tmp is created in dir_fd. */
 static PyObject *
 fastcopy_stage(PyObject *self, PyObject *args)
 {
-    PyObject *list, *items;
+    PyObject *list;
     int fsync_each;
     if (!PyArg_ParseTuple(args, "O!p", &PyList_Type, &list, &fsync_each))
         return NULL;
-    /* A tuple of the items: the strings parsed below must outlive the call, even if another
-     * thread changed the caller's list while the GIL is released. */
-    if ((items = PyList_AsTuple(list)) == NULL)
-        return NULL;
-    Py_ssize_t n = PyTuple_GET_SIZE(items);
-    stage_item *in = PyMem_Calloc((size_t)(n ? n : 1), sizeof *in);
-    stage_result *out = PyMem_Calloc((size_t)(n ? n : 1), sizeof *out);
-    PyObject *result = NULL;
-    if (in == NULL || out == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyTuple_GET_ITEM(items, i);
-        if (!PyArg_ParseTuple(item, "iyyLL;stage item", &in[i].dir_fd, &in[i].source,
-                              &in[i].tmp, &in[i].size, &in[i].mtime_ns))
-            goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        stage_one(&in[i], fsync_each, &out[i]);
-    Py_END_ALLOW_THREADS
-    result = PyList_New(n);
-    if (result == NULL)
-        goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const struct stat *st = &out[i].before;
-        PyObject *row = Py_BuildValue("(iiKKLL)", out[i].code, out[i].error,
-                                      (unsigned long long)st->st_ino,
-                                      (unsigned long long)st->st_dev,
-                                      (long long)st->st_size, mtime_ns(st));
-        if (row == NULL) {
-            Py_CLEAR(result);
-            goto done;
-        }
-        PyList_SET_ITEM(result, i, row);
-    }
-done:
-    Py_DECREF(items);
-    PyMem_Free(in);
-    PyMem_Free(out);
-    return result;
+    return for_each(list, &STAGE, fsync_each);
 }
+
+/* -- commit: rename a temp file into place if its source is the one read --------------- */
 
 typedef struct {
     const char *source;
     int dir_fd;
-    const char *tmp;
-    const char *name;
+    const char *tmp, *name;
     unsigned long long ino, dev;
     long long size, mtime_ns;
+    int code, error;
 } commit_item;
 
-/* One file, as BatchWriter._commit does: rename only if the source is the one read. */
 static int
-commit_one(const commit_item *it, int *error)
+commit_parse(PyObject *tuple, void *slot)
 {
+    commit_item *it = slot;
+    return PyArg_ParseTuple(tuple, "yiyyKKLL;commit item", &it->source, &it->dir_fd, &it->tmp,
+                            &it->name, &it->ino, &it->dev, &it->size, &it->mtime_ns);
+}
+
+/* One file, as BatchWriter._commit does. */
+static void
+commit_work(void *slot, int unused)
+{
+    commit_item *it = slot;
     struct stat now;
-    *error = 0;
     if (lstat(it->source, &now) != 0) {
-        *error = errno;
-        return errno == ENOENT ? GONE : MOVED;
+        it->error = errno;
+        it->code = errno == ENOENT ? GONE : MOVED;
+        return;
     }
     if ((unsigned long long)now.st_ino != it->ino || (unsigned long long)now.st_dev != it->dev
-        || now.st_size != it->size || mtime_ns(&now) != it->mtime_ns)
-        return MOVED;
-    if (renameat(it->dir_fd, it->tmp, it->dir_fd, it->name) != 0) {
-        *error = errno;
-        return RENAME_ERROR;
+        || now.st_size != it->size || mtime_ns(&now) != it->mtime_ns) {
+        it->code = MOVED;
+        return;
     }
-    return RENAMED;
+    if (renameat(it->dir_fd, it->tmp, it->dir_fd, it->name) != 0) {
+        it->error = errno;
+        it->code = RENAME_ERROR;
+        return;
+    }
+    it->code = RENAMED;
 }
+
+static PyObject *
+commit_build(void *slot)
+{
+    const commit_item *it = slot;
+    return Py_BuildValue("(ii)", it->code, it->error);
+}
+
+static const kind COMMIT = {sizeof(commit_item), commit_parse, commit_work, commit_build, NULL};
 
 /* commit(items) -> [(code, errno), ...]
  * items: [(source, dir_fd, tmp, name, st_ino, st_dev, size, mtime_ns), ...] */
 static PyObject *
 fastcopy_commit(PyObject *self, PyObject *args)
 {
-    PyObject *list, *items;
+    PyObject *list;
     if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list))
         return NULL;
-    if ((items = PyList_AsTuple(list)) == NULL)  /* see fastcopy_stage */
-        return NULL;
-    Py_ssize_t n = PyTuple_GET_SIZE(items);
-    commit_item *in = PyMem_Calloc((size_t)(n ? n : 1), sizeof *in);
-    int *codes = PyMem_Calloc((size_t)(n ? n : 1), sizeof *codes);
-    int *errors = PyMem_Calloc((size_t)(n ? n : 1), sizeof *errors);
-    PyObject *result = NULL;
-    if (in == NULL || codes == NULL || errors == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyTuple_GET_ITEM(items, i);
-        if (!PyArg_ParseTuple(item, "yiyyKKLL;commit item", &in[i].source, &in[i].dir_fd,
-                              &in[i].tmp, &in[i].name, &in[i].ino, &in[i].dev, &in[i].size,
-                              &in[i].mtime_ns))
-            goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        codes[i] = commit_one(&in[i], &errors[i]);
-    Py_END_ALLOW_THREADS
-    result = PyList_New(n);
-    if (result == NULL)
-        goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *row = Py_BuildValue("(ii)", codes[i], errors[i]);
-        if (row == NULL) {
-            Py_CLEAR(result);
-            goto done;
-        }
-        PyList_SET_ITEM(result, i, row);
-    }
-done:
-    Py_DECREF(items);
-    PyMem_Free(in);
-    PyMem_Free(codes);
-    PyMem_Free(errors);
-    return result;
+    return for_each(list, &COMMIT, 0);
 }
+
+/* -- lstat_at: what a final file holds ------------------------------------------------- */
+
+typedef struct {
+    int dir_fd;
+    const char *name;
+    int error;
+    struct stat st;
+} lstat_item;
+
+static int
+lstat_parse(PyObject *tuple, void *slot)
+{
+    lstat_item *it = slot;
+    return PyArg_ParseTuple(tuple, "iy;lstat item", &it->dir_fd, &it->name);
+}
+
+static void
+lstat_work(void *slot, int unused)
+{
+    lstat_item *it = slot;
+    it->error = fstatat(it->dir_fd, it->name, &it->st, AT_SYMLINK_NOFOLLOW) == 0 ? 0 : errno;
+}
+
+static PyObject *
+lstat_build(void *slot)
+{
+    const lstat_item *it = slot;
+    return Py_BuildValue("(iLL)", it->error, (long long)it->st.st_size, mtime_ns(&it->st));
+}
+
+static const kind LSTAT = {sizeof(lstat_item), lstat_parse, lstat_work, lstat_build, NULL};
 
 /* lstat_at(items) -> [(errno, st_size, st_mtime_ns), ...]; items: [(dir_fd, name), ...] */
 static PyObject *
 fastcopy_lstat_at(PyObject *self, PyObject *args)
 {
-    PyObject *list, *items;
+    PyObject *list;
     if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list))
         return NULL;
-    if ((items = PyList_AsTuple(list)) == NULL)  /* see fastcopy_stage */
-        return NULL;
-    Py_ssize_t n = PyTuple_GET_SIZE(items);
-    int *fds = PyMem_Calloc((size_t)(n ? n : 1), sizeof *fds);
-    const char **names = PyMem_Calloc((size_t)(n ? n : 1), sizeof *names);
-    struct stat *st = PyMem_Calloc((size_t)(n ? n : 1), sizeof *st);
-    int *errors = PyMem_Calloc((size_t)(n ? n : 1), sizeof *errors);
-    PyObject *result = NULL;
-    if (fds == NULL || names == NULL || st == NULL || errors == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(items, i), "iy;lstat item", &fds[i], &names[i]))
-            goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        errors[i] = fstatat(fds[i], names[i], &st[i], AT_SYMLINK_NOFOLLOW) == 0 ? 0 : errno;
-    Py_END_ALLOW_THREADS
-    result = PyList_New(n);
-    if (result == NULL)
-        goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *row = Py_BuildValue("(iLL)", errors[i], (long long)st[i].st_size,
-                                      mtime_ns(&st[i]));
-        if (row == NULL) {
-            Py_CLEAR(result);
-            goto done;
-        }
-        PyList_SET_ITEM(result, i, row);
-    }
-done:
-    Py_DECREF(items);
-    PyMem_Free(fds);
-    PyMem_Free(names);
-    PyMem_Free(st);
-    PyMem_Free(errors);
-    return result;
+    return for_each(list, &LSTAT, 0);
 }
+
+/* -- read_small: a small source read whole for the SSH stream -------------------------- */
 
 /* read_small() codes */
 enum { READ = 0, READ_VANISHED = 1, READ_CHANGED = 2, READ_ERROR = 3 };
@@ -345,11 +352,19 @@ typedef struct {
     struct stat before;
 } read_item;
 
+static int
+read_parse(PyObject *tuple, void *slot)
+{
+    read_item *it = slot;
+    return PyArg_ParseTuple(tuple, "yLL;read item", &it->source, &it->size, &it->mtime_ns);
+}
+
 /* One small file, as _ssh_files._load and _check_unchanged do: read whole, then checked
  * unchanged by descriptor and by path. */
 static void
-read_one(read_item *it)
+read_work(void *slot, int unused)
 {
+    read_item *it = slot;
     int fd = open(it->source, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) {
         it->error = errno;
@@ -414,64 +429,41 @@ done:
     close(fd);
 }
 
+static PyObject *
+read_build(void *slot)
+{
+    const read_item *it = slot;
+    const struct stat *st = &it->before;
+    PyObject *data = it->code == READ
+        ? PyBytes_FromStringAndSize(it->data, (Py_ssize_t)it->length) : Py_NewRef(Py_None);
+    if (data == NULL)
+        return NULL;
+    long long atime = (long long)st->st_atim.tv_sec * 1000000000LL + st->st_atim.tv_nsec;
+    return Py_BuildValue("(iiNKKLiLL)", it->code, it->error, data,
+                         (unsigned long long)st->st_ino, (unsigned long long)st->st_dev,
+                         (long long)st->st_size, (int)st->st_mode, atime, mtime_ns(st));
+}
+
+static void
+read_clear(void *slot)
+{
+    read_item *it = slot;
+    free(it->data);
+    it->data = NULL;
+}
+
+static const kind READ_SMALL = {sizeof(read_item), read_parse, read_work, read_build,
+                                read_clear};
+
 /* read_small(items) -> [(code, errno, data or None, st_ino, st_dev, st_size, st_mode,
  *                        st_atime_ns, st_mtime_ns), ...]; items: [(source, size, mtime_ns)] */
 static PyObject *
 fastcopy_read_small(PyObject *self, PyObject *args)
 {
-    PyObject *list, *items;
+    PyObject *list;
     if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list))
         return NULL;
-    if ((items = PyList_AsTuple(list)) == NULL)  /* see fastcopy_stage */
-        return NULL;
-    Py_ssize_t n = PyTuple_GET_SIZE(items);
-    read_item *in = PyMem_Calloc((size_t)(n ? n : 1), sizeof *in);
-    PyObject *result = NULL;
-    if (in == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(items, i), "yLL;read item", &in[i].source,
-                              &in[i].size, &in[i].mtime_ns))
-            goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        read_one(&in[i]);
-    Py_END_ALLOW_THREADS
-    result = PyList_New(n);
-    if (result == NULL)
-        goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const struct stat *st = &in[i].before;
-        PyObject *data;
-        if (in[i].code == READ)
-            data = PyBytes_FromStringAndSize(in[i].data, (Py_ssize_t)in[i].length);
-        else
-            data = Py_NewRef(Py_None);
-        if (data == NULL) {
-            Py_CLEAR(result);
-            goto done;
-        }
-        long long atime = (long long)st->st_atim.tv_sec * 1000000000LL + st->st_atim.tv_nsec;
-        PyObject *row = Py_BuildValue("(iiNKKLiLL)", in[i].code, in[i].error, data,
-                                      (unsigned long long)st->st_ino,
-                                      (unsigned long long)st->st_dev, (long long)st->st_size,
-                                      (int)st->st_mode, atime, mtime_ns(st));
-        if (row == NULL) {
-            Py_CLEAR(result);
-            goto done;
-        }
-        PyList_SET_ITEM(result, i, row);
-    }
-done:
-    Py_DECREF(items);
-    if (in != NULL)
-        for (Py_ssize_t i = 0; i < n; i++)
-            free(in[i].data);
-    PyMem_Free(in);
-    return result;
+    return for_each(list, &READ_SMALL, 0);
 }
 
 static PyMethodDef methods[] = {
