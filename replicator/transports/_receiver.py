@@ -21,7 +21,7 @@ Frames from the client, each one byte of kind then a fixed header (network order
   S                                                            flush, rename, report
   P                                                            answer "pong" (round trip)
   Q                                                            quit
-Replies, one line each: the greeting ``replicator-receiver 1``, and for each ``S`` the line
+Replies, one line each: the greeting ``replicator-receiver 2``, and for each ``S`` the line
 ``flushing`` (all frames were read) then a JSON list of ``[seq, 0, size, mtime_ns, kind_ok]``
 (in place) or ``[seq, errno, what, strerror]``.
 
