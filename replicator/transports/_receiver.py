@@ -34,7 +34,7 @@ import os
 import stat
 import struct
 import sys
-from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 GREETING = b"replicator-receiver 2\n"
 FLUSHING = b"flushing\n"
@@ -153,39 +153,13 @@ class Receiver:
         self.current = (seq, dir_fd, tmp, name, fd)
         self.written = self.pushed = 0
 
-    def whole(self, seq: int, mode: int, mtime_ns: int, dest: bytes, tmp: bytes,
-              content: memoryview) -> None:
-        """A small file in one frame: ``begin``, ``data`` and ``end(commit=True)`` at once."""
-        reldir, name = self.split(dest, tmp)
-        dir_fd, fd, what = -1, -1, "mkdir"
-        try:
-            dir_fd = self.folder(reldir)
-            what = "write"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | getattr(os, "O_CLOEXEC", 0), mode & 0o1777, dir_fd=dir_fd)
-            view = content
-            while view:
-                view = view[os.write(fd, view):]
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
-            if self.syncfs is None:
-                os.fsync(fd)
-            st = os.fstat(fd)  # what the copy holds, reported once it is in place
-        except OSError as exc:
-            if fd >= 0:
-                os.close(fd)
-                self.unlink(dir_fd, tmp)
-            self.fail(seq, exc, what)
-            return
-        os.close(fd)
-        self.staged.append((seq, dir_fd, tmp, name, [st.st_size, st.st_mtime_ns, 1]))
-
     def wrote(self, fd: int, n: int) -> None:
         self.written += n
         if self.written - self.pushed >= WRITEBACK_EVERY and self.writeback is not None:
             self.writeback(fd, self.pushed, self.written - self.pushed)
             self.pushed = self.written
 
-    def data(self, chunk: bytes) -> None:
+    def data(self, chunk: Union[bytes, memoryview]) -> None:
         cur = self.current
         if cur is None:
             raise Refused("content outside a file")
@@ -399,11 +373,13 @@ def serve(root: bytes, inp: int, out: BinaryIO) -> None:
             if kind == b"W":
                 seq, mode, mtime_ns, dlen, tlen, n = WHOLE.unpack(stream.take(WHOLE.size))
                 names = bytes(stream.take(dlen + tlen))
+                receiver.begin(seq, mode, mtime_ns, names[:dlen], names[dlen:])
                 content = stream.take(n)
                 try:
-                    receiver.whole(seq, mode, mtime_ns, names[:dlen], names[dlen:], content)
+                    receiver.data(content)
                 finally:
                     content.release()  # the buffer cannot shrink while it is exported
+                receiver.end(True)
             elif kind == b"F":
                 seq, mode, mtime_ns, dlen, tlen = FILE.unpack(stream.take(FILE.size))
                 names = bytes(stream.take(dlen + tlen))
