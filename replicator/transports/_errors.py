@@ -27,3 +27,8 @@ def classify(exc: OSError) -> ErrorClass:
 def file_error(exc: OSError, what: str, path: bytes) -> FileError:
     reason = exc.strerror or str(exc)
     return FileError(f"{what} {os.fsdecode(path)!r}: {reason}", classify(exc))
+
+
+def os_error(code: int) -> OSError:
+    """The OSError of an errno reported without one (by the C accelerator)."""
+    return OSError(code, os.strerror(code))

@@ -23,7 +23,7 @@ from types import ModuleType
 from .._errors import FileError
 from .._inventory._types import Kind
 from ._base import Progress, PutRequest, PutResult, PutStatus
-from ._errors import file_error
+from ._errors import file_error, os_error
 from ._paths import confine, copy_mode
 
 _fastcopy: ModuleType | None
@@ -256,10 +256,6 @@ def _version(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
 
 
-def _os_error(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
-
-
 def rename_error(exc: OSError, dest: bytes) -> FileError:
     """What a failed rename of a temp file to ``dest`` means to the operator."""
     error = file_error(exc, "rename into", dest)
@@ -295,7 +291,7 @@ def _committed(item: _Staged, code: int, err: int) -> PutResult:
     if code == _MOVED:
         return PutResult(item.request, PutStatus.CHANGED)
     return PutResult(item.request, PutStatus.ERROR,
-                     error=rename_error(_os_error(err), item.request.dest))
+                     error=rename_error(os_error(err), item.request.dest))
 
 
 def _verified(result: PutResult, err: int, size: int, mtime_ns: int) -> PutResult:
@@ -303,7 +299,7 @@ def _verified(result: PutResult, err: int, size: int, mtime_ns: int) -> PutResul
     dest = result.request.dest
     if err:
         return PutResult(result.request, PutStatus.ERROR,
-                         error=file_error(_os_error(err), "verify", dest))
+                         error=file_error(os_error(err), "verify", dest))
     if size != result.size or mtime_ns != result.mtime_ns:
         return PutResult(result.request, PutStatus.ERROR, error=FileError(
             f"verification failed for {os.fsdecode(dest)!r}: size/mtime"
@@ -426,10 +422,10 @@ class BatchWriter:
                 done.append(PutResult(request, PutStatus.CHANGED))
             elif code == _SOURCE_ERROR:
                 done.append(PutResult(request, PutStatus.ERROR, error=file_error(
-                    _os_error(err), "read source", request.source)))
+                    os_error(err), "read source", request.source)))
             else:
                 done.append(PutResult(request, PutStatus.ERROR, error=file_error(
-                    _os_error(err), "write", request.dest)))
+                    os_error(err), "write", request.dest)))
         progress.add(copied, len(group))
 
     def _stage(

@@ -12,7 +12,7 @@ from typing import NamedTuple
 from .._errors import ErrorClass, FileError
 from .._inventory import Kind
 from ._base import PutRequest, PutResult, PutStatus, SourceReader, SourceStat
-from ._errors import file_error
+from ._errors import file_error, os_error
 from ._local_batch import accelerator, temp_name
 from ._paths import confine, copy_mode
 from ._ssh_stream import link_frame, whole_header
@@ -141,7 +141,7 @@ def _read_small(read: Callable[[list[tuple[bytes, int, int]]],
             src.result = PutResult(req, PutStatus.CHANGED)
         else:
             src.result = PutResult(req, PutStatus.ERROR, error=file_error(
-                OSError(err, os.strerror(err)), "read source", req.source))
+                os_error(err), "read source", req.source))
 
 
 def _check_unchanged(src: _Source) -> PutResult | None:
