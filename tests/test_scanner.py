@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from replicator import OriginConfig, _walk
 from replicator import _scanner as scanner_module
-from replicator._inventory import Inventory
+from replicator._inventory import Inventory, ScanDelta
 from replicator._scanner import Scanner, ScanResult
 
 pytestmark = pytest.mark.anyio
@@ -195,3 +195,26 @@ async def test_touch_dirs_reports_digests_that_changed(tmp_path: Path) -> None:
         assert await inventory.touch_dirs("raw", "inst", list(digests.items()), now) == []
         assert await inventory.touch_dirs(
             "raw", "inst", [(dirs[0], digests[dirs[0]]), (dirs[1], b"other")], now) == [dirs[1]]
+
+
+async def test_a_scan_feeding_copies_leaves_the_cores_to_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan that feeds copies (the engine's, with ``on_batch``) starts no helper process
+    while it finds new files, which are being copied meanwhile; it starts them once it finds
+    the tree unchanged."""
+    monkeypatch.setattr(scanner_module, "HELPERS_AFTER", 0)
+    monkeypatch.setattr(scanner_module, "TASK_ENTRIES", 40)
+    origin = tmp_path / "origin"
+    expected = build(origin)
+    helpers = Counting(monkeypatch)
+    batches: list[ScanDelta] = []
+    config = OriginConfig("raw", str(origin), host="inst", settle_seconds=60)
+    async with await Inventory.open(tmp_path / "inventory.db") as inventory:
+        first = await Scanner(config, inventory, ["r"], anyio.CapacityLimiter(2),
+                              batches.append).scan()
+        assert first.delta.new >= len(expected)
+        assert batches and helpers.tasks == 0
+        second = await Scanner(config, inventory, ["r"], anyio.CapacityLimiter(2),
+                               batches.append).scan()
+        assert second.delta.unchanged == first.delta.new
+        assert helpers.tasks > 0
