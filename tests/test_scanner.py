@@ -213,7 +213,8 @@ async def test_a_scan_feeding_copies_leaves_the_cores_to_them(
         first = await Scanner(config, inventory, ["r"], anyio.CapacityLimiter(2),
                               batches.append).scan()
         assert first.delta.new >= len(expected)
-        assert batches and helpers.tasks == 0
+        assert batches
+        assert helpers.tasks == 0
         second = await Scanner(config, inventory, ["r"], anyio.CapacityLimiter(2),
                                batches.append).scan()
         assert second.delta.unchanged == first.delta.new
