@@ -6,6 +6,8 @@
 
 A full queue only holds up its own replica's feeder. Outcomes are recorded in batches, and
 events are published after the record committed, so subscribers can trust the inventory.
+The new files a scan records are claimed in the same transaction for the feeders that have
+room for them (``ReplicaRunner.take``), instead of being read back by their next claim.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,7 +38,7 @@ from ._events import (
     TransferFailed,
     TransferStarted,
 )
-from ._inventory import Inventory, Outcome, OutcomeKind, Work
+from ._inventory import Inventory, NewFile, Outcome, OutcomeKind, ScanDelta, Work, join_path
 from ._layout import Layout
 from ._scanner import OriginUnavailableError, Scanner
 from ._together import together
@@ -142,6 +144,11 @@ class ReplicaRunner:
         # Set by place(): whether claims record destinations and check who owns them.
         self._record_dest = True
         self._check_owners = True
+        # New files a scan claimed for this replica as it recorded them (see ``take``), and
+        # those of them that cannot go to it, with the reason; the feeder hands both on.
+        self._taken: list[Work] = []
+        self._taken_refused: list[tuple[Work, str]] = []
+        self._serving = False
         self.wake = _Wake()
         self.inflight = 0
         self._idle = _Wake()
@@ -219,6 +226,31 @@ class ReplicaRunner:
                 await inventory.set_unrecorded_placement(self.name, placement)
             self._record_dest, self._check_owners = False, any_recorded
 
+    def can_take(self) -> bool:
+        """Whether the next scan batch may claim its new files for this replica as it
+        records them (``take``): only while the feeder runs and has room for them, and only
+        where claims need not record destinations (then a claim is the inventory's ``copying``
+        state alone, and the new files' rows need not be read back)."""
+        return (self._serving and not self._record_dest and not self._check_owners
+                and len(self._taken) < CLAIM_BATCH)
+
+    def take(self, origin: str, host: str, files: Sequence[NewFile]) -> None:
+        """Files a scan batch recorded and claimed for this replica (``copying``): queued
+        for the feeder ahead of the next claim."""
+        for file_id, folder, entry in files:
+            path = join_path(folder, entry.name)
+            try:
+                dest = self.destination(origin, host, path)
+            except ValueError as exc:
+                self._taken_refused.append((Work(
+                    self.name, file_id, origin, host, path, entry.kind, entry.size,
+                    entry.mtime_ns, entry.mode, entry.target, 0, b""), str(exc)))
+                continue
+            self._taken.append(Work(self.name, file_id, origin, host, path, entry.kind,
+                                    entry.size, entry.mtime_ns, entry.mode, entry.target, 0,
+                                    dest))
+        self.wake.set()
+
     async def run(self, once: bool) -> None:
         # The transport gets ready (an SSH session logs in) while the replica is checked
         # and while the first batches are claimed, not after: on a long link a login is
@@ -275,7 +307,7 @@ class ReplicaRunner:
         while not self.engine.stopping:
             scanned = self.engine.scans_done.is_set()  # before the query: no scan in between
             due = await inventory.next_due_time(self.name)
-            if due is not None and due <= time.time():
+            if self._taken or (due is not None and due <= time.time()):
                 break
             if scanned:
                 return
@@ -326,15 +358,28 @@ class ReplicaRunner:
                 tg.start_soon(self._worker, receive.clone())
             receive.close()
             async with send:
-                await self._feed(send, once)
+                self._serving = True
+                try:
+                    await self._feed(send, once)
+                finally:
+                    self._serving = False
 
     async def _feed(self, send: MemoryObjectSendStream[list[Work]], once: bool) -> None:
         engine = self.engine
         while not engine.stopping and self.unavailable is None:
-            claimed, refused = await engine.inventory.claim(
-                self.name, time.time(), CLAIM_BATCH, self.destination,
-                engine.started_at if once else None, self._record_dest, self._check_owners,
-            )
+            if self._taken_refused:
+                await self._refuse_taken()
+            claimed, self._taken = self._taken, []
+            refused: list[tuple[Work, str]] = []
+            if len(claimed) < CLAIM_BATCH:
+                # Due copies are claimed beside taken ones: a scan that keeps finding new
+                # files does not hold up older due copies.
+                more, refused = await engine.inventory.claim(
+                    self.name, time.time(), CLAIM_BATCH - len(claimed), self.destination,
+                    engine.started_at if once else None, self._record_dest,
+                    self._check_owners,
+                )
+                claimed += more
             for work, reason in refused:
                 engine.state.failed += 1
                 engine.state.file_errors += 1
@@ -349,8 +394,8 @@ class ReplicaRunner:
                 for batch in self._batches(claimed):
                     await send.send(batch)
                 continue
-            if refused:
-                continue
+            if refused or self._taken or self._taken_refused:
+                continue  # taken while claiming: no scan batch is left behind
             if not once:
                 due = await engine.inventory.next_due_time(self.name)
                 timeout = IDLE_POLL if due is None else min(IDLE_POLL, due - time.time())
@@ -368,6 +413,17 @@ class ReplicaRunner:
             if due is None:
                 return
             await engine.sleep(due - time.time())
+
+    async def _refuse_taken(self) -> None:
+        """Fail, through the recorder, the taken files that cannot go to this replica."""
+        out = _Outcomes(self)
+        for work, reason in self._taken_refused:
+            out.add(work, Outcome(self.name, work.file_id, OutcomeKind.ERROR,
+                                  error_class=str(ErrorClass.PERMANENT), error=reason,
+                                  next_attempt=time.time(), final=True))
+        self._taken_refused = []
+        self.inflight += len(out)
+        await self.engine.emit(out)
 
     def _batches(self, claimed: list[Work]) -> list[list[Work]]:
         # Work is spread over the workers, but a little of it is not split: each batch costs
@@ -527,6 +583,26 @@ class ReplicaRunner:
                 return
 
 
+class _Feed:
+    """The engine's side of one origin's scans (``ScanFeed``): new files go straight to the
+    runners that can take them; the others are woken to claim."""
+
+    def __init__(self, engine: Engine, origin: OriginConfig, replicas: Sequence[str]) -> None:
+        self._runners = [r for r in engine._runners if r.name in replicas]
+        self._origin = origin
+
+    def takers(self) -> list[str]:
+        return [r.name for r in self._runners if r.can_take()]
+
+    def recorded(self, delta: ScanDelta, takers: Collection[str],
+                 claimed: Sequence[NewFile]) -> None:
+        for runner in self._runners:
+            if claimed and runner.name in takers:
+                runner.take(self._origin.name, self._origin.host, claimed)
+            else:
+                runner.wake.set()
+
+
 class Engine:
     """One run of the engine over an open inventory; owns every long-lived task."""
 
@@ -649,8 +725,8 @@ class Engine:
     async def _scan_loop(self, origin: OriginConfig, once: bool) -> None:
         replicas = [r.name for r in self.config.replicas
                     if origin in self.config.origins_for(r)]
-        scanner = Scanner(origin, self.inventory, replicas, self.limiter, self._woken,
-                          self.sources.get(origin.name))
+        scanner = Scanner(origin, self.inventory, replicas, self.limiter,
+                          _Feed(self, origin, replicas), self.sources.get(origin.name))
         while not self.stopping:
             try:
                 result = await scanner.scan()
@@ -665,10 +741,6 @@ class Engine:
             if once:
                 return
             await self.sleep(origin.scan_interval)
-
-    def _woken(self, _delta: object) -> None:
-        for runner in self._runners:
-            runner.wake.set()
 
     async def _recorder(self, receive: MemoryObjectReceiveStream[_Outcomes]) -> None:
         async with receive:

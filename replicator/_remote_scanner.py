@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ from ._inventory import DirListing, Entry, Inventory, Kind, ScanDelta
 from .transports._ssh_source import FOLDERS_IN_FLIGHT, RemoteEntry, SshSource
 
 if TYPE_CHECKING:
-    from ._scanner import ScanResult
+    from ._scanner import ScanFeed, ScanResult
 
 log = structlog.get_logger("replicator.scanner")
 
@@ -192,7 +192,7 @@ async def scan_remote(
     origin: OriginConfig,
     inventory: Inventory,
     replicas: Sequence[str],
-    on_batch: Callable[[ScanDelta], None] | None,
+    feed: ScanFeed | None,
     source: SshSource | None,
 ) -> ScanResult:
     """Scan an ssh:// origin into the inventory (``Scanner.scan`` for remote origins).
@@ -200,7 +200,7 @@ async def scan_remote(
     OriginUnavailableError when the host or the root cannot be reached: nothing is marked
     deleted. Cancellation stops between batches.
     """
-    from ._scanner import ScanResult
+    from ._scanner import ScanResult, record_batch
 
     started = time.monotonic()
     now = time.time()
@@ -211,11 +211,7 @@ async def scan_remote(
     try:
         async with aclosing(walker.batches()) as batches:
             async for listings in batches:
-                batch = await inventory.apply_listings(origin.name, origin.host, replicas,
-                                                       listings, now)
-                delta += batch
-                if on_batch is not None and (batch.new or batch.changed):
-                    on_batch(batch)
+                delta += await record_batch(inventory, origin, replicas, listings, now, feed)
     finally:
         if own:
             await source.aclose()

@@ -16,10 +16,10 @@ import stat
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import structlog
@@ -30,7 +30,7 @@ from . import _walk
 from ._config import OriginConfig
 from ._errors import OriginUnavailableError as OriginUnavailableError
 from ._globs import GlobSet
-from ._inventory import DirListing, Entry, Inventory, Kind, ScanDelta
+from ._inventory import DirListing, Entry, Inventory, Kind, NewFile, ScanDelta
 
 if TYPE_CHECKING:
     from .transports._ssh_source import SshSource
@@ -60,6 +60,32 @@ class ScanResult:
     delta: ScanDelta
     seconds: float
     unreadable: tuple[bytes, ...] = ()
+
+
+class ScanFeed(Protocol):
+    """The engine's side of a scan that feeds copies."""
+
+    def takers(self) -> Collection[str]:
+        """Replicas that claim the new files of the next batch as it is recorded."""
+        ...
+
+    def recorded(self, delta: ScanDelta, takers: Collection[str],
+                 claimed: Sequence[NewFile]) -> None:
+        """A batch with new or changed files was recorded; ``claimed``: its new files, claimed
+        for ``takers`` (empty when nothing was claimed)."""
+        ...
+
+
+async def record_batch(inventory: Inventory, origin: OriginConfig, replicas: Sequence[str],
+                       listings: Sequence[DirListing], now: float,
+                       feed: ScanFeed | None) -> ScanDelta:
+    """Record a batch of listings, tell ``feed``; the batch's delta."""
+    takers = feed.takers() if feed is not None else ()
+    delta, claimed = await inventory.apply_listings(origin.name, origin.host, replicas,
+                                                    listings, now, takers)
+    if feed is not None and (delta.new or delta.changed):
+        feed.recorded(delta, takers, claimed)
+    return delta
 
 
 def helper_count() -> int:
@@ -193,7 +219,7 @@ class Scanner:
         inventory: Inventory,
         replicas: Sequence[str],
         limiter: anyio.CapacityLimiter,
-        on_batch: Callable[[ScanDelta], None] | None = None,
+        feed: ScanFeed | None = None,
         source: SshSource | None = None,
     ) -> None:
         # ``source``: an ssh:// origin's open reader to list through (pull mode); without
@@ -203,14 +229,14 @@ class Scanner:
         self._inventory = inventory
         self._replicas = tuple(replicas)
         self._limiter = limiter
-        self._on_batch = on_batch
+        self._feed = feed
 
     async def scan(self) -> ScanResult:
         if self.origin.remote:
             from ._remote_scanner import scan_remote  # asyncssh only when an origin needs it
 
             return await scan_remote(self.origin, self._inventory, self._replicas,
-                                     self._on_batch, self._source)
+                                     self._feed, self._source)
         started = time.monotonic()
         now = time.time()
         root = os.fsencode(self.origin.path)
@@ -298,7 +324,7 @@ class Scanner:
                 await helper.aclose()
 
         def copies_busy() -> bool:
-            return self._on_batch is not None \
+            return self._feed is not None \
                 and walk.changed > HELPERS_MAX_CHANGED * walk.entries
 
         started_helpers: list[bool] = []
@@ -314,11 +340,8 @@ class Scanner:
                     delta += ScanDelta(unchanged=unchanged)
                     if not listings:
                         continue
-                    batch = await inventory.apply_listings(origin, host, self._replicas,
-                                                           listings, now)
-                    delta += batch
-                    if self._on_batch is not None and (batch.new or batch.changed):
-                        self._on_batch(batch)
+                    delta += await record_batch(inventory, self.origin, self._replicas,
+                                                listings, now, self._feed)
         deleted = await self._inventory.mark_missing_dirs(
             self.origin.name, self.origin.host, walk.visited, now, walk.unreadable
         )

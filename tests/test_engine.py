@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -27,8 +28,11 @@ from replicator import (
     Replicator,
     ScanFinished,
     TransferCompleted,
+    TransferFailed,
 )
-from replicator._inventory import Inventory
+from replicator._engine import ReplicaRunner
+from replicator._inventory import Inventory, NewFile
+from replicator._scanner import Scanner
 from replicator.transports import LocalTransport, Progress, PutRequest, PutResult
 
 pytestmark = pytest.mark.anyio
@@ -415,6 +419,126 @@ async def test_continuous_mode_copies_new_files_and_stops(tmp_path: Path) -> Non
                             break
             rep.stop()
     assert replica_path(r1, origin / "second.dat").read_bytes() == b"2"
+
+
+class Intake:
+    """Which files reached a replica's feeder straight from a scan (``ReplicaRunner.take``)
+    and which through ``Inventory.claim``; the real methods do the work."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse: bytes = b"") -> None:
+        self.taken: list[bytes] = []
+        self.claimed: list[bytes] = []
+        take, claim = ReplicaRunner.take, Inventory.claim
+        destination = ReplicaRunner.destination
+
+        def spy_take(runner: ReplicaRunner, origin: str, host: str,
+                     files: Sequence[NewFile]) -> None:
+            self.taken += [f.entry.name for f in files]
+            take(runner, origin, host, files)
+
+        async def spy_claim(inventory: Inventory, *args: Any, **kwargs: Any) -> Any:
+            claimed, refused = await claim(inventory, *args, **kwargs)
+            self.claimed += [os.path.basename(w.path) for w in claimed]
+            return claimed, refused
+
+        def refusing(runner: ReplicaRunner, origin: str, host: str, path: bytes) -> bytes:
+            if refuse and path.endswith(refuse):
+                raise ValueError("refused by the test")
+            return destination(runner, origin, host, path)
+
+        monkeypatch.setattr(ReplicaRunner, "take", spy_take)
+        monkeypatch.setattr(Inventory, "claim", spy_claim)
+        monkeypatch.setattr(ReplicaRunner, "destination", refusing)
+
+
+async def _continuous_until(rep: Replicator, origin: Path, names: list[str],
+                            settled: int) -> None:
+    """Run ``rep`` continuously: once ``first.dat`` is copied, write ``names``; stop once
+    ``settled`` of them got a final outcome."""
+    async with rep.subscribe(1024) as events, anyio.create_task_group() as tg:
+        tg.start_soon(rep.run)
+        done: set[bytes] = set()
+        with anyio.fail_after(30):
+            async for event in events:
+                if isinstance(event, TransferCompleted | TransferFailed):
+                    name = os.path.basename(event.path)
+                    if name == b"first.dat":
+                        for i, new in enumerate(names):
+                            write(origin / f"n{i % 3}" / new, new.encode())
+                    else:
+                        done.add(name)
+                        if len(done) == settled:
+                            break
+        rep.stop()
+
+
+async def test_new_files_go_from_the_scan_to_the_feeder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a replica's feeder runs, the new files a scan records are claimed for it in the
+    same transaction and handed over: no claim reads them back."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "first.dat", b"1")
+    intake = Intake(monkeypatch)
+    names = [f"new{i:02d}.dat" for i in range(30)]
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        await _continuous_until(rep, origin, names, len(names))
+    assert sorted(intake.taken) == sorted(n.encode() for n in names)
+    assert not set(intake.claimed) & set(intake.taken)
+    for i, name in enumerate(names):
+        assert replica_path(r1, origin / f"n{i % 3}" / name).read_bytes() == name.encode()
+    with closing(sqlite3.connect(tmp_path / "inventory.db")) as conn:
+        states = dict(conn.execute("SELECT state, COUNT(*) FROM copies GROUP BY state"))
+    assert states == {"replicated": len(names) + 1}
+
+
+async def test_a_taken_file_that_cannot_go_to_the_replica_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "first.dat", b"1")
+    intake = Intake(monkeypatch, refuse=b"new01.dat")
+    names = ["new00.dat", "new01.dat", "new02.dat"]
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        await _continuous_until(rep, origin, names, len(names))
+        failed = await rep.inventory.failed()
+    assert b"new01.dat" in intake.taken
+    assert [(os.path.basename(f.path), f.state, f.error) for f in failed] == [
+        (b"new01.dat", "failed", "refused by the test")]
+    assert not replica_path(r1, origin / "n1" / "new01.dat").exists()
+    assert replica_path(r1, origin / "n2" / "new02.dat").read_bytes() == b"new02.dat"
+
+
+async def test_files_taken_while_the_feeder_claims_are_not_left_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-shot run: the scan's batches are recorded, and the scan ends, while the feeder
+    waits for a claim that finds nothing; the files handed over meanwhile are still copied."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    files = [write(origin / f"d{i % 4}" / f"f{i}.dat", b"x" * i) for i in range(40)]
+    intake = Intake(monkeypatch)
+    claiming = anyio.Event()
+    claim, scan = Inventory.claim, Scanner.scan
+
+    async def slow_claim(inventory: Inventory, replica: str, now: float, limit: int,
+                         destination: Any, *args: Any) -> Any:
+        claiming.set()
+        claimed, refused = await claim(inventory, replica, now, limit, destination, *args)
+        if not claimed:
+            with anyio.fail_after(10):
+                await destination.__self__.engine.scans_done.wait()
+        return claimed, refused
+
+    async def scan_once_claiming(scanner: Scanner) -> Any:
+        await claiming.wait()
+        return await scan(scanner)
+
+    monkeypatch.setattr(Inventory, "claim", slow_claim)
+    monkeypatch.setattr(Scanner, "scan", scan_once_claiming)
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        summary = await rep.sync_once()
+    assert (summary.copied, summary.pending) == (len(files), 0)
+    assert len(intake.taken) == len(files)
 
 
 async def test_cancelling_a_run_leaves_the_inventory_consistent(tmp_path: Path) -> None:

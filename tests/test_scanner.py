@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Collection, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from structlog.testing import capture_logs
 
 from replicator import OriginConfig, _walk
 from replicator import _scanner as scanner_module
-from replicator._inventory import Inventory, ScanDelta
+from replicator._inventory import Inventory, NewFile, ScanDelta
 from replicator._scanner import Scanner, ScanResult
 
 pytestmark = pytest.mark.anyio
@@ -197,6 +198,25 @@ async def test_touch_dirs_reports_digests_that_changed(tmp_path: Path) -> None:
             "raw", "inst", [(dirs[0], digests[dirs[0]]), (dirs[1], b"other")], now) == [dirs[1]]
 
 
+class Feed:
+    """A ``ScanFeed`` that notes what it is told, and has the new files claimed for the
+    replicas in ``takes``."""
+
+    def __init__(self, takes: tuple[str, ...] = ()) -> None:
+        self.takes = takes
+        self.batches: list[ScanDelta] = []
+        self.claimed: list[tuple[tuple[str, ...], list[NewFile]]] = []
+
+    def takers(self) -> Collection[str]:
+        return self.takes
+
+    def recorded(self, delta: ScanDelta, takers: Collection[str],
+                 claimed: Sequence[NewFile]) -> None:
+        self.batches.append(delta)
+        if claimed:
+            self.claimed.append((tuple(takers), list(claimed)))
+
+
 async def test_a_scan_feeding_copies_leaves_the_cores_to_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A scan that feeds copies (the engine's, with ``on_batch``) starts no helper process
@@ -207,15 +227,38 @@ async def test_a_scan_feeding_copies_leaves_the_cores_to_them(
     origin = tmp_path / "origin"
     expected = build(origin)
     helpers = Counting(monkeypatch)
-    batches: list[ScanDelta] = []
+    feed = Feed()
     config = OriginConfig("raw", str(origin), host="inst", settle_seconds=60)
     async with await Inventory.open(tmp_path / "inventory.db") as inventory:
-        first = await Scanner(config, inventory, ["r"], anyio.CapacityLimiter(2),
-                              batches.append).scan()
+        first = await Scanner(config, inventory, ["r"], anyio.CapacityLimiter(2), feed).scan()
         assert first.delta.new >= len(expected)
-        assert batches
+        assert feed.batches
         assert helpers.tasks == 0
-        second = await Scanner(config, inventory, ["r"], anyio.CapacityLimiter(2),
-                               batches.append).scan()
+        second = await Scanner(config, inventory, ["r"], anyio.CapacityLimiter(2), feed).scan()
         assert second.delta.unchanged == first.delta.new
         assert helpers.tasks > 0
+
+
+async def test_new_files_are_claimed_for_the_replicas_that_take_them(tmp_path: Path) -> None:
+    """A batch's new files are claimed (``copying``) for the replicas the feed names and
+    returned with their ids; the other replicas' copies are pending; known files are not."""
+    origin = tmp_path / "origin"
+    expected = build(origin)
+    feed = Feed(takes=("a",))
+    config = OriginConfig("raw", str(origin), host="inst", settle_seconds=60)
+    db = tmp_path / "inventory.db"
+    async with await Inventory.open(db) as inventory:
+        scanner = Scanner(config, inventory, ["a", "b"], anyio.CapacityLimiter(2), feed)
+        first = await scanner.scan()
+        write(origin / "later" / "new.dat", b"new")
+        await scanner.scan()
+    with closing(sqlite3.connect(db)) as conn:
+        rows = {i: os.path.join(d, n)
+                for i, d, n in conn.execute("SELECT id, dir, name FROM files")}
+        states = set(conn.execute("SELECT replica, state, COUNT(*) FROM copies GROUP BY 1, 2"))
+    assert states == {("a", "copying", len(rows)), ("b", "pending", len(rows))}
+    claimed = [f for takers, files in feed.claimed for f in files]
+    assert {takers for takers, _ in feed.claimed} == {("a",)}
+    assert len(claimed) == len(rows) == first.delta.new + 1 >= len(expected)
+    assert {f.file_id: os.path.join(f.dir, f.entry.name) for f in claimed} == rows
+    assert claimed[-1].entry.name == b"new.dat"

@@ -7,12 +7,14 @@ from ._types import (
     Entry,
     FailedCopy,
     Kind,
+    NewFile,
     OriginStats,
     Outcome,
     OutcomeKind,
     ReplicaStats,
     ScanDelta,
     Work,
+    join_path,
 )
 
 __all__ = [
@@ -22,10 +24,12 @@ __all__ = [
     "FailedCopy",
     "Inventory",
     "Kind",
+    "NewFile",
     "OriginStats",
     "Outcome",
     "OutcomeKind",
     "ReplicaStats",
     "ScanDelta",
     "Work",
+    "join_path",
 ]

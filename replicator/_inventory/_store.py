@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -23,8 +23,10 @@ from ._schema import migrate
 from ._types import (
     CopyState,
     DirListing,
+    Entry,
     FailedCopy,
     Kind,
+    NewFile,
     OriginStats,
     Outcome,
     OutcomeKind,
@@ -238,15 +240,21 @@ class Inventory:
         replicas: Sequence[str],
         listings: Sequence[DirListing],
         now: float,
-    ) -> ScanDelta:
+        claim_for: Collection[str] = (),
+    ) -> tuple[ScanDelta, list[NewFile]]:
         """Diff a batch of folder listings against the inventory and record the changes.
 
         Only the rows of these folders are loaded, so memory follows the batch, not the
         inventory. New files get a pending copy on each replica; changed files make their
         copies pending again (an in-flight copy is settled when its result arrives).
+
+        ``claim_for``: replicas whose copies of the new files are claimed (``copying``) as
+        they are recorded, the new files returned, so that the engine need not read them
+        back with ``claim``. Only for replicas whose claims record no destination. The list
+        is empty when nothing was claimed.
         """
         if not listings:
-            return ScanDelta()
+            return ScanDelta(), []
         recorded = await self.fingerprints(
             origin, host, [lst.dir for lst in listings if lst.fingerprint])
         same = [lst for lst in listings
@@ -261,7 +269,7 @@ class Inventory:
                 )
         skipped = sum(len(lst.entries) for lst in same)
         if not listings:
-            return ScanDelta(unchanged=skipped)
+            return ScanDelta(unchanged=skipped), []
         dirs = [listing.dir for listing in listings]
         known: dict[bytes, dict[bytes, tuple[int, int, int, int, int, float | None]]] = {
             d: {} for d in dirs
@@ -277,6 +285,7 @@ class Inventory:
                 known[d][n] = (file_id, kind, size, mtime_ns, mode, deleted)
 
         inserts: list[tuple[Any, ...]] = []
+        inserted: list[tuple[bytes, Entry]] = []
         updates: list[tuple[Any, ...]] = []
         seen_ids: list[int] = []
         gone_ids: list[int] = []
@@ -292,6 +301,7 @@ class Inventory:
                         (origin, host, listing.dir, entry.name, int(entry.kind), entry.size,
                          entry.mtime_ns, entry.mode, entry.target, now, now)
                     )
+                    inserted.append((listing.dir, entry))
                     continue
                 file_id, kind, size, mtime_ns, mode, deleted = row
                 if (
@@ -312,24 +322,28 @@ class Inventory:
                 gone_ids += [row[0] for n, row in in_dir.items()
                              if n not in present and row[5] is None]
 
+        claimed: list[NewFile] = []
         async with self._write() as db:
             if inserts:
+                first = await self._next_file_id(db)
                 await db.executemany(
                     "INSERT INTO files (origin, host, dir, name, kind, size, mtime_ns, mode,"
                     " target, first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     inserts,
                 )
-                # A statement per folder, not per file: the files just inserted are those of
-                # the folder first seen at ``now`` (a file seen at ``now`` in an earlier batch
-                # of this scan already has its copies: ignored).
-                new_dirs = list(dict.fromkeys(row[2] for row in inserts))
+                # This transaction alone writes: the rows from ``first`` on are these inserts,
+                # in order unless SQLite ran out of ids at the top and picked free ones.
+                in_order = await self._next_file_id(db) == first + len(inserts)
                 for replica in replicas:
-                    await db.executemany(
+                    state = "copying" if in_order and replica in claim_for else "pending"
+                    await db.execute(
                         "INSERT OR IGNORE INTO copies (replica, file_id, state, src_mtime_ns)"
-                        " SELECT ?, id, 'pending', mtime_ns FROM files WHERE origin = ?"
-                        " AND host = ? AND dir = ? AND first_seen = ? AND deleted IS NULL",
-                        [(replica, origin, host, d, now) for d in new_dirs],
+                        " SELECT ?, id, ?, mtime_ns FROM files WHERE id >= ?",
+                        (replica, state, first),
                     )
+                if in_order and any(replica in claim_for for replica in replicas):
+                    claimed = [NewFile(first + i, folder, entry)
+                               for i, (folder, entry) in enumerate(inserted)]
             if updates:
                 await db.executemany(
                     "UPDATE files SET kind = ?, size = ?, mtime_ns = ?, mode = ?, target = ?,"
@@ -351,7 +365,15 @@ class Inventory:
                 " fingerprint = excluded.fingerprint, last_seen = excluded.last_seen",
                 [(origin, host, lst.dir, lst.fingerprint, now) for lst in listings],
             )
-        return ScanDelta(len(inserts), len(updates), len(gone_ids), unchanged + skipped)
+        return ScanDelta(len(inserts), len(updates), len(gone_ids), unchanged + skipped), claimed
+
+    @staticmethod
+    async def _next_file_id(db: aiosqlite.Connection) -> int:
+        """The id the next file inserted gets (SQLite's choice while ids are left above)."""
+        async with db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM files") as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
 
     async def _reopen_copies(
         self, db: aiosqlite.Connection, file_ids: Sequence[int], replicas: Sequence[str]

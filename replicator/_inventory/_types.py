@@ -69,6 +69,14 @@ class ScanDelta:
         )
 
 
+class NewFile(NamedTuple):
+    """A file a scan batch recorded for the first time, with its id in the inventory."""
+
+    file_id: int
+    dir: bytes
+    entry: Entry
+
+
 class Work(NamedTuple):
     """One file due on one replica, claimed by the engine (state ``copying``)."""
 
