@@ -307,7 +307,8 @@ class ReplicaRunner:
         while not self.engine.stopping:
             scanned = self.engine.scans_done.is_set()  # before the query: no scan in between
             due = await inventory.next_due_time(self.name)
-            if self._taken or (due is not None and due <= time.time()):
+            # Taken files may already be claimed by the feeder (in flight) when this looks.
+            if self._taken or self.inflight or (due is not None and due <= time.time()):
                 break
             if scanned:
                 return

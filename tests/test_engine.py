@@ -31,7 +31,7 @@ from replicator import (
     TransferFailed,
 )
 from replicator._engine import ReplicaRunner
-from replicator._inventory import Inventory, NewFile
+from replicator._inventory import Inventory, NewFile, Work
 from replicator._scanner import Scanner
 from replicator.transports import LocalTransport, Progress, PutRequest, PutResult
 
@@ -539,6 +539,70 @@ async def test_files_taken_while_the_feeder_claims_are_not_left_behind(
         summary = await rep.sync_once()
     assert (summary.copied, summary.pending) == (len(files), 0)
     assert len(intake.taken) == len(files)
+
+
+async def test_taken_files_prepare_the_replica(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica is prepared (its copy helper started, its SSH sessions) once it has work,
+    also when that work was taken from the scan and is already in flight, so that no copy
+    is due in the inventory when the preparing task looks."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    for i in range(40):
+        write(origin / f"d{i % 4}" / f"f{i}.dat", b"x" * i)
+    prepared: list[str] = []
+    claiming = anyio.Event()
+    claim, scan = Inventory.claim, Scanner.scan
+    next_due_time, prepare = Inventory.next_due_time, LocalTransport.prepare
+    put, batches = LocalTransport.put, ReplicaRunner._batches
+    in_flight, was_prepared = anyio.Event(), anyio.Event()
+
+    async def claim_then_wait_for_the_scan(inventory: Inventory, replica: str, now: float,
+                                           limit: int, destination: Any, *args: Any) -> Any:
+        claiming.set()
+        claimed, refused = await claim(inventory, replica, now, limit, destination, *args)
+        if not claimed:
+            with anyio.fail_after(10):
+                await destination.__self__.engine.scans_done.wait()
+        return claimed, refused
+
+    async def scan_once_claiming(scanner: Scanner) -> Any:
+        await claiming.wait()
+        return await scan(scanner)
+
+    def batches_in_flight(runner: ReplicaRunner, claimed: list[Work]) -> list[list[Work]]:
+        in_flight.set()  # the feeder counted them in flight and took the taken ones over
+        return batches(runner, claimed)
+
+    async def once_in_flight(inventory: Inventory, replica: str) -> float | None:
+        """The query answers once the taken files are in flight (none is due then)."""
+        due = await next_due_time(inventory, replica)
+        with anyio.fail_after(10):
+            await in_flight.wait()
+        return due
+
+    async def noting_prepare(transport: LocalTransport) -> None:
+        prepared.append(os.fsdecode(transport.root))
+        was_prepared.set()
+        await prepare(transport)
+
+    async def put_once_prepared(transport: LocalTransport, *args: Any) -> Any:
+        """Copies stay in flight until the replica is prepared (or 3 s have passed)."""
+        with anyio.move_on_after(3):
+            await was_prepared.wait()
+        return await put(transport, *args)
+
+    monkeypatch.setattr(Inventory, "claim", claim_then_wait_for_the_scan)
+    monkeypatch.setattr(Scanner, "scan", scan_once_claiming)
+    monkeypatch.setattr(Inventory, "next_due_time", once_in_flight)
+    monkeypatch.setattr(LocalTransport, "prepare", noting_prepare)
+    monkeypatch.setattr(LocalTransport, "put", put_once_prepared)
+    monkeypatch.setattr(ReplicaRunner, "_batches", batches_in_flight)
+    intake = Intake(monkeypatch)
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        assert (await rep.sync_once()).copied == 40
+    assert len(intake.taken) == 40
+    assert prepared == [str(r1)]
 
 
 async def test_cancelling_a_run_leaves_the_inventory_consistent(tmp_path: Path) -> None:
