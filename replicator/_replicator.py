@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -86,7 +85,7 @@ class Replicator:
         self._lock = EngineLock(config.inventory)
         self._engine: Engine | None = None
         self._stop_requested = False
-        self.run_id = f"{os.getpid():x}x{secrets.token_hex(3)}"
+        self.run_id = f"{os.getpid():x}x{os.urandom(3).hex()}"
 
     async def __aenter__(self) -> Self:
         self._lock.acquire()

@@ -18,7 +18,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -105,7 +104,8 @@ class _Helper:
 
     @classmethod
     async def start(cls, config: tuple[Any, ...]) -> _Helper:
-        source = resources.files(__package__).joinpath("_walk.py").read_text("utf-8")
+        # Read beside this module: importlib.resources would cost every start its imports.
+        source = await anyio.Path(__file__).with_name("_walk.py").read_text("utf-8")
         # -I -S: nothing from the environment or site-packages; the script needs only the
         # standard library. The file system encoding must be the parent's, for the globs.
         argv = [sys.executable, "-I", "-S", "-X", f"utf8={sys.flags.utf8_mode}", "-c", source]

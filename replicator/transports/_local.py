@@ -8,7 +8,6 @@ a small file.
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
@@ -101,7 +100,7 @@ class LocalTransport:
         except OSError as exc:
             raise ReplicaUnavailableError(f"replica root {root!r}: {exc.strerror}") from None
         try:
-            name = b".~rep-probe-" + secrets.token_hex(4).encode()
+            name = b".~rep-probe-" + os.urandom(4).hex().encode()
             wfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                           dir_fd=fd)
             os.close(wfd)

@@ -14,7 +14,6 @@ import functools
 import itertools
 import os
 import re
-import secrets
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
@@ -44,7 +43,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # A temp name: ".~rep-<run id>-<unique>.tmp", so a later run can tell whose it is.
 TEMP_RE = re.compile(rb"^\.~rep-([0-9a-zx]+)-[0-9a-f]+\.tmp$")
 # Unique per process without a getrandom call per file: a random prefix and a counter.
-_TEMP_PREFIX = secrets.token_hex(4)
+_TEMP_PREFIX = os.urandom(4).hex()  # secrets.token_hex, without importing hashlib
 _temp_counter = itertools.count()
 
 
