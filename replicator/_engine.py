@@ -149,6 +149,7 @@ class ReplicaRunner:
         self._taken: list[Work] = []
         self._taken_refused: list[tuple[Work, str]] = []
         self._serving = False
+        self._drained = False  # the last claim took every due copy: none is older than new
         self.wake = _Wake()
         self.inflight = 0
         self._idle = _Wake()
@@ -228,11 +229,12 @@ class ReplicaRunner:
 
     def can_take(self) -> bool:
         """Whether the next scan batch may claim its new files for this replica as it
-        records them (``take``): only while the feeder runs and has room for them, and only
-        where claims need not record destinations (then a claim is the inventory's ``copying``
-        state alone, and the new files' rows need not be read back)."""
-        return (self._serving and not self._record_dest and not self._check_owners
-                and len(self._taken) < CLAIM_BATCH)
+        records them (``take``): only while the feeder runs, has room for them and has
+        claimed every due copy (older copies go first), and only where claims need not
+        record destinations (then a claim is the inventory's ``copying`` state alone, and
+        the new files' rows need not be read back)."""
+        return (self._serving and self._drained and not self._record_dest
+                and not self._check_owners and len(self._taken) < CLAIM_BATCH)
 
     def take(self, origin: str, host: str, files: Sequence[NewFile]) -> None:
         """Files a scan batch recorded and claimed for this replica (``copying``): queued
@@ -363,7 +365,7 @@ class ReplicaRunner:
                 try:
                     await self._feed(send, once)
                 finally:
-                    self._serving = False
+                    self._serving = self._drained = False
 
     async def _feed(self, send: MemoryObjectSendStream[list[Work]], once: bool) -> None:
         engine = self.engine
@@ -373,14 +375,14 @@ class ReplicaRunner:
             claimed, self._taken = self._taken, []
             refused: list[tuple[Work, str]] = []
             if len(claimed) < CLAIM_BATCH:
-                # Due copies are claimed beside taken ones: a scan that keeps finding new
-                # files does not hold up older due copies.
+                limit = CLAIM_BATCH - len(claimed)
                 more, refused = await engine.inventory.claim(
-                    self.name, time.time(), CLAIM_BATCH - len(claimed), self.destination,
+                    self.name, time.time(), limit, self.destination,
                     engine.started_at if once else None, self._record_dest,
                     self._check_owners,
                 )
                 claimed += more
+                self._drained = len(more) + len(refused) < limit
             for work, reason in refused:
                 engine.state.failed += 1
                 engine.state.file_errors += 1

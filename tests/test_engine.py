@@ -30,6 +30,7 @@ from replicator import (
     TransferCompleted,
     TransferFailed,
 )
+from replicator import _engine as engine_module
 from replicator._engine import ReplicaRunner
 from replicator._inventory import Inventory, NewFile, Work
 from replicator._scanner import Scanner
@@ -451,6 +452,39 @@ class Intake:
         monkeypatch.setattr(ReplicaRunner, "destination", refusing)
 
 
+class ScanDuringAClaim:
+    """The scan starts only once the feeder claims a second time: the first claim found
+    nothing due, so new files are taken from then on. ``hold``: a claim that finds nothing
+    returns only once the scans are done (else: after ``delay`` seconds)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, hold: bool = True,
+                 delay: float = 0.0, first_claims: int = 1) -> None:
+        self.claims = 0
+        claiming = anyio.Event()
+        claim, scan = Inventory.claim, Scanner.scan
+
+        async def slow_claim(inventory: Inventory, replica: str, now: float, limit: int,
+                             destination: Any, *args: Any) -> Any:
+            self.claims += 1
+            if self.claims > first_claims:
+                claiming.set()
+            await anyio.sleep(delay)
+            claimed, refused = await claim(inventory, replica, now, limit, destination,
+                                           *args)
+            if hold and claiming.is_set() and not claimed:
+                with anyio.fail_after(10):
+                    await destination.__self__.engine.scans_done.wait()
+            return claimed, refused
+
+        async def scan_once_claiming(scanner: Scanner) -> Any:
+            with anyio.fail_after(10):
+                await claiming.wait()
+            return await scan(scanner)
+
+        monkeypatch.setattr(Inventory, "claim", slow_claim)
+        monkeypatch.setattr(Scanner, "scan", scan_once_claiming)
+
+
 async def _continuous_until(rep: Replicator, origin: Path, names: list[str],
                             settled: int) -> None:
     """Run ``rep`` continuously: once ``first.dat`` is copied, write ``names``; stop once
@@ -516,29 +550,48 @@ async def test_files_taken_while_the_feeder_claims_are_not_left_behind(
     origin, r1 = tmp_path / "o", tmp_path / "r1"
     r1.mkdir()
     files = [write(origin / f"d{i % 4}" / f"f{i}.dat", b"x" * i) for i in range(40)]
+    ScanDuringAClaim(monkeypatch)
     intake = Intake(monkeypatch)
-    claiming = anyio.Event()
-    claim, scan = Inventory.claim, Scanner.scan
-
-    async def slow_claim(inventory: Inventory, replica: str, now: float, limit: int,
-                         destination: Any, *args: Any) -> Any:
-        claiming.set()
-        claimed, refused = await claim(inventory, replica, now, limit, destination, *args)
-        if not claimed:
-            with anyio.fail_after(10):
-                await destination.__self__.engine.scans_done.wait()
-        return claimed, refused
-
-    async def scan_once_claiming(scanner: Scanner) -> Any:
-        await claiming.wait()
-        return await scan(scanner)
-
-    monkeypatch.setattr(Inventory, "claim", slow_claim)
-    monkeypatch.setattr(Scanner, "scan", scan_once_claiming)
     async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
         summary = await rep.sync_once()
     assert (summary.copied, summary.pending) == (len(files), 0)
     assert len(intake.taken) == len(files)
+
+
+async def test_due_copies_go_before_new_files_are_taken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While due copies are left to claim (older ones, oldest first), a scan's new files are
+    recorded as due behind them, not taken ahead of them."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    backlog = [write(origin / "old" / f"f{i:02}.dat", b"old") for i in range(20)]
+    config = make_config(tmp_path, origin, [r1])
+    async with Replicator(config) as rep:
+        await rep.scan()  # due copies, not copied yet
+    fresh = [write(origin / f"new{i % 2}" / f"g{i:02}.dat", b"new") for i in range(20)]
+    monkeypatch.setattr(engine_module, "CLAIM_BATCH", 4)
+    # The scan records its batches while the backlog is claimed, 4 files a claim.
+    ScanDuringAClaim(monkeypatch, hold=False, delay=0.05, first_claims=0)
+    order: list[bytes] = []
+    take, claim_spied = ReplicaRunner.take, Inventory.claim
+
+    def noting_take(runner: ReplicaRunner, origin: str, host: str,
+                    files: Sequence[NewFile]) -> None:
+        order.extend(f.entry.name for f in files)
+        take(runner, origin, host, files)
+
+    async def noting_claim(inventory: Inventory, *args: Any) -> Any:
+        claimed, refused = await claim_spied(inventory, *args)
+        order.extend(os.path.basename(w.path) for w in claimed)
+        return claimed, refused
+
+    monkeypatch.setattr(ReplicaRunner, "take", noting_take)
+    monkeypatch.setattr(Inventory, "claim", noting_claim)
+    async with Replicator(config) as rep:
+        summary = await rep.sync_once()
+    assert (summary.copied, summary.pending) == (len(backlog) + len(fresh), 0)
+    old = {p.name.encode() for p in backlog}
+    assert set(order[:len(old)]) == old, order
 
 
 async def test_taken_files_prepare_the_replica(tmp_path: Path,
@@ -551,24 +604,9 @@ async def test_taken_files_prepare_the_replica(tmp_path: Path,
     for i in range(40):
         write(origin / f"d{i % 4}" / f"f{i}.dat", b"x" * i)
     prepared: list[str] = []
-    claiming = anyio.Event()
-    claim, scan = Inventory.claim, Scanner.scan
     next_due_time, prepare = Inventory.next_due_time, LocalTransport.prepare
     put, batches = LocalTransport.put, ReplicaRunner._batches
     in_flight, was_prepared = anyio.Event(), anyio.Event()
-
-    async def claim_then_wait_for_the_scan(inventory: Inventory, replica: str, now: float,
-                                           limit: int, destination: Any, *args: Any) -> Any:
-        claiming.set()
-        claimed, refused = await claim(inventory, replica, now, limit, destination, *args)
-        if not claimed:
-            with anyio.fail_after(10):
-                await destination.__self__.engine.scans_done.wait()
-        return claimed, refused
-
-    async def scan_once_claiming(scanner: Scanner) -> Any:
-        await claiming.wait()
-        return await scan(scanner)
 
     def batches_in_flight(runner: ReplicaRunner, claimed: list[Work]) -> list[list[Work]]:
         in_flight.set()  # the feeder counted them in flight and took the taken ones over
@@ -592,8 +630,7 @@ async def test_taken_files_prepare_the_replica(tmp_path: Path,
             await was_prepared.wait()
         return await put(transport, *args)
 
-    monkeypatch.setattr(Inventory, "claim", claim_then_wait_for_the_scan)
-    monkeypatch.setattr(Scanner, "scan", scan_once_claiming)
+    ScanDuringAClaim(monkeypatch)
     monkeypatch.setattr(Inventory, "next_due_time", once_in_flight)
     monkeypatch.setattr(LocalTransport, "prepare", noting_prepare)
     monkeypatch.setattr(LocalTransport, "put", put_once_prepared)
