@@ -33,7 +33,7 @@ from test_ssh import (
 )
 from test_transport_conformance import request_for
 
-from replicator.transports import Progress, PutStatus
+from replicator.transports import Progress, PutStatus, _receiver
 from replicator.transports import _ssh as ssh_transport
 from replicator.transports._ssh import SshTransport
 from replicator.transports._ssh_carriers import Carrier, OpensshCarrier, StreamLost, openssh_argv
@@ -636,3 +636,24 @@ async def test_a_dropped_openssh_login_is_tried_again(tmp_path: Path, drops: int
             assert transport.transfer == "sftp"
             assert len(calls.read_text().split()) == drops  # none once given up
     assert temp_files(replica) == []
+
+
+@pytest.mark.parametrize("dest", [
+    b"", b"/abs.dat", b"../up.dat", b"a/../../up.dat", b"a/./b.dat", b"./a.dat", b"a//b.dat",
+    b"a/", b"..", b".", b"a/..", b"nul\0.dat"])
+def test_the_receiver_refuses_paths_outside_its_root(dest: bytes) -> None:
+    """The receiver checks every destination itself: a broken or hostile stream cannot make
+    it write outside the root (the sender confines paths too)."""
+    with pytest.raises(_receiver.Refused):
+        _receiver.Receiver.split(dest, b".~rep-x-1.tmp")
+
+
+@pytest.mark.parametrize(("dest", "parts"), [
+    (b"a.dat", (b"", b"a.dat")), (b"d/e/.hidden", (b"d/e", b".hidden")),
+    (b".cfg/x..y", (b".cfg", b"x..y")), (b"n/...", (b"n", b"..."))])
+def test_the_receiver_takes_names_that_only_look_odd(dest: bytes,
+                                                     parts: tuple[bytes, bytes]) -> None:
+    assert _receiver.Receiver.split(dest, b".~rep-x-1.tmp") == parts
+    for tmp in (b"x.tmp", b".~rep-x/1.tmp", b".~rep-\0.tmp"):
+        with pytest.raises(_receiver.Refused):
+            _receiver.Receiver.split(dest, tmp)

@@ -128,13 +128,16 @@ class Receiver:
 
     @staticmethod
     def split(dest: bytes, tmp: bytes) -> Tuple[bytes, bytes]:
-        parts = dest.split(b"/")
-        if (not dest or dest.startswith(b"/")
-                or any(p in (b"", b".", b"..") for p in parts)):
+        # Once per file: the parts are looked at one by one only when one may be . or ..
+        if (not dest or dest[:1] == b"/" or dest[-1:] == b"/" or b"//" in dest
+                or b"\0" in dest
+                or ((dest[:1] == b"." or b"/." in dest)
+                    and any(p in (b".", b"..") for p in dest.split(b"/")))):
             raise Refused("path outside the root: %r" % dest)
-        if b"/" in tmp or not tmp.startswith(TEMP_PREFIX):
+        if b"/" in tmp or b"\0" in tmp or not tmp.startswith(TEMP_PREFIX):
             raise Refused("bad temp name: %r" % tmp)
-        return b"/".join(parts[:-1]), parts[-1]
+        reldir, _, name = dest.rpartition(b"/")
+        return reldir, name
 
     # -- frames --
 
@@ -372,13 +375,14 @@ def serve(root: bytes, inp: int, out: BinaryIO) -> None:
                 receiver = Receiver(root, out)
             if kind == b"W":
                 seq, mode, mtime_ns, dlen, tlen, n = WHOLE.unpack(stream.take(WHOLE.size))
-                names = bytes(stream.take(dlen + tlen))
-                receiver.begin(seq, mode, mtime_ns, names[:dlen], names[dlen:])
-                content = stream.take(n)
+                body = stream.take(dlen + tlen + n)  # names and content in one take
                 try:
-                    receiver.data(content)
+                    names = bytes(body[:dlen + tlen])
+                    receiver.begin(seq, mode, mtime_ns, names[:dlen], names[dlen:])
+                    with body[dlen + tlen:] as content:
+                        receiver.data(content)
                 finally:
-                    content.release()  # the buffer cannot shrink while it is exported
+                    body.release()  # the buffer cannot shrink while it is exported
                 receiver.end(True)
             elif kind == b"F":
                 seq, mode, mtime_ns, dlen, tlen = FILE.unpack(stream.take(FILE.size))
