@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("replicator.engine")
 
 CLAIM_BATCH = 4096
+# New files a replica's feeder holds, taken from scans and not yet handed on (see take).
+TAKE_FILES = 2 * CLAIM_BATCH
 # Small files travel together: one worker-thread hand-off copies many of them. Each batch
 # ends with a flush and, over SSH, a round trip: large batches keep a long link busy.
 BATCH_FILES = 1024
@@ -227,14 +229,14 @@ class ReplicaRunner:
                 await inventory.set_unrecorded_placement(self.name, placement)
             self._record_dest, self._check_owners = False, any_recorded
 
-    def can_take(self) -> bool:
-        """Whether the next scan batch may claim its new files for this replica as it
-        records them (``take``): only while the feeder runs, has room for them and has
-        claimed every due copy (older copies go first), and only where claims need not
-        record destinations (then a claim is the inventory's ``copying`` state alone, and
-        the new files' rows need not be read back)."""
+    def can_take(self, files: int) -> bool:
+        """Whether the next scan batch, of up to ``files`` new files, may claim them for
+        this replica as it records them (``take``): only while the feeder runs, has room
+        for them and has claimed every due copy (older copies go first), and only where
+        claims need not record destinations (then a claim is the inventory's ``copying``
+        state alone, and the new files' rows need not be read back)."""
         return (self._serving and self._drained and not self._record_dest
-                and not self._check_owners and len(self._taken) < CLAIM_BATCH)
+                and not self._check_owners and len(self._taken) + files <= TAKE_FILES)
 
     def take(self, origin: str, host: str, files: Sequence[NewFile]) -> None:
         """Files a scan batch recorded and claimed for this replica (``copying``): queued
@@ -372,17 +374,18 @@ class ReplicaRunner:
         while not engine.stopping and self.unavailable is None:
             if self._taken_refused:
                 await self._refuse_taken()
-            claimed, self._taken = self._taken, []
-            refused: list[tuple[Work, str]] = []
-            if len(claimed) < CLAIM_BATCH:
-                limit = CLAIM_BATCH - len(claimed)
-                more, refused = await engine.inventory.claim(
-                    self.name, time.time(), limit, self.destination,
-                    engine.started_at if once else None, self._record_dest,
-                    self._check_owners,
-                )
-                claimed += more
-                self._drained = len(more) + len(refused) < limit
+            taken, self._taken = self._taken, []
+            self.inflight += len(taken)  # in flight from now on, for _prepare to see
+            # Due copies are claimed beside taken ones, at least a few at a time: whether
+            # any is left decides whether new files may be taken ahead of the next claim.
+            limit = max(CLAIM_BATCH - len(taken), CLAIM_BATCH // 8)
+            more, refused = await engine.inventory.claim(
+                self.name, time.time(), limit, self.destination,
+                engine.started_at if once else None, self._record_dest, self._check_owners,
+            )
+            self._drained = len(more) + len(refused) < limit
+            self.inflight += len(more)
+            claimed = taken + more
             for work, reason in refused:
                 engine.state.failed += 1
                 engine.state.file_errors += 1
@@ -393,7 +396,6 @@ class ReplicaRunner:
                     error_class=ErrorClass.PERMANENT, error=reason, attempts=work.attempts + 1,
                     final=True))
             if claimed:
-                self.inflight += len(claimed)
                 for batch in self._batches(claimed):
                     await send.send(batch)
                 continue
@@ -401,6 +403,8 @@ class ReplicaRunner:
                 continue  # taken while claiming: no scan batch is left behind
             if not once:
                 due = await engine.inventory.next_due_time(self.name)
+                if self._taken or self._taken_refused:
+                    continue  # taken meanwhile: its wake-up was before this wait
                 timeout = IDLE_POLL if due is None else min(IDLE_POLL, due - time.time())
                 await self.wake.wait(timeout)
                 continue
@@ -594,8 +598,8 @@ class _Feed:
         self._runners = [r for r in engine._runners if r.name in replicas]
         self._origin = origin
 
-    def takers(self) -> list[str]:
-        return [r.name for r in self._runners if r.can_take()]
+    def takers(self, files: int) -> list[str]:
+        return [r.name for r in self._runners if r.can_take(files)]
 
     def recorded(self, delta: ScanDelta, takers: Collection[str],
                  claimed: Sequence[NewFile]) -> None:

@@ -64,8 +64,9 @@ class ScanResult:
 class ScanFeed(Protocol):
     """The engine's side of a scan that feeds copies."""
 
-    def takers(self) -> Collection[str]:
-        """Replicas that claim the new files of the next batch as it is recorded."""
+    def takers(self, files: int) -> Collection[str]:
+        """Replicas that claim the new files of the next batch (``files`` entries, new or
+        not) as it is recorded."""
         ...
 
     def recorded(self, delta: ScanDelta, takers: Collection[str],
@@ -79,7 +80,7 @@ async def record_batch(inventory: Inventory, origin: OriginConfig, replicas: Seq
                        listings: Sequence[DirListing], now: float,
                        feed: ScanFeed | None) -> ScanDelta:
     """Record a batch of listings, tell ``feed``; the batch's delta."""
-    takers = feed.takers() if feed is not None else ()
+    takers = feed.takers(sum(len(lst.entries) for lst in listings)) if feed is not None else ()
     delta, claimed = await inventory.apply_listings(origin.name, origin.host, replicas,
                                                     listings, now, takers)
     if feed is not None and (delta.new or delta.changed):

@@ -526,6 +526,54 @@ async def test_new_files_go_from_the_scan_to_the_feeder(
     assert states == {"replicated": len(names) + 1}
 
 
+async def test_a_scan_batch_larger_than_the_room_left_is_not_taken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A feeder holds at most TAKE_FILES taken files: a batch that could bring more is
+    recorded as due and claimed a part at a time."""
+    monkeypatch.setattr(engine_module, "TAKE_FILES", 5)  # a folder brings 10
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "first.dat", b"1")
+    intake = Intake(monkeypatch)
+    names = [f"new{i:02d}.dat" for i in range(30)]
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        await _continuous_until(rep, origin, names, len(names))
+    assert intake.taken == []
+    assert sorted(intake.claimed) == sorted([b"first.dat", *(n.encode() for n in names)])
+
+
+async def test_files_taken_while_the_idle_feeder_looks_are_fed_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Continuous mode: files taken while the idle feeder asks when copies are next due are
+    fed at once, not after its idle wait (made 60 s here)."""
+    monkeypatch.setattr(engine_module, "IDLE_POLL", 60.0)
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "first.dat", b"1")
+    intake = Intake(monkeypatch)
+    took = anyio.Event()
+    take, next_due_time = ReplicaRunner.take, Inventory.next_due_time
+
+    def noting_take(runner: ReplicaRunner, *args: Any) -> None:
+        take(runner, *args)
+        took.set()
+
+    async def due_once_taken(inventory: Inventory, replica: str) -> float | None:
+        """Answers once the scan took the new files: they were taken while it asked."""
+        due = await next_due_time(inventory, replica)
+        with anyio.fail_after(10):
+            await took.wait()
+        return due
+
+    monkeypatch.setattr(ReplicaRunner, "take", noting_take)
+    monkeypatch.setattr(Inventory, "next_due_time", due_once_taken)
+    names = ["new00.dat", "new01.dat"]
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        with anyio.fail_after(20):
+            await _continuous_until(rep, origin, names, len(names))
+    assert sorted(intake.taken) == [n.encode() for n in names]
+
+
 async def test_a_taken_file_that_cannot_go_to_the_replica_fails(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     origin, r1 = tmp_path / "o", tmp_path / "r1"

@@ -207,7 +207,7 @@ class Feed:
         self.batches: list[ScanDelta] = []
         self.claimed: list[tuple[tuple[str, ...], list[NewFile]]] = []
 
-    def takers(self) -> Collection[str]:
+    def takers(self, files: int) -> Collection[str]:
         return self.takes
 
     def recorded(self, delta: ScanDelta, takers: Collection[str],
@@ -262,3 +262,25 @@ async def test_new_files_are_claimed_for_the_replicas_that_take_them(tmp_path: P
     assert len(claimed) == len(rows) == first.delta.new + 1 >= len(expected)
     assert {f.file_id: os.path.join(f.dir, f.entry.name) for f in claimed} == rows
     assert claimed[-1].entry.name == b"new.dat"
+
+
+async def test_new_files_get_their_copies_when_ids_ran_out_at_the_top(tmp_path: Path) -> None:
+    """Once the largest id is taken, SQLite gives new rows free ids below it: the new
+    files still get their copies (pending: none is claimed from such a batch)."""
+    origin = tmp_path / "origin"
+    expected = build(origin)
+    db = tmp_path / "inventory.db"
+    async with await Inventory.open(db) as inventory:
+        await inventory._db.execute(
+            "INSERT INTO files (id, origin, host, dir, name, kind, size, mtime_ns, mode,"
+            " first_seen, last_seen, deleted) VALUES (?, 'other', 'h', x'2f', x'61', 0, 0, 0,"
+            " 0, 0, 0, 1)", (2**63 - 1,))
+        feed = Feed(takes=("a",))
+        config = OriginConfig("raw", str(origin), host="inst", settle_seconds=60)
+        first = await Scanner(config, inventory, ["a", "b"], anyio.CapacityLimiter(2),
+                              feed).scan()
+    assert first.delta.new >= len(expected)
+    assert feed.claimed == []
+    with closing(sqlite3.connect(db)) as conn:
+        states = set(conn.execute("SELECT replica, state, COUNT(*) FROM copies GROUP BY 1, 2"))
+    assert states == {("a", "pending", first.delta.new), ("b", "pending", first.delta.new)}

@@ -332,18 +332,30 @@ class Inventory:
                     inserts,
                 )
                 # This transaction alone writes: the rows from ``first`` on are these inserts,
-                # in order unless SQLite ran out of ids at the top and picked free ones.
-                in_order = await self._next_file_id(db) == first + len(inserts)
-                for replica in replicas:
-                    state = "copying" if in_order and replica in claim_for else "pending"
-                    await db.execute(
-                        "INSERT OR IGNORE INTO copies (replica, file_id, state, src_mtime_ns)"
-                        " SELECT ?, id, ?, mtime_ns FROM files WHERE id >= ?",
-                        (replica, state, first),
-                    )
-                if in_order and any(replica in claim_for for replica in replicas):
-                    claimed = [NewFile(first + i, folder, entry)
-                               for i, (folder, entry) in enumerate(inserted)]
+                # in order, unless SQLite ran out of ids at the top and picked free ones.
+                if await self._next_file_id(db) == first + len(inserts):
+                    for replica in replicas:
+                        state = "copying" if replica in claim_for else "pending"
+                        await db.execute(
+                            "INSERT OR IGNORE INTO copies (replica, file_id, state,"
+                            " src_mtime_ns) SELECT ?, id, ?, mtime_ns FROM files WHERE id >= ?",
+                            (replica, state, first),
+                        )
+                    if any(replica in claim_for for replica in replicas):
+                        claimed = [NewFile(first + i, folder, entry)
+                                   for i, (folder, entry) in enumerate(inserted)]
+                else:
+                    # The files of these folders first seen at ``now`` (one seen at ``now`` by
+                    # an earlier batch of this scan has its copies already: ignored).
+                    new_dirs = list(dict.fromkeys(row[2] for row in inserts))
+                    for replica in replicas:
+                        await db.executemany(
+                            "INSERT OR IGNORE INTO copies (replica, file_id, state,"
+                            " src_mtime_ns) SELECT ?, id, 'pending', mtime_ns FROM files"
+                            " WHERE origin = ? AND host = ? AND dir = ? AND first_seen = ?"
+                            " AND deleted IS NULL",
+                            [(replica, origin, host, d, now) for d in new_dirs],
+                        )
             if updates:
                 await db.executemany(
                     "UPDATE files SET kind = ?, size = ?, mtime_ns = ?, mode = ?, target = ?,"
@@ -369,11 +381,12 @@ class Inventory:
 
     @staticmethod
     async def _next_file_id(db: aiosqlite.Connection) -> int:
-        """The id the next file inserted gets (SQLite's choice while ids are left above)."""
-        async with db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM files") as cursor:
+        """The id the next file inserted gets, while there are ids left above the largest
+        (SQLite then picks free ones at random; this is then past the largest id)."""
+        async with db.execute("SELECT COALESCE(MAX(id), 0) FROM files") as cursor:
             row = await cursor.fetchone()
         assert row is not None
-        return int(row[0])
+        return int(row[0]) + 1
 
     async def _reopen_copies(
         self, db: aiosqlite.Connection, file_ids: Sequence[int], replicas: Sequence[str]
