@@ -244,15 +244,15 @@ class ReplicaRunner:
         for file_id, folder, entry in files:
             path = join_path(folder, entry.name)
             try:
-                dest = self.destination(origin, host, path)
+                dest, refusal = self.destination(origin, host, path), ""
             except ValueError as exc:
-                self._taken_refused.append((Work(
-                    self.name, file_id, origin, host, path, entry.kind, entry.size,
-                    entry.mtime_ns, entry.mode, entry.target, 0, b""), str(exc)))
-                continue
-            self._taken.append(Work(self.name, file_id, origin, host, path, entry.kind,
-                                    entry.size, entry.mtime_ns, entry.mode, entry.target, 0,
-                                    dest))
+                dest, refusal = b"", str(exc)
+            work = Work(self.name, file_id, origin, host, path, entry.kind, entry.size,
+                        entry.mtime_ns, entry.mode, entry.target, 0, dest)
+            if refusal:
+                self._taken_refused.append((work, refusal))
+            else:
+                self._taken.append(work)
         self.wake.set()
 
     async def run(self, once: bool) -> None:
