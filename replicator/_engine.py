@@ -229,6 +229,11 @@ class ReplicaRunner:
                 await inventory.set_unrecorded_placement(self.name, placement)
             self._record_dest, self._check_owners = False, any_recorded
 
+    @property
+    def serving(self) -> bool:
+        """Whether the feeder runs: the replica is available and being fed."""
+        return self._serving
+
     def can_take(self, files: int) -> bool:
         """Whether the next scan batch, of up to ``files`` new files, may claim them for
         this replica as it records them (``take``): only while the feeder runs, has room
@@ -597,6 +602,9 @@ class _Feed:
     def __init__(self, engine: Engine, origin: OriginConfig, replicas: Sequence[str]) -> None:
         self._runners = [r for r in engine._runners if r.name in replicas]
         self._origin = origin
+
+    def copying(self) -> bool:
+        return any(r.serving for r in self._runners)
 
     def takers(self, files: int) -> list[str]:
         return [r.name for r in self._runners if r.can_take(files)]

@@ -202,10 +202,14 @@ class Feed:
     """A ``ScanFeed`` that notes what it is told, and has the new files claimed for the
     replicas in ``takes``."""
 
-    def __init__(self, takes: tuple[str, ...] = ()) -> None:
+    def __init__(self, takes: tuple[str, ...] = (), copying: bool = True) -> None:
         self.takes = takes
+        self.copies_made = copying
         self.batches: list[ScanDelta] = []
         self.claimed: list[tuple[tuple[str, ...], list[NewFile]]] = []
+
+    def copying(self) -> bool:
+        return self.copies_made
 
     def takers(self, files: int) -> Collection[str]:
         return self.takes
@@ -237,6 +241,23 @@ async def test_a_scan_feeding_copies_leaves_the_cores_to_them(
         second = await Scanner(config, inventory, ["r"], anyio.CapacityLimiter(2), feed).scan()
         assert second.delta.unchanged == first.delta.new
         assert helpers.tasks > 0
+
+
+async def test_a_scan_whose_copies_wait_uses_the_helpers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New files, but no copies being made meanwhile (no replica available): the cores are
+    the scan's, helper processes start."""
+    monkeypatch.setattr(scanner_module, "HELPERS_AFTER", 0)
+    monkeypatch.setattr(scanner_module, "TASK_ENTRIES", 40)
+    origin = tmp_path / "origin"
+    expected = build(origin)
+    helpers = Counting(monkeypatch)
+    config = OriginConfig("raw", str(origin), host="inst", settle_seconds=60)
+    async with await Inventory.open(tmp_path / "inventory.db") as inventory:
+        first = await Scanner(config, inventory, ["r"], anyio.CapacityLimiter(2),
+                              Feed(copying=False)).scan()
+    assert first.delta.new >= len(expected)
+    assert helpers.tasks > 0
 
 
 async def test_new_files_are_claimed_for_the_replicas_that_take_them(tmp_path: Path) -> None:
