@@ -32,7 +32,7 @@ from replicator import (
 )
 from replicator import _engine as engine_module
 from replicator._engine import ReplicaRunner
-from replicator._inventory import Inventory, NewFile, Work
+from replicator._inventory import FailedCopy, Inventory, NewFile, Work
 from replicator._scanner import Scanner
 from replicator.transports import LocalTransport, Progress, PutRequest, PutResult
 
@@ -485,38 +485,41 @@ class ScanDuringAClaim:
         monkeypatch.setattr(Scanner, "scan", scan_once_claiming)
 
 
-async def _continuous_until(rep: Replicator, origin: Path, names: list[str],
-                            settled: int) -> None:
-    """Run ``rep`` continuously: once ``first.dat`` is copied, write ``names``; stop once
-    ``settled`` of them got a final outcome."""
-    async with rep.subscribe(1024) as events, anyio.create_task_group() as tg:
-        tg.start_soon(rep.run)
-        done: set[bytes] = set()
-        with anyio.fail_after(30):
-            async for event in events:
-                if isinstance(event, TransferCompleted | TransferFailed):
-                    name = os.path.basename(event.path)
-                    if name == b"first.dat":
-                        for i, new in enumerate(names):
-                            write(origin / f"n{i % 3}" / new, new.encode())
-                    else:
-                        done.add(name)
-                        if len(done) == settled:
-                            break
-        rep.stop()
+async def _continuous_run(tmp_path: Path, names: list[str]
+                          ) -> tuple[Path, Path, list[FailedCopy]]:
+    """A continuous run from ``tmp_path/o`` to ``tmp_path/r1``: once ``first.dat`` is
+    copied, ``names`` are written (in three folders, ``n0`` to ``n2``); it stops once each
+    of them got a final outcome. Returns the origin, the replica and the failed copies."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "first.dat", b"1")
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        async with rep.subscribe(1024) as events, anyio.create_task_group() as tg:
+            tg.start_soon(rep.run)
+            done: set[bytes] = set()
+            with anyio.fail_after(20):
+                async for event in events:
+                    if isinstance(event, TransferCompleted | TransferFailed):
+                        name = os.path.basename(event.path)
+                        if name == b"first.dat":
+                            for i, new in enumerate(names):
+                                write(origin / f"n{i % 3}" / new, new.encode())
+                        else:
+                            done.add(name)
+                            if len(done) == len(names):
+                                break
+            rep.stop()
+        failed = await rep.inventory.failed()
+    return origin, r1, failed
 
 
 async def test_new_files_go_from_the_scan_to_the_feeder(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """While a replica's feeder runs, the new files a scan records are claimed for it in the
     same transaction and handed over: no claim reads them back."""
-    origin, r1 = tmp_path / "o", tmp_path / "r1"
-    r1.mkdir()
-    write(origin / "first.dat", b"1")
     intake = Intake(monkeypatch)
     names = [f"new{i:02d}.dat" for i in range(30)]
-    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
-        await _continuous_until(rep, origin, names, len(names))
+    origin, r1, _ = await _continuous_run(tmp_path, names)
     assert sorted(intake.taken) == sorted(n.encode() for n in names)
     assert not set(intake.claimed) & set(intake.taken)
     for i, name in enumerate(names):
@@ -531,13 +534,9 @@ async def test_a_scan_batch_larger_than_the_room_left_is_not_taken(
     """A feeder holds at most TAKE_FILES taken files: a batch that could bring more is
     recorded as due and claimed a part at a time."""
     monkeypatch.setattr(engine_module, "TAKE_FILES", 5)  # a folder brings 10
-    origin, r1 = tmp_path / "o", tmp_path / "r1"
-    r1.mkdir()
-    write(origin / "first.dat", b"1")
     intake = Intake(monkeypatch)
     names = [f"new{i:02d}.dat" for i in range(30)]
-    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
-        await _continuous_until(rep, origin, names, len(names))
+    await _continuous_run(tmp_path, names)
     assert intake.taken == []
     assert sorted(intake.claimed) == sorted([b"first.dat", *(n.encode() for n in names)])
 
@@ -547,9 +546,6 @@ async def test_files_taken_while_the_idle_feeder_looks_are_fed_at_once(
     """Continuous mode: files taken while the idle feeder asks when copies are next due are
     fed at once, not after its idle wait (made 60 s here)."""
     monkeypatch.setattr(engine_module, "IDLE_POLL", 60.0)
-    origin, r1 = tmp_path / "o", tmp_path / "r1"
-    r1.mkdir()
-    write(origin / "first.dat", b"1")
     intake = Intake(monkeypatch)
     took = anyio.Event()
     take, next_due_time = ReplicaRunner.take, Inventory.next_due_time
@@ -568,22 +564,15 @@ async def test_files_taken_while_the_idle_feeder_looks_are_fed_at_once(
     monkeypatch.setattr(ReplicaRunner, "take", noting_take)
     monkeypatch.setattr(Inventory, "next_due_time", due_once_taken)
     names = ["new00.dat", "new01.dat"]
-    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
-        with anyio.fail_after(20):
-            await _continuous_until(rep, origin, names, len(names))
+    await _continuous_run(tmp_path, names)  # 20 s at most
     assert sorted(intake.taken) == [n.encode() for n in names]
 
 
 async def test_a_taken_file_that_cannot_go_to_the_replica_fails(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    origin, r1 = tmp_path / "o", tmp_path / "r1"
-    r1.mkdir()
-    write(origin / "first.dat", b"1")
     intake = Intake(monkeypatch, refuse=b"new01.dat")
-    names = ["new00.dat", "new01.dat", "new02.dat"]
-    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
-        await _continuous_until(rep, origin, names, len(names))
-        failed = await rep.inventory.failed()
+    origin, r1, failed = await _continuous_run(tmp_path, ["new00.dat", "new01.dat",
+                                                          "new02.dat"])
     assert b"new01.dat" in intake.taken
     assert [(os.path.basename(f.path), f.state, f.error) for f in failed] == [
         (b"new01.dat", "failed", "refused by the test")]
