@@ -657,3 +657,26 @@ def test_the_receiver_takes_names_that_only_look_odd(dest: bytes,
     for tmp in (b"x.tmp", b".~rep-x/1.tmp", b".~rep-\0.tmp"):
         with pytest.raises(_receiver.Refused):
             _receiver.Receiver.split(dest, tmp)
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+async def test_the_receiver_ignores_the_hosts_python_environment(
+        tmp_path: Path, carrier: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver needs the standard library only: a PYTHONPATH or site-packages on the
+    host (here a sitecustomize that ends any interpreter importing it) cannot stop it."""
+    origin = tmp_path / "origin"
+    files = make_origin(origin)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import os\nos._exit(3)\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))  # the commands run with this environment
+    async with sftp_server(tmp_path / "server", commands=True) as server:
+        replica = server.root / "replica"
+        replica.mkdir()
+        config = ssh_config(tmp_path, origin, server.url("/~/replica"), transfer=carrier,
+                            **server.replica_keys())
+        with capture_logs() as logs:
+            summary = await sync(config)
+        assert (summary.exit_code, summary.copied) == (0, len(files))
+        assert_all_copied(replica, origin, files)
+    assert not [e for e in logs if "did not start" in e["event"]]
