@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -87,21 +87,11 @@ async def wait_for_no_temps(replica: Path) -> None:
             await anyio.sleep(0.05)
 
 
-@pytest.mark.parametrize("carrier", CARRIERS)
-async def test_a_host_without_python3_falls_back_to_sftp(tmp_path: Path, carrier: str,
-                                                         monkeypatch: pytest.MonkeyPatch
-                                                         ) -> None:
+async def _sync_through_a_shell(tmp_path: Path, carrier: str) -> list[MutableMapping[str, Any]]:
+    """Sync a new origin to a server whose commands run in a shell with the test's
+    environment; every file must be copied. Returns the run's logs."""
     origin = tmp_path / "origin"
     files = make_origin(origin)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    # The commands run with the test's environment: a PATH without python3 is a host
-    # without it (sh and ssh stay reachable through their own folders).
-    for tool in ("sh", "ssh"):
-        found = shutil.which(tool)
-        assert found is not None
-        os.symlink(found, bin_dir / tool)
-    monkeypatch.setenv("PATH", str(bin_dir))
     async with sftp_server(tmp_path / "server", commands=True) as server:
         replica = server.root / "replica"
         replica.mkdir()
@@ -111,6 +101,23 @@ async def test_a_host_without_python3_falls_back_to_sftp(tmp_path: Path, carrier
             summary = await sync(config)
         assert (summary.exit_code, summary.copied) == (0, len(files))
         assert_all_copied(replica, origin, files)
+    return logs
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+async def test_a_host_without_python3_falls_back_to_sftp(tmp_path: Path, carrier: str,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # The commands run with the test's environment: a PATH without python3 is a host
+    # without it (sh and ssh stay reachable through their own folders).
+    for tool in ("sh", "ssh"):
+        found = shutil.which(tool)
+        assert found is not None
+        os.symlink(found, bin_dir / tool)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    logs = await _sync_through_a_shell(tmp_path, carrier)
     warnings = [e for e in logs if "did not start" in e["event"]]
     assert len(warnings) == 1
     assert "SFTP" in warnings[0]["event"]
@@ -664,19 +671,9 @@ async def test_the_receiver_ignores_the_hosts_python_environment(
         tmp_path: Path, carrier: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The receiver needs the standard library only: a PYTHONPATH or site-packages on the
     host (here a sitecustomize that ends any interpreter importing it) cannot stop it."""
-    origin = tmp_path / "origin"
-    files = make_origin(origin)
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text("import os\nos._exit(3)\n")
     monkeypatch.setenv("PYTHONPATH", str(site))  # the commands run with this environment
-    async with sftp_server(tmp_path / "server", commands=True) as server:
-        replica = server.root / "replica"
-        replica.mkdir()
-        config = ssh_config(tmp_path, origin, server.url("/~/replica"), transfer=carrier,
-                            **server.replica_keys())
-        with capture_logs() as logs:
-            summary = await sync(config)
-        assert (summary.exit_code, summary.copied) == (0, len(files))
-        assert_all_copied(replica, origin, files)
+    logs = await _sync_through_a_shell(tmp_path, carrier)
     assert not [e for e in logs if "did not start" in e["event"]]
