@@ -9,30 +9,35 @@ Library use::
 The library logs through structlog but never configures logging.
 """
 
-from ._config import Config, EngineConfig, OriginConfig, ReplicaConfig, load_config
-from ._errors import (
-    ConfigError,
-    EngineLockedError,
-    ErrorClass,
-    FileError,
-    InventoryError,
-    ReplicatorError,
-    ReplicaUnavailableError,
-    TransferStalledError,
-)
-from ._events import (
-    Event,
-    EventsDropped,
-    ReplicaAvailable,
-    ReplicaUnavailable,
-    RunCompleted,
-    ScanFinished,
-    TransferCompleted,
-    TransferFailed,
-    TransferStarted,
-)
-from ._replicator import PlannedCopy, Replicator, ScanSummary, SyncSummary
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._config import Config, EngineConfig, OriginConfig, ReplicaConfig, load_config
+    from ._errors import (
+        ConfigError,
+        EngineLockedError,
+        ErrorClass,
+        FileError,
+        InventoryError,
+        ReplicatorError,
+        ReplicaUnavailableError,
+        TransferStalledError,
+    )
+    from ._events import (
+        Event,
+        EventsDropped,
+        ReplicaAvailable,
+        ReplicaUnavailable,
+        RunCompleted,
+        ScanFinished,
+        TransferCompleted,
+        TransferFailed,
+        TransferStarted,
+    )
+    from ._replicator import PlannedCopy, Replicator, ScanSummary, SyncSummary
 
 __all__ = [
     "Config",
@@ -63,3 +68,15 @@ __all__ = [
     "__version__",
     "load_config",
 ]
+
+# Imported on first use: ``import replicator.cli`` must not import the engine (see _lazy).
+__getattr__, __dir__ = lazy_exports(globals(), {
+    "._config": ("Config", "EngineConfig", "OriginConfig", "ReplicaConfig", "load_config"),
+    "._errors": ("ConfigError", "EngineLockedError", "ErrorClass", "FileError",
+                 "InventoryError", "ReplicatorError", "ReplicaUnavailableError",
+                 "TransferStalledError"),
+    "._events": ("Event", "EventsDropped", "ReplicaAvailable", "ReplicaUnavailable",
+                 "RunCompleted", "ScanFinished", "TransferCompleted", "TransferFailed",
+                 "TransferStarted"),
+    "._replicator": ("PlannedCopy", "Replicator", "ScanSummary", "SyncSummary"),
+})

@@ -19,18 +19,21 @@ import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 
-from . import _cli_logging
 from ._config import Config, OriginConfig, load_config
 from ._config_edit import append_replica, remove_replica, render_initial_config
 from ._errors import ConfigError, EngineLockedError, InventoryError, ReplicatorError
-from ._events import ScanFinished, TransferCompleted
-from ._inventory import CopyState, Inventory, ReplicaStats
-from ._replicator import Replicator, SyncSummary
 from ._version import __version__
+from .transports._spare_helpers import spare_copy_helpers
+
+# The engine's modules (structlog, aiosqlite, the engine, the transports) are imported where
+# a command first needs them: ``sync`` starts its copy helpers first (see ``_run_async``).
+if TYPE_CHECKING:
+    from ._inventory import Inventory, ReplicaStats
+    from ._replicator import Replicator, SyncSummary
 
 # Open files the CLI asks for (see _raise_open_files_limit).
 OPEN_FILES = 65536
@@ -81,6 +84,8 @@ def _replica_doc(stats: ReplicaStats) -> dict[str, Any]:
 
 
 async def _open_inventory(config: Config) -> Inventory:
+    from ._inventory import Inventory
+
     inventory = await Inventory.open(config.inventory)
     await inventory.sync_replicas(
         [(r.name, r.url, [o.name for o in config.origins_for(r)]) for r in config.replicas]
@@ -177,14 +182,18 @@ def _paths(raw: Sequence[str]) -> list[bytes]:
     return paths
 
 
-async def _set_state(args: argparse.Namespace, to: CopyState,
-                     from_states: Sequence[CopyState], paths: list[bytes] | None) -> int:
+async def _set_state(args: argparse.Namespace, to: str, from_states: Sequence[str],
+                     paths: list[bytes] | None) -> int:
+    """Copies in ``from_states`` (``CopyState`` values) go to ``to``."""
+    from ._inventory import CopyState
+
     config = _load(args)
     if args.replica:
         config.replica(args.replica)
     async with await _open_inventory(config) as inventory:
-        changed = await inventory.set_state(to=to, from_states=from_states,
-                                            replica=args.replica, paths=paths)
+        changed = await inventory.set_state(
+            to=CopyState(to), from_states=[CopyState(state) for state in from_states],
+            replica=args.replica, paths=paths)
         in_flight = await inventory.count_copying(args.replica, paths)
     print(f"{changed} cop{'y' if changed == 1 else 'ies'} now {to}")
     if in_flight:
@@ -197,16 +206,15 @@ async def cmd_retry(args: argparse.Namespace) -> int:
     if bool(args.all) == bool(args.paths):
         raise _Usage("retry needs either --all or one or more PATHs")
     paths = None if args.all else _paths(args.paths)
-    return await _set_state(args, CopyState.PENDING, (CopyState.FAILED, CopyState.PENDING), paths)
+    return await _set_state(args, "pending", ("failed", "pending"), paths)
 
 
 async def cmd_ignore(args: argparse.Namespace) -> int:
-    return await _set_state(args, CopyState.IGNORED, (CopyState.PENDING, CopyState.FAILED),
-                            _paths(args.paths))
+    return await _set_state(args, "ignored", ("pending", "failed"), _paths(args.paths))
 
 
 async def cmd_unignore(args: argparse.Namespace) -> int:
-    return await _set_state(args, CopyState.PENDING, (CopyState.IGNORED,), _paths(args.paths))
+    return await _set_state(args, "pending", ("ignored",), _paths(args.paths))
 
 
 def _readable_folder(path: str) -> bool:
@@ -258,6 +266,8 @@ async def cmd_check(args: argparse.Namespace) -> int:
 
 
 async def cmd_scan(args: argparse.Namespace) -> int:
+    from ._replicator import Replicator
+
     config = _load(args)
     async with Replicator(config) as rep:
         results = await rep.scan()
@@ -303,6 +313,8 @@ async def _progress(rep: Replicator) -> None:
         TransferSpeedColumn,
     )
 
+    from ._events import ScanFinished, TransferCompleted
+
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeElapsedColumn(), transient=True) as bar:
         task = bar.add_task("copying", total=None)
@@ -326,6 +338,8 @@ def _summary_doc(summary: SyncSummary, stopped: bool) -> dict[str, Any]:
 
 
 async def cmd_sync(args: argparse.Namespace) -> int:
+    from ._replicator import Replicator
+
     config = _load(args)
     replicas = args.replica or None
     if replicas:
@@ -544,20 +558,48 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+def _copy_helpers_wanted(args: argparse.Namespace) -> int:
+    """How many copy helpers ``sync`` will start: its local replicas', at most one per core.
+    None for other commands, a dry run, or a config that does not load (``sync`` says why)."""
+    if args.func is not cmd_sync or args.dry_run:
+        return 0
+    try:
+        config = _load(args)
+    except (ConfigError, OSError):
+        return 0
+    cores = os.cpu_count() or 1
+    wanted = sum(min(replica.workers, cores) for replica in config.replicas
+                 if replica.scheme == "file" and (not args.replica or replica.name in args.replica)
+                 and any(not origin.remote for origin in config.origins_for(replica)))
+    return min(wanted, cores)
+
+
+async def _run_async(args: argparse.Namespace) -> int:
+    # Copy helpers first: they start on the other core while this one imports the engine.
+    async with spare_copy_helpers(_copy_helpers_wanted(args)):
+        from . import _cli_logging
+
+        _cli_logging.configure(args.verbose, args.log_format)
+        code: int = await args.func(args)
+        return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet:
         args.verbose = -1
-    _cli_logging.configure(args.verbose, args.log_format)
     _raise_open_files_limit()
     if isinstance(sys.stdout, io.TextIOWrapper):
         # File names need not be UTF-8: print their bytes as they are instead of failing.
         sys.stdout.reconfigure(errors="surrogateescape")
     try:
         if getattr(args, "is_async", False):
-            code: int = anyio.run(args.func, args)
+            code = anyio.run(_run_async, args)
         else:
+            from . import _cli_logging
+
+            _cli_logging.configure(args.verbose, args.log_format)
             code = args.func(args)
     except (ConfigError, EngineLockedError, InventoryError, _Usage) as exc:
         _fail(str(exc), EXIT_USAGE)

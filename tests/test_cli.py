@@ -402,6 +402,86 @@ def test_non_utf8_names_in_text_and_json_output(dirs: tuple[Path, Path],
     assert os.path.exists(os.path.join(os.fsencode(replica_path(replica, origin)), b"caf\xe9.dat"))
 
 
+def test_sync_copies_in_helpers_started_before_the_engine_is_imported(
+        dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    """``sync`` starts its local replicas' copy helpers first, then imports the engine; the
+    replica's batches run in those helpers."""
+    origin, replica = dirs
+    content = {f"d{i % 3}/{i:03}.dat": os.urandom(100 + i) for i in range(120)}
+    for rel, data in content.items():
+        write(origin / rel, data)
+    backdate(origin)
+    write_config(tmp_path, origin, replica, replica_lines="workers = 2\n")
+    result = ok(tmp_path, "-vv", "--log-format", "json", "sync")
+    assert "copied 120 files" in result.stdout
+    assert_replicated(origin, replica, content)
+    helpers = [json.loads(line) for line in result.stderr.splitlines()
+               if '"copy helper"' in line]
+    assert helpers and all(h["spare"] for h in helpers), result.stderr
+    assert len(helpers) <= min(2, os.cpu_count() or 1)
+
+
+def test_how_many_copy_helpers_sync_starts_ahead(tmp_path: Path) -> None:
+    """One per worker of each local replica with a local origin, at most one per core;
+    none for other commands, dry runs, SSH replicas, or a config that does not load."""
+    from replicator import cli as cli_module
+
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    cores = os.cpu_count() or 1
+
+    def wanted(config: str, *args: str) -> int:
+        (tmp_path / "replicator.toml").write_text(config)
+        parsed = cli_module.build_parser().parse_args(
+            ["-c", str(tmp_path / "replicator.toml"), *args])
+        return cli_module._copy_helpers_wanted(parsed)
+
+    base = (f'[inventory]\npath = "inv.db"\n[origins.raw]\npath = {json.dumps(str(origin))}\n'
+            f'[replicas."{tmp_path}/a"]\nname = "a"\nworkers = 1\n')
+    assert wanted(base, "sync") == 1
+    assert wanted(base, "sync", "--dry-run") == 0
+    assert wanted(base, "scan") == 0
+    assert wanted(base, "status") == 0
+    two = base + f'[replicas."{tmp_path}/b"]\nname = "b"\nworkers = 4\n'
+    assert wanted(two, "sync") == min(1 + min(4, cores), cores)
+    assert wanted(two, "sync", "--replica", "a") == 1
+    ssh = base.replace(f'[replicas."{tmp_path}/a"]', '[replicas."ssh://user@example.org/a"]')
+    assert wanted(ssh, "sync") == 0
+    remote = base.replace(json.dumps(str(origin)), '"ssh://user@example.org/data"')
+    assert wanted(remote, "sync") == 0
+    assert wanted(base + "[bogus]\n", "sync") == 0
+    assert wanted("not toml [", "sync") == 0
+
+
+def test_the_command_line_imports_the_engine_only_when_a_command_needs_it() -> None:
+    """What lets ``sync`` start its copy helpers before the engine's modules are imported:
+    importing the command line (and the package) imports none of them."""
+    heavy = ["structlog", "aiosqlite", "rich", "asyncssh", "replicator._engine",
+             "replicator._replicator", "replicator._inventory", "replicator._events",
+             "replicator.transports._local"]
+    code = (f"import sys, replicator.cli\nprint([m for m in {heavy!r} if m in sys.modules])\n"
+            "import replicator\nassert replicator.Replicator.__name__ == 'Replicator'\n"
+            "assert set(replicator.__all__) <= set(dir(replicator))\n"
+            "print('replicator._replicator' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
+
+
+def test_the_package_exports_every_name_of_its_all() -> None:
+    import replicator
+    import replicator.transports
+
+    for package in (replicator, replicator.transports):
+        for name in package.__all__:
+            assert getattr(package, name) is not None, name
+        with pytest.raises(AttributeError, match="no_such_name"):
+            package.no_such_name  # noqa: B018
+    from replicator import _walk  # a submodule not imported before
+
+    assert _walk.__name__ == "replicator._walk"
+
+
 # -- 4. exit code 3: an unavailable replica ---------------------------------------------------
 
 

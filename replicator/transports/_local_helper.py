@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import anyio
 import structlog
@@ -29,29 +27,9 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from .._errors import ErrorClass, FileError
 from ._base import Progress, PutRequest, PutResult, PutStatus
 from ._copy_worker import HEAD, Row, frame, read_length
+from ._spare_helpers import start_helper, stop_helper, take_spare
 
 log = structlog.get_logger("replicator.transports.local")
-
-# A helper told to stop gets this long to remove its temp files before it is killed.
-STOP_GRACE = 10.0
-
-# The helper imports the same package as this process, but not the packages' __init__
-# modules (they import the engine, structlog, aiosqlite...): placeholders stand in for them,
-# unless something imported the real ones first (a test's fault-injecting sitecustomize).
-_PACKAGE = Path(__file__).resolve().parents[1]
-_BOOTSTRAP = f"""
-import sys, types
-sys.path.insert(0, {str(_PACKAGE.parent)!r})
-for name, folder in (("replicator", {str(_PACKAGE)!r}),
-                     ("replicator.transports", {str(_PACKAGE / "transports")!r}),
-                     ("replicator._inventory", {str(_PACKAGE / "_inventory")!r})):
-    if name not in sys.modules:
-        package = types.ModuleType(name)
-        package.__path__ = [folder]
-        sys.modules[name] = package
-from replicator.transports._copy_worker import serve
-serve()
-"""
 
 
 class CopyHelper:
@@ -75,11 +53,15 @@ class CopyHelper:
         """Start the helper unless it runs (or cannot run). Never raises."""
         if self._process is not None or self.broken is not None:
             return
-        try:
-            process = await anyio.open_process([sys.executable, "-c", _BOOTSTRAP], stderr=None)
-        except OSError as exc:
-            self._give_up(f"copy helper did not start: {exc}")
-            return
+        process = take_spare()
+        spare = process is not None
+        if process is None:
+            try:
+                process = await start_helper()
+            except OSError as exc:
+                self._give_up(f"copy helper did not start: {exc}")
+                return
+        log.debug("copy helper", pid=process.pid, spare=spare, root=os.fsdecode(self._root))
         assert process.stdout is not None
         self._process = process
         self._stdout = BufferedByteReceiveStream(process.stdout)
@@ -167,13 +149,7 @@ class CopyHelper:
                     await process.stdin.aclose()  # end of input: it exits
                 self._stopping.append(process)
             for stopping in self._stopping:
-                with anyio.move_on_after(STOP_GRACE):
-                    await stopping.wait()
-                if stopping.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        stopping.kill()
-                    await stopping.wait()
-                await stopping.aclose()
+                await stop_helper(stopping)
             self._stopping.clear()
 
 
