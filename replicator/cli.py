@@ -559,8 +559,10 @@ def _raise_open_files_limit() -> None:
 
 
 def _copy_helpers_wanted(args: argparse.Namespace) -> int:
-    """How many copy helpers ``sync`` will start: its local replicas', at most one per core.
-    None for other commands, a dry run, or a config that does not load (``sync`` says why)."""
+    """How many copy helpers ``sync`` starts ahead: its local replicas' (one per worker), at
+    most one per core but this process's. None for other commands, a dry run, or a config
+    that does not load (``sync`` says why). More would only compete with this process's
+    imports; a replica starts the others when it needs them, as it would without spares."""
     if args.func is not cmd_sync or args.dry_run:
         return 0
     try:
@@ -571,7 +573,7 @@ def _copy_helpers_wanted(args: argparse.Namespace) -> int:
     wanted = sum(min(replica.workers, cores) for replica in config.replicas
                  if replica.scheme == "file" and (not args.replica or replica.name in args.replica)
                  and any(not origin.remote for origin in config.origins_for(replica)))
-    return min(wanted, cores)
+    return min(wanted, cores - 1)
 
 
 async def _run_async(args: argparse.Namespace) -> int:

@@ -19,8 +19,8 @@ from replicator.transports import (
     PutRequest,
     PutResult,
     PutStatus,
+    _spare_helpers,
 )
-from replicator.transports import _spare_helpers
 from replicator.transports._local_helper import CopyHelper
 
 pytestmark = pytest.mark.anyio
