@@ -26,7 +26,8 @@ STOP_GRACE = 10.0
 # (a test's fault-injecting sitecustomize).
 _PACKAGE = Path(__file__).resolve().parents[1]
 _BOOTSTRAP = f"""
-import sys, types
+import signal, sys, types
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's, also while it starts
 sys.path.insert(0, {str(_PACKAGE.parent)!r})
 for name, folder in (("replicator", {str(_PACKAGE)!r}),
                      ("replicator.transports", {str(_PACKAGE / "transports")!r}),
