@@ -13,6 +13,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -27,7 +28,8 @@ from ._config import Config, OriginConfig, load_config
 from ._config_edit import append_replica, remove_replica, render_initial_config
 from ._errors import ConfigError, EngineLockedError, InventoryError, ReplicatorError
 from ._version import __version__
-from .transports._spare_helpers import spare_copy_helpers
+from .transports._spares import spare_processes
+from .transports._ssh_options import openssh_argv, options_for, receiver_command
 
 # The engine's modules (structlog, aiosqlite, the engine, the transports) are imported where
 # a command first needs them: ``sync`` starts its copy helpers first (see ``_run_async``).
@@ -558,27 +560,40 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def _copy_helpers_wanted(args: argparse.Namespace) -> int:
-    """How many copy helpers ``sync`` starts ahead: its local replicas' (one per worker), at
-    most one per core but this process's. None for other commands, a dry run, or a config
-    that does not load (``sync`` says why). More would only compete with this process's
-    imports; a replica starts the others when it needs them, as it would without spares."""
-    if args.func is not cmd_sync or args.dry_run:
-        return 0
+def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
+    """What ``sync --once`` starts before it imports the engine (``transports._spares``):
+    copy helpers for its local replicas (one per worker, at most one per core but this
+    process's: more would only compete with its imports; a replica starts the others when it
+    needs them), and for each SSH replica that may use the OpenSSH client the session it
+    would start first. Nothing for other commands, a dry run, a continuous run (spares would
+    wait for work for as long as it runs), an SSH replica whose host keys are not checked, or
+    a config that does not load (``sync`` says why)."""
+    if args.func is not cmd_sync or args.dry_run or args.continuous:
+        return 0, []
     try:
         config = _load(args)
     except (ConfigError, OSError):
-        return 0
+        return 0, []
     cores = os.cpu_count() or 1
-    wanted = sum(min(replica.workers, cores) for replica in config.replicas
-                 if replica.scheme == "file" and (not args.replica or replica.name in args.replica)
-                 and any(not origin.remote for origin in config.origins_for(replica)))
-    return min(wanted, cores - 1)
+    helpers = 0
+    sessions: list[list[str]] = []
+    for replica in config.replicas:
+        if args.replica and replica.name not in args.replica:
+            continue
+        if replica.scheme == "file":
+            if any(not origin.remote for origin in config.origins_for(replica)):
+                helpers += min(replica.workers, cores)
+        elif (replica.scheme == "ssh" and replica.transfer in ("auto", "openssh")
+              and not replica.insecure_skip_host_key_check and shutil.which("ssh")):
+            command = receiver_command(os.fsencode(replica.remote_path))
+            sessions.append(openssh_argv(options_for(replica), command))
+    return min(helpers, cores - 1), sessions
 
 
 async def _run_async(args: argparse.Namespace) -> int:
-    # Copy helpers first: they start on the other core while this one imports the engine.
-    async with spare_copy_helpers(_copy_helpers_wanted(args)):
+    # Spares first: they start on the other core while this one imports the engine.
+    helpers, sessions = _spares_wanted(args)
+    async with spare_processes(helpers, sessions):
         from . import _cli_logging
 
         _cli_logging.configure(args.verbose, args.log_format)

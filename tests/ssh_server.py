@@ -24,7 +24,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from replicator.transports._ssh_conn import SshOptions
+from replicator.transports._ssh_options import SshOptions
 
 SSHD = "/usr/sbin/sshd"
 

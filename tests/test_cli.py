@@ -417,44 +417,76 @@ def test_sync_copies_in_helpers_started_before_the_engine_is_imported(
     assert_replicated(origin, replica, content)
     helpers = [json.loads(line) for line in result.stderr.splitlines()
                if '"copy helper"' in line]
-    spares = min(2, (os.cpu_count() or 1) - 1)
-    assert helpers, result.stderr
-    assert len(helpers) <= 2, result.stderr
-    assert [h["spare"] for h in helpers][:spares] == [True] * spares, result.stderr
-    assert [h["spare"] for h in helpers][spares:] == [False] * (len(helpers) - spares)
+    spares = [h["spare"] for h in helpers]
+    # The first helper is the spare (on a machine with a core for it); any later one is
+    # started when a batch finds the first busy.
+    assert spares[:1] == [(os.cpu_count() or 1) > 1], result.stderr
+    assert spares[1:] == [False] * (len(spares) - 1), result.stderr
+
+    # And the spares start before the engine's modules are imported.
+    driver = ("import sys\n"
+              "import replicator.transports._spares as spares\n"
+              "real = spares.spare_processes\n"
+              "def watching(*args, **kwargs):\n"
+              "    print('engine imported:', 'replicator._engine' in sys.modules, flush=True)\n"
+              "    return real(*args, **kwargs)\n"
+              "spares.spare_processes = watching\n"
+              "import replicator.cli\n"
+              "raise SystemExit(replicator.cli.main(sys.argv[1:]))\n")
+    write(origin / "later.dat", b"later")
+    backdate(origin)
+    done = subprocess.run([sys.executable, "-c", driver, "sync"], cwd=tmp_path, env=cli_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("engine imported: False\n"), done.stdout
+    assert "copied 1 files" in done.stdout
 
 
-def test_how_many_copy_helpers_sync_starts_ahead(tmp_path: Path) -> None:
-    """One per worker of each local replica with a local origin, at most one per core but
-    the command's own; none for other commands, dry runs, SSH replicas, or a config that
-    does not load."""
+def test_what_sync_starts_ahead(tmp_path: Path) -> None:
+    """Copy helpers: one per worker of each local replica with a local origin, at most one
+    per core but the command's own. SSH sessions: the first one of each replica that may use
+    the OpenSSH client with its host keys checked. Nothing for other commands, dry or
+    continuous runs, or a config that does not load."""
     from replicator import cli as cli_module
 
     origin = tmp_path / "origin"
     origin.mkdir()
     room = (os.cpu_count() or 1) - 1  # a core for the command itself
 
-    def wanted(config: str, *args: str) -> int:
+    def wanted(config: str, *args: str) -> tuple[int, list[list[str]]]:
         (tmp_path / "replicator.toml").write_text(config)
         parsed = cli_module.build_parser().parse_args(
             ["-c", str(tmp_path / "replicator.toml"), *args])
-        return cli_module._copy_helpers_wanted(parsed)
+        return cli_module._spares_wanted(parsed)
 
     base = (f'[inventory]\npath = "inv.db"\n[origins.raw]\npath = {json.dumps(str(origin))}\n'
             f'[replicas."{tmp_path}/a"]\nname = "a"\nworkers = 1\n')
-    assert wanted(base, "sync") == min(1, room)
-    assert wanted(base, "sync", "--dry-run") == 0
-    assert wanted(base, "scan") == 0
-    assert wanted(base, "status") == 0
+    assert wanted(base, "sync") == (min(1, room), [])
+    for other in (["sync", "--dry-run"], ["sync", "--continuous"], ["scan"], ["status"]):
+        assert wanted(base, *other) == (0, []), other
     two = base + f'[replicas."{tmp_path}/b"]\nname = "b"\nworkers = 4\n'
-    assert wanted(two, "sync") == min(1 + min(4, room), room)
-    assert wanted(two, "sync", "--replica", "a") == min(1, room)
-    ssh = base.replace(f'[replicas."{tmp_path}/a"]', '[replicas."ssh://user@example.org/a"]')
-    assert wanted(ssh, "sync") == 0
+    assert wanted(two, "sync") == (min(1 + min(4, room + 1), room), [])
+    assert wanted(two, "sync", "--replica", "a") == (min(1, room), [])
     remote = base.replace(json.dumps(str(origin)), '"ssh://user@example.org/data"')
-    assert wanted(remote, "sync") == 0
-    assert wanted(base + "[bogus]\n", "sync") == 0
-    assert wanted("not toml [", "sync") == 0
+    assert wanted(remote, "sync") == (0, [])
+    assert wanted(base + "[bogus]\n", "sync") == (0, [])
+    assert wanted("not toml [", "sync") == (0, [])
+
+    ssh = base.replace(f'[replicas."{tmp_path}/a"]',
+                       '[replicas."ssh://user@example.org:2222/srv/a b"]')
+    ssh += f'known_hosts = "{tmp_path}/kh"\n'
+    helpers, (argv,) = wanted(ssh, "sync")
+    assert helpers == 0
+    assert argv[0] == "ssh"
+    assert argv[argv.index("--") + 1:-1] == ["example.org"]
+    assert "StrictHostKeyChecking=yes" in argv
+    assert f"UserKnownHostsFile={tmp_path}/kh" in argv
+    assert argv[-1].endswith(" '/srv/a b'")  # the receiver's root, quoted for the shell
+    for setting in ('transfer = "sftp"\n', 'transfer = "asyncssh"\n',
+                    "insecure_skip_host_key_check = true\n"):
+        assert wanted(ssh + setting, "sync") == (0, []), setting
+    assert len(wanted(ssh + 'transfer = "openssh"\n', "sync")[1]) == 1
+    assert wanted(ssh, "sync", "--replica", "nothing-here") == (0, [])
 
 
 def test_the_command_line_imports_the_engine_only_when_a_command_needs_it() -> None:
@@ -466,7 +498,8 @@ def test_the_command_line_imports_the_engine_only_when_a_command_needs_it() -> N
     code = (f"import sys, replicator.cli\nprint([m for m in {heavy!r} if m in sys.modules])\n"
             "import replicator\nassert replicator.Replicator.__name__ == 'Replicator'\n"
             "assert set(replicator.__all__) <= set(dir(replicator))\n"
-            "print('replicator._replicator' in sys.modules)")
+            "print('replicator._replicator' in sys.modules)\n"
+            "from replicator import _walk\nassert _walk.__name__ == 'replicator._walk'\n")
     result = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True,
                             text=True, timeout=60, check=True)
     assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
@@ -481,9 +514,6 @@ def test_the_package_exports_every_name_of_its_all() -> None:
             assert getattr(package, name) is not None, name
         with pytest.raises(AttributeError, match="no_such_name"):
             package.no_such_name  # noqa: B018
-    from replicator import _walk  # a submodule not imported before
-
-    assert _walk.__name__ == "replicator._walk"
 
 
 # -- 4. exit code 3: an unavailable replica ---------------------------------------------------

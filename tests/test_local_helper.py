@@ -19,7 +19,7 @@ from replicator.transports import (
     PutRequest,
     PutResult,
     PutStatus,
-    _spare_helpers,
+    _spares,
 )
 from replicator.transports._local_helper import CopyHelper
 
@@ -240,13 +240,13 @@ async def test_prepare_starts_the_first_helper(tmp_path: Path,
         assert len(spawned) == 1
 
 
-async def test_spare_helpers_are_taken_first_and_the_others_stopped(tmp_path: Path) -> None:
+async def test_spares_are_taken_first_and_the_others_stopped(tmp_path: Path) -> None:
     """Helpers started ahead (as the command line does) are the ones a replica's batches
     run in; those not taken are stopped when the block ends, without waiting for them."""
     root = tmp_path / "replica"
     root.mkdir()
-    async with _spare_helpers.spare_copy_helpers(3):
-        spares = list(_spare_helpers._spares)
+    async with _spares.spare_processes(3):
+        spares = list(_spares._helpers)
         assert len(spares) == 3
         transport = LocalTransport(str(root), anyio.CapacityLimiter(2), helpers=1)
         try:
@@ -254,12 +254,12 @@ async def test_spare_helpers_are_taken_first_and_the_others_stopped(tmp_path: Pa
             assert [r.status for r in results] == [PutStatus.COPIED] * 40
             taken = transport._helpers[0]._process
             assert taken in spares
-            assert taken not in _spare_helpers._spares
-            assert len(_spare_helpers._spares) == 2
+            assert taken not in _spares._helpers
+            assert len(_spares._helpers) == 2
         finally:
             await transport.aclose()
         assert taken.returncode == 0  # its replica stopped it: end of input
-    assert _spare_helpers._spares == []
+    assert _spares._helpers == []
     assert all(p.returncode is not None for p in spares)
     assert len(list((root / "out").iterdir())) == 40
 

@@ -31,7 +31,7 @@ from replicator import (
     load_config,
 )
 from replicator._config import validate_config
-from replicator.transports._ssh_conn import SshOptions
+from replicator.transports._ssh_options import SshOptions
 from replicator.transports._ssh_source import RemoteFolder, SshSource
 
 pytestmark = pytest.mark.anyio

@@ -8,9 +8,11 @@ a partial file under its final name, and no temp file left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,10 +35,12 @@ from test_ssh import (
 )
 from test_transport_conformance import request_for
 
+from replicator import load_config
 from replicator.transports import Progress, PutStatus, _receiver
 from replicator.transports import _ssh as ssh_transport
 from replicator.transports._ssh import SshTransport
-from replicator.transports._ssh_carriers import Carrier, OpensshCarrier, StreamLost, openssh_argv
+from replicator.transports._ssh_carriers import Carrier, OpensshCarrier, StreamLost
+from replicator.transports._ssh_options import openssh_argv
 from replicator.transports._ssh_stream import StreamSession
 
 pytestmark = pytest.mark.anyio
@@ -121,6 +125,37 @@ async def test_a_host_without_python3_falls_back_to_sftp(tmp_path: Path, carrier
     warnings = [e for e in logs if "did not start" in e["event"]]
     assert len(warnings) == 1
     assert "SFTP" in warnings[0]["event"]
+
+
+async def test_sync_takes_the_session_it_started_before_the_engine(tmp_path: Path) -> None:
+    """``replicator sync`` starts its SSH replica's first receiver session (the OpenSSH
+    client) before it imports the engine; the replica takes that session once its own login
+    passed the host key check, and copies every file through it."""
+    origin = tmp_path / "origin"
+    files = make_origin(origin)
+    async with sftp_server(tmp_path / "server", commands=True) as server:
+        replica = server.root / "replica"
+        replica.mkdir()
+        env = {**os.environ, "REPLICATOR_CONFIG": str(tmp_path / "replicator.toml")}
+
+        async def cli(*args: str) -> str:
+            done = await anyio.run_process([sys.executable, "-m", "replicator", *args],
+                                           cwd=tmp_path, env=env, check=False)
+            assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
+            return done.stderr.decode()
+
+        await cli("init", "--origin", str(origin))
+        # The receiver runs in a real shell, not chrooted as SFTP is: a home-relative root.
+        await cli("add-replica", server.url("/~/replica"), "--identity-file",
+                  str(server.keys.client_key), "--known-hosts", str(server.keys.known_hosts))
+        logs = await cli("-vv", "--log-format", "json", "sync", "--once")
+        host = load_config(tmp_path / "replicator.toml").origins[0].host
+        for name, data in files.items():
+            assert (replica / host / str(origin / name).lstrip("/")).read_bytes() == data
+        assert temp_files(replica) == []
+    events = [json.loads(line)["event"] for line in logs.splitlines() if line.startswith("{")]
+    assert "receiver session from a spare" in events, logs
+    assert "receiver session started" in events
 
 
 # --- real filesystems on the far side (OpenSSH sshd) ---------------------------------------

@@ -1,9 +1,9 @@
 """The copy helper's process: batches in on stdin, progress and results out on stdout.
 
-Started by ``_local_helper.CopyHelper``. It imports this module, ``_local_batch`` and the
-package's plain types only (the bootstrap in ``CopyHelper.start`` keeps the packages'
-``__init__`` modules, which import the whole engine, from running): a helper is ready in a
-few hundredths of a second instead of a few tenths.
+Started by ``_local_helper.CopyHelper``, or ahead of need by the command line (``_spares``,
+whose bootstrap starts it). It imports this module, ``_local_batch`` and the package's plain
+types only (the bootstrap keeps the packages' ``__init__`` modules from running): a helper is
+ready in a few hundredths of a second.
 """
 
 from __future__ import annotations

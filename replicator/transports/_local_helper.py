@@ -27,7 +27,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from .._errors import ErrorClass, FileError
 from ._base import Progress, PutRequest, PutResult, PutStatus
 from ._copy_worker import HEAD, Row, frame, read_length
-from ._spare_helpers import start_helper, stop_helper, take_spare
+from ._spares import start_helper, stop_helper, take_spare_helper
 
 log = structlog.get_logger("replicator.transports.local")
 
@@ -53,7 +53,7 @@ class CopyHelper:
         """Start the helper unless it runs (or cannot run). Never raises."""
         if self._process is not None or self.broken is not None:
             return
-        process = take_spare()
+        process = take_spare_helper()
         spare = process is not None
         if process is None:
             try:

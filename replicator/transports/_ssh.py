@@ -49,23 +49,21 @@ from ._base import (
 from ._errors import file_error
 from ._local_batch import TEMP_RE, temp_name
 from ._paths import confine, copy_mode
+from ._spares import take_spare_session
 from ._ssh_carriers import (
     AsyncsshCarrier,
     Carrier,
     OpensshCarrier,
     StreamLost,
-    openssh_argv,
 )
 from ._ssh_conn import (
     CLEANUP_TIMEOUT,
     WHOLE_SECOND,
-    SshOptions,
     _acquire_pool,
     _Conn,
     _Pool,
     _release_pool,
     _show,
-    options_for,
     sftp_op,
 )
 from ._ssh_files import (
@@ -77,6 +75,7 @@ from ._ssh_files import (
     _read,
     _Source,
 )
+from ._ssh_options import SshOptions, openssh_argv, options_for, receiver_command
 from ._ssh_stream import (
     ABORT,
     COMMIT,
@@ -84,7 +83,6 @@ from ._ssh_stream import (
     StreamSession,
     data_header,
     file_frame,
-    receiver_command,
     result_error,
 )
 
@@ -274,7 +272,9 @@ class SshTransport:
 
         They start as soon as the SFTP login has passed the host key check, while it
         authenticates and starts SFTP: a host that must not be trusted is refused (and
-        remembered) by that login before any other client knocks on it.
+        remembered) by that login before any other session is used. (The command line's
+        spare session, ``_spares``, knocks earlier, with the same host key rules: OpenSSH
+        refuses an unknown or changed key before it authenticates.)
         """
         if not self._carriers or self._sessions or self._live:
             return
@@ -598,8 +598,14 @@ class SshTransport:
                     if self.options.insecure:  # a connection of its own: warned as any other
                         self._log.warning("host key NOT verified"
                                           " (insecure_skip_host_key_check = true)")
-                    carrier: Carrier = await OpensshCarrier.open(
-                        openssh_argv(self.options, command), self._op_timeout)
+                    argv = openssh_argv(self.options, command)
+                    # Started by the command line before the engine was imported: the same
+                    # command, its login well under way (see _spares).
+                    spare = take_spare_session(argv)
+                    if spare is not None:
+                        self._log.debug("receiver session from a spare", pid=spare.pid)
+                    carrier: Carrier = (OpensshCarrier(spare, self._op_timeout) if spare
+                                        else await OpensshCarrier.open(argv, self._op_timeout))
                 else:
                     conn = await self._connected()
                     carrier = await AsyncsshCarrier.open(conn.conn, command, self._op_timeout)

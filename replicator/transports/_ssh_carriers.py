@@ -10,33 +10,29 @@ and no prompts. Each write and read is bounded by the operation timeout.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import subprocess
 from collections.abc import Callable
 from contextlib import suppress
-from math import ceil
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import anyio
 import asyncssh
 
+from ._ssh_options import spawn_ssh
+
 if TYPE_CHECKING:
     from ._base import Progress
-    from ._ssh_conn import SshOptions
 
 # Channel window and packet size for asyncssh: the 2 MiB default window caps one channel at
 # 2 MiB per round trip (20 MB/s at 100 ms), and large packets cut per-packet work.
 WINDOW = 16 << 20
 PACKET = 256 << 10
-PIPE_SIZE = 1 << 20
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 T = TypeVar("T")
 # Bytes of a large file per thread call into ssh's pipe: each call is bounded by the
 # operation timeout, so it must fit in it at the slowest link's speed.
 FILE_CALL = 8 << 20
-_GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 # What ssh says when the connection went away before or during the login.
 _DROPPED = re.compile(r"Connection (closed|reset|timed out)|kex_exchange_identification"
                       r"|Broken pipe|banner exchange")
@@ -81,33 +77,6 @@ class Carrier(Protocol):
 
     async def quit(self) -> None:
         """End politely (the receiver is told to exit), bounded in time."""
-
-
-def _quote_option(value: str) -> str:
-    # ssh splits -o values on whitespace (UserKnownHostsFile takes several files).
-    return f'"{value}"' if any(c.isspace() for c in value) else value
-
-
-def openssh_argv(o: SshOptions, command: str) -> list[str]:
-    """The ``ssh`` command line running ``command`` with the transport's own rules."""
-    argv = ["ssh", "-T", "-x", "-a", "-o", "BatchMode=yes", "-o", "ClearAllForwardings=yes",
-            "-o", "ControlPath=none", "-o", f"ConnectTimeout={ceil(o.connect_timeout)}",
-            "-o", f"ServerAliveInterval={ceil(o.keepalive_interval)}",
-            "-o", f"ServerAliveCountMax={o.keepalive_count_max}", "-o", f"Ciphers={_GCM_FIRST}"]
-    if o.insecure:
-        argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                 "-o", "LogLevel=ERROR"]
-    else:
-        argv += ["-o", "StrictHostKeyChecking=yes",
-                 "-o", f"UserKnownHostsFile={_quote_option(o.known_hosts_path)}",
-                 "-o", "GlobalKnownHostsFile=/dev/null"]
-    if o.identity_file:
-        argv += ["-i", o.identity_file, "-o", "IdentitiesOnly=yes"]
-    if o.port:
-        argv += ["-p", str(o.port)]
-    if o.user:
-        argv += ["-l", o.user]
-    return [*argv, "--", o.host, command]
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -163,7 +132,7 @@ class OpensshCarrier:
     @classmethod
     async def open(cls, argv: list[str], op_timeout: float) -> OpensshCarrier:
         try:
-            proc = await anyio.to_thread.run_sync(_spawn, argv)
+            proc = await anyio.to_thread.run_sync(spawn_ssh, argv)
         except OSError as exc:
             raise StreamLost(f"cannot run ssh: {exc}") from None
         return cls(proc, op_timeout)
@@ -262,16 +231,6 @@ class OpensshCarrier:
                     await anyio.to_thread.run_sync(_reap, self._proc, 2.0,
                                                    abandon_on_cancel=True)
         self.close()
-
-
-def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
-    # Buffered pipes (replies are read by line); writes bypass the buffer (os.write).
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    assert proc.stdin is not None
-    with suppress(OSError):  # a larger pipe: fewer hand-offs per MiB
-        fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
-    return proc
 
 
 def _reap(proc: subprocess.Popen[bytes], seconds: float) -> None:

@@ -1,4 +1,4 @@
-"""Connections to one SSH host, shared by replicas and origins on it: options, the pool of
+"""Connections to one SSH host, shared by replicas and origins on it: the pool of
 logins (reused, reopened when dropped, a refused host key remembered), and the mapping of
 SFTP status codes into replicator's error classes."""
 
@@ -9,21 +9,19 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import anyio
 import asyncssh
 import structlog
 
-from .._config import OriginConfig, ReplicaConfig
 from .._errors import ErrorClass, FileError, ReplicaUnavailableError
+from ._ssh_options import GCM_FIRST, SshOptions
 
 log = structlog.get_logger("replicator.transports.ssh")
 
 # Cleanup after cancellation or failure must not hang on a dead server.
 CLEANUP_TIMEOUT = 5.0
 WHOLE_SECOND = 1_000_000_000
-_GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 
 _PERMISSION = {asyncssh.FX_PERMISSION_DENIED, asyncssh.FX_WRITE_PROTECT}
 _NO_SPACE = {asyncssh.FX_NO_SPACE_ON_FILESYSTEM, asyncssh.FX_QUOTA_EXCEEDED}
@@ -85,36 +83,6 @@ def sftp_op(conn: _Conn, discard: Callable[[_Conn], None], label: str, seconds: 
 
 
 # --- connections ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SshOptions:
-    """How to reach one SSH host; equal options share one connection pool."""
-
-    host: str
-    port: int | None = None
-    user: str | None = None
-    identity_file: str | None = None
-    known_hosts: str | None = None
-    insecure: bool = False
-    connect_timeout: float = 30.0
-    connections: int = 2
-    keepalive_interval: float = 15.0
-    keepalive_count_max: int = 3
-
-    @property
-    def where(self) -> str:
-        user = f"{self.user}@" if self.user else ""
-        port = f":{self.port}" if self.port else ""
-        return f"{user}{self.host}{port}"
-
-    @property
-    def known_hosts_path(self) -> str:
-        return self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
-
-    def keyscan_hint(self) -> str:
-        port = f"-p {self.port} " if self.port else ""
-        return f"ssh-keyscan {port}{self.host} >> {self.known_hosts_path}"
 
 
 class _Conn:
@@ -246,7 +214,7 @@ class _Pool:
                     o.host, port=o.port or (), username=o.user or (),
                     client_factory=lambda: _Client(self),
                     client_keys=[o.identity_file] if o.identity_file else (),
-                    known_hosts=known_hosts, encryption_algs=_GCM_FIRST,
+                    known_hosts=known_hosts, encryption_algs=GCM_FIRST,
                     keepalive_interval=o.keepalive_interval,
                     keepalive_count_max=o.keepalive_count_max,
                     connect_timeout=o.connect_timeout,
@@ -297,13 +265,3 @@ def _release_pool(pool: _Pool) -> None:
         pool.close()
         if _POOLS.get(pool.options) is pool:
             del _POOLS[pool.options]
-
-
-def options_for(config: ReplicaConfig | OriginConfig) -> SshOptions:
-    """Connection options of an ssh:// replica or origin (both carry the same keys)."""
-    return SshOptions(
-        host=config.ssh_host, port=config.ssh_port, user=config.ssh_user,
-        identity_file=config.identity_file, known_hosts=config.known_hosts,
-        insecure=config.insecure_skip_host_key_check,
-        connect_timeout=config.connect_timeout, connections=config.connections,
-    )

@@ -32,15 +32,14 @@ from ._base import Progress, SourceStat
 from ._ssh_conn import (
     CLEANUP_TIMEOUT,
     WHOLE_SECOND,
-    SshOptions,
     _acquire_pool,
     _Conn,
     _Pool,
     _release_pool,
     _show,
-    options_for,
     sftp_op,
 )
+from ._ssh_options import SshOptions, options_for
 
 log = structlog.get_logger("replicator.transports.ssh_source")
 

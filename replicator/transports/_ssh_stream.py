@@ -13,15 +13,14 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shlex
 import struct
 import time
-from pathlib import Path
 
 from .._errors import ErrorClass, FileError
 from ._base import Progress
 from ._errors import file_error
 from ._ssh_carriers import Carrier, StreamLost
+from ._ssh_options import RECEIVER_SOURCE
 
 _FILE = struct.Struct("!cIIqHH")
 _WHOLE = struct.Struct("!cIIqHHI")
@@ -32,19 +31,6 @@ FLUSHING = b"flushing\n"
 PONG = b"pong\n"
 DATA_CHUNK = 1 << 20
 
-_SOURCE = (Path(__file__).with_name("_receiver.py")).read_bytes()
-
-
-def receiver_command(root: bytes) -> str:
-    """One shell line: python3 reads the receiver's source from stdin, then serves."""
-    # Read exactly the source from the descriptor (a buffered read could take frames that
-    # follow it, which the receiver reads from the same descriptor).
-    # One line (a csh login shell refuses newlines in quotes); the read loop is a lambda.
-    loader = ("import os;r=lambda n:(lambda d:d+r(n-len(d)) if 0<len(d)<n else d)"
-              f'(os.read(0,n));exec(compile(r({len(_SOURCE)}),"replicator-receiver","exec"))')
-    # -I -S: the standard library only, none of the host's site-packages, .pth files or
-    # PYTHON* variables (a start about 20 ms shorter, and none of them can break it).
-    return f"exec python3 -I -S -c {shlex.quote(loader)} {shlex.quote(os.fsdecode(root))}"
 
 
 def file_frame(seq: int, mode: int, mtime_ns: int, dest: bytes, tmp: bytes) -> bytes:
@@ -92,7 +78,7 @@ class StreamSession:
         session = cls(carrier)
         why = ""
         try:
-            await carrier.write(_SOURCE)
+            await carrier.write(RECEIVER_SOURCE)
             greeting = await carrier.readline()
         except StreamLost as exc:
             greeting, why = b"", str(exc)

@@ -1,0 +1,150 @@
+"""Processes started before a run needs them: local copy helpers and SSH receiver sessions.
+
+A copy helper is a Python interpreter (``_copy_worker``) that takes about 0.05 s of CPU to
+start; a receiver session through the OpenSSH client is a login and a ``python3`` on the
+host, half a second or more. ``replicator sync`` starts them first thing, and only then
+imports the engine's modules: that takes its process about 0.1 s on one core, while the
+helper starts on the other and the login goes on. A local replica takes a spare helper
+before it starts one itself (``CopyHelper.start``); an SSH replica takes a spare session
+only where it would start the same ``ssh`` command itself (``SshTransport``), so after its
+own login passed the host key check. Spares not taken are stopped when the run ends: they
+never had work, so there is nothing of theirs to clean up.
+
+Imports nothing but anyio, the standard library and ``_ssh_options``: it runs before the
+rest is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import anyio
+from anyio.abc import Process
+
+from ._ssh_options import spawn_ssh
+
+# A helper told to stop gets this long to remove its temp files before it is killed.
+STOP_GRACE = 10.0
+# An ssh client killed gets this long to be reaped.
+REAP_SECONDS = 5.0
+
+# The helper imports the same package as this process, but not the packages' __init__
+# modules: placeholders stand in for them, unless something imported the real ones first
+# (a test's fault-injecting sitecustomize).
+_PACKAGE = Path(__file__).resolve().parents[1]
+_BOOTSTRAP = f"""
+import signal, sys, types
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's, also while it starts
+sys.path.insert(0, {str(_PACKAGE.parent)!r})
+for name, folder in (("replicator", {str(_PACKAGE)!r}),
+                     ("replicator.transports", {str(_PACKAGE / "transports")!r}),
+                     ("replicator._inventory", {str(_PACKAGE / "_inventory")!r})):
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [folder]
+        sys.modules[name] = package
+from replicator.transports._copy_worker import serve
+serve()
+"""
+
+# Started and not yet taken; only ``spare_processes`` fills them.
+_helpers: list[Process] = []
+_sessions: list[tuple[tuple[str, ...], subprocess.Popen[bytes]]] = []
+_dead: list[Process] = []  # spare helpers found dead when taken: reaped at the end
+
+
+async def start_helper() -> Process:
+    """Start a copy helper process. Raises OSError when it cannot be started."""
+    return await anyio.open_process([sys.executable, "-c", _BOOTSTRAP], stderr=None)
+
+
+def take_spare_helper() -> Process | None:
+    """A copy helper started ahead, now the caller's; None if none is left alive."""
+    while _helpers:
+        process = _helpers.pop(0)
+        if process.returncode is None:
+            return process
+        _dead.append(process)
+    return None
+
+
+def take_spare_session(argv: Sequence[str]) -> subprocess.Popen[bytes] | None:
+    """An ``ssh`` process started ahead with exactly ``argv``, now the caller's (its
+    receiver not yet sent); None if there is none, or it already ended."""
+    for index, (started, proc) in enumerate(_sessions):
+        if started == tuple(argv):
+            del _sessions[index]
+            if proc.poll() is None:
+                return proc
+            _close_session(proc)
+            return None
+    return None
+
+
+async def stop_helper(process: Process) -> None:
+    """Wait for a helper told to stop (end of input or SIGTERM) to exit, at most
+    ``STOP_GRACE`` seconds, then kill it. Shielded from cancellation."""
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(STOP_GRACE):
+            await process.wait()
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        await process.aclose()
+
+
+def _close_session(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(REAP_SECONDS)
+
+
+@contextlib.asynccontextmanager
+async def spare_processes(helpers: int, sessions: Sequence[Sequence[str]] = ()
+                          ) -> AsyncIterator[None]:
+    """Start ``helpers`` copy helpers and an ``ssh`` process for each of ``sessions`` (an
+    ``openssh_argv``) for this process's replicas to take; those not taken are killed on
+    exit. One that cannot start is no error here: a replica that needs it starts its own as
+    usual (and says so if it cannot)."""
+    mine: list[Process] = []
+    ssh: list[subprocess.Popen[bytes]] = []
+    try:
+        for argv in sessions:
+            try:
+                proc = await anyio.to_thread.run_sync(spawn_ssh, list(argv))
+            except OSError:
+                break
+            ssh.append(proc)
+            _sessions.append((tuple(argv), proc))
+        for _ in range(helpers):
+            try:
+                process = await start_helper()
+            except OSError:
+                break
+            mine.append(process)
+            _helpers.append(process)
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            left = [process for process in mine if process in _helpers]
+            for process in left:
+                _helpers.remove(process)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+            for process in [*left, *_dead]:
+                await stop_helper(process)
+            _dead.clear()
+            unused = [proc for argv, proc in _sessions if proc in ssh]
+            _sessions[:] = [(argv, proc) for argv, proc in _sessions if proc not in ssh]
+            for proc in unused:
+                await anyio.to_thread.run_sync(_close_session, proc)

@@ -1,0 +1,118 @@
+"""How to reach an SSH host (``SshOptions``), and the OpenSSH client's command line that
+starts a receiver session with those options.
+
+Imports neither asyncssh nor the rest of the transport: the command line starts its first
+receiver session from here while the engine's modules are still being imported
+(``_spares``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shlex
+import subprocess
+from contextlib import suppress
+from dataclasses import dataclass
+from math import ceil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .._config import OriginConfig, ReplicaConfig
+
+GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+RECEIVER_SOURCE = (Path(__file__).with_name("_receiver.py")).read_bytes()
+
+
+@dataclass(frozen=True, slots=True)
+class SshOptions:
+    """How to reach one SSH host; equal options share one connection pool."""
+
+    host: str
+    port: int | None = None
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    insecure: bool = False
+    connect_timeout: float = 30.0
+    connections: int = 2
+    keepalive_interval: float = 15.0
+    keepalive_count_max: int = 3
+
+    @property
+    def where(self) -> str:
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"{user}{self.host}{port}"
+
+    @property
+    def known_hosts_path(self) -> str:
+        return self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+
+    def keyscan_hint(self) -> str:
+        port = f"-p {self.port} " if self.port else ""
+        return f"ssh-keyscan {port}{self.host} >> {self.known_hosts_path}"
+
+
+def options_for(config: ReplicaConfig | OriginConfig) -> SshOptions:
+    """Connection options of an ssh:// replica or origin (both carry the same keys)."""
+    return SshOptions(
+        host=config.ssh_host, port=config.ssh_port, user=config.ssh_user,
+        identity_file=config.identity_file, known_hosts=config.known_hosts,
+        insecure=config.insecure_skip_host_key_check,
+        connect_timeout=config.connect_timeout, connections=config.connections,
+    )
+
+
+def _quote_option(value: str) -> str:
+    # ssh splits -o values on whitespace (UserKnownHostsFile takes several files).
+    return f'"{value}"' if any(c.isspace() for c in value) else value
+
+
+def openssh_argv(o: SshOptions, command: str) -> list[str]:
+    """The ``ssh`` command line running ``command`` with the transport's own rules."""
+    argv = ["ssh", "-T", "-x", "-a", "-o", "BatchMode=yes", "-o", "ClearAllForwardings=yes",
+            "-o", "ControlPath=none", "-o", f"ConnectTimeout={ceil(o.connect_timeout)}",
+            "-o", f"ServerAliveInterval={ceil(o.keepalive_interval)}",
+            "-o", f"ServerAliveCountMax={o.keepalive_count_max}", "-o", f"Ciphers={GCM_FIRST}"]
+    if o.insecure:
+        argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                 "-o", "LogLevel=ERROR"]
+    else:
+        argv += ["-o", "StrictHostKeyChecking=yes",
+                 "-o", f"UserKnownHostsFile={_quote_option(o.known_hosts_path)}",
+                 "-o", "GlobalKnownHostsFile=/dev/null"]
+    if o.identity_file:
+        argv += ["-i", o.identity_file, "-o", "IdentitiesOnly=yes"]
+    if o.port:
+        argv += ["-p", str(o.port)]
+    if o.user:
+        argv += ["-l", o.user]
+    return [*argv, "--", o.host, command]
+
+
+def receiver_command(root: bytes) -> str:
+    """One shell line: python3 reads the receiver's source from stdin, then serves."""
+    # Read exactly the source from the descriptor (a buffered read could take frames that
+    # follow it, which the receiver reads from the same descriptor).
+    # One line (a csh login shell refuses newlines in quotes); the read loop is a lambda.
+    loader = ("import os;r=lambda n:(lambda d:d+r(n-len(d)) if 0<len(d)<n else d)"
+              f"(os.read(0,n));exec(compile(r({len(RECEIVER_SOURCE)}),"
+              '"replicator-receiver","exec"))')
+    # -I -S: the standard library only, none of the host's site-packages, .pth files or
+    # PYTHON* variables (a start about 20 ms shorter, and none of them can break it).
+    return f"exec python3 -I -S -c {shlex.quote(loader)} {shlex.quote(os.fsdecode(root))}"
+
+
+def spawn_ssh(argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start ``ssh`` (``openssh_argv``) in a session of its own, its pipes ours."""
+    # Buffered pipes (replies are read by line); writes bypass the buffer (os.write).
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    assert proc.stdin is not None
+    with suppress(OSError):  # a larger pipe: fewer hand-offs per MiB
+        fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
+    return proc
