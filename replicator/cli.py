@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 
-from ._config import Config, OriginConfig, load_config
+from ._config import Config, OriginConfig, ReplicaConfig, load_config
 from ._config_edit import append_replica, remove_replica, render_initial_config
 from ._errors import ConfigError, EngineLockedError, InventoryError, ReplicatorError
 from ._version import __version__
 from .transports._spares import spare_processes
-from .transports._ssh_options import openssh_argv, options_for, receiver_command
+from .transports._ssh_options import options_for, session_argv
 
 # The engine's modules (structlog, aiosqlite, the engine, the transports) are imported where
 # a command first needs them: ``sync`` starts its copy helpers first (see ``_run_async``).
@@ -561,13 +561,16 @@ def _raise_open_files_limit() -> None:
 
 
 def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
-    """What ``sync --once`` starts before it imports the engine (``transports._spares``):
-    copy helpers for its local replicas (one per worker, at most one per core but this
-    process's: more would only compete with its imports; a replica starts the others when it
-    needs them), and for each SSH replica that may use the OpenSSH client the session it
-    would start first. Nothing for other commands, a dry run, a continuous run (spares would
-    wait for work for as long as it runs), an SSH replica whose host keys are not checked, or
-    a config that does not load (``sync`` says why)."""
+    """What ``sync --once`` starts before it imports the engine (``transports._spares``).
+
+    Copy helpers for its local replicas with a local origin: one per worker, at most one
+    per core but this process's (more would only compete with its imports; a replica starts
+    the others when it needs them). And the first receiver session of each SSH replica that
+    may use the OpenSSH client with host keys checked, and that the inventory says has work
+    (new to it, or copies waiting): a login on the host is not spent on a run that may have
+    nothing to copy there; one per host, user and port (sshd limits logins in progress).
+    Nothing for other commands, a dry run, a continuous run (spares would wait for work as
+    long as it runs), or a config that does not load (``sync`` says why)."""
     if args.func is not cmd_sync or args.dry_run or args.continuous:
         return 0, []
     try:
@@ -576,7 +579,7 @@ def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
         return 0, []
     cores = os.cpu_count() or 1
     helpers = 0
-    sessions: list[list[str]] = []
+    ssh: list[ReplicaConfig] = []
     for replica in config.replicas:
         if args.replica and replica.name not in args.replica:
             continue
@@ -584,9 +587,19 @@ def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
             if any(not origin.remote for origin in config.origins_for(replica)):
                 helpers += min(replica.workers, cores)
         elif (replica.scheme == "ssh" and replica.transfer in ("auto", "openssh")
-              and not replica.insecure_skip_host_key_check and shutil.which("ssh")):
-            command = receiver_command(os.fsencode(replica.remote_path))
-            sessions.append(openssh_argv(options_for(replica), command))
+              and not replica.insecure_skip_host_key_check):
+            ssh.append(replica)
+    sessions: list[list[str]] = []
+    if ssh and shutil.which("ssh"):
+        from ._inventory._store import replicas_with_work
+
+        busy = replicas_with_work(config.inventory, [r.name for r in ssh])
+        hosts: set[str] = set()
+        for replica in ssh:
+            options = options_for(replica)
+            if replica.name in busy and options.where not in hosts:
+                hosts.add(options.where)
+                sessions.append(session_argv(options, os.fsencode(replica.remote_path)))
     return min(helpers, cores - 1), sessions
 
 

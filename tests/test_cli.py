@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import sqlite3
@@ -442,11 +443,10 @@ def test_sync_copies_in_helpers_started_before_the_engine_is_imported(
     assert "copied 1 files" in done.stdout
 
 
-def test_what_sync_starts_ahead(tmp_path: Path) -> None:
-    """Copy helpers: one per worker of each local replica with a local origin, at most one
-    per core but the command's own. SSH sessions: the first one of each replica that may use
-    the OpenSSH client with its host keys checked. Nothing for other commands, dry or
-    continuous runs, or a config that does not load."""
+def test_how_many_copy_helpers_sync_starts_ahead(tmp_path: Path) -> None:
+    """One per worker of each local replica with a local origin, at most one per core but
+    the command's own; none for other commands, dry or continuous runs, or a config that
+    does not load."""
     from replicator import cli as cli_module
 
     origin = tmp_path / "origin"
@@ -472,21 +472,66 @@ def test_what_sync_starts_ahead(tmp_path: Path) -> None:
     assert wanted(base + "[bogus]\n", "sync") == (0, [])
     assert wanted("not toml [", "sync") == (0, [])
 
-    ssh = base.replace(f'[replicas."{tmp_path}/a"]',
-                       '[replicas."ssh://user@example.org:2222/srv/a b"]')
-    ssh += f'known_hosts = "{tmp_path}/kh"\n'
-    helpers, (argv,) = wanted(ssh, "sync")
+
+@pytest.mark.anyio
+async def test_sync_starts_an_ssh_session_ahead_only_where_copies_are_due(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first receiver session of an SSH replica that may use the OpenSSH client with
+    host keys checked, the very command the replica's transport runs; only for a replica the
+    inventory does not know yet or holds waiting copies for, one per host."""
+    import anyio
+
+    from replicator import cli as cli_module
+    from replicator._inventory import Inventory
+    from replicator.transports._ssh import SshTransport
+    from replicator.transports._ssh_options import session_argv
+
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    config_path = tmp_path / "replicator.toml"
+    base = (f'[inventory]\npath = "{tmp_path}/inv.db"\n'
+            f"[origins.raw]\npath = {json.dumps(str(origin))}\n"
+            '[replicas."ssh://user@example.org:2222/srv/a b"]\nname = "a"\n'
+            f'known_hosts = "{tmp_path}/kh"\n')
+
+    def wanted(config: str, *args: str) -> tuple[int, list[list[str]]]:
+        config_path.write_text(config)
+        parsed = cli_module.build_parser().parse_args(["-c", str(config_path), *args])
+        return cli_module._spares_wanted(parsed)
+
+    helpers, (argv,) = wanted(base, "sync")
     assert helpers == 0
-    assert argv[0] == "ssh"
+    transport = SshTransport.from_config(load_config(config_path).replicas[0],
+                                         anyio.CapacityLimiter(1))
+    assert argv == session_argv(transport.options, transport.root)
     assert argv[argv.index("--") + 1:-1] == ["example.org"]
     assert "StrictHostKeyChecking=yes" in argv
     assert f"UserKnownHostsFile={tmp_path}/kh" in argv
     assert argv[-1].endswith(" '/srv/a b'")  # the receiver's root, quoted for the shell
     for setting in ('transfer = "sftp"\n', 'transfer = "asyncssh"\n',
                     "insecure_skip_host_key_check = true\n"):
-        assert wanted(ssh + setting, "sync") == (0, []), setting
-    assert len(wanted(ssh + 'transfer = "openssh"\n', "sync")[1]) == 1
-    assert wanted(ssh, "sync", "--replica", "nothing-here") == (0, [])
+        assert wanted(base + setting, "sync") == (0, []), setting
+    assert len(wanted(base + 'transfer = "openssh"\n', "sync")[1]) == 1
+    assert wanted(base, "sync", "--replica", "nothing-here") == (0, [])
+    assert wanted(base, "sync", "--continuous") == (0, [])
+    same_host = base + '[replicas."ssh://user@example.org:2222/srv/b"]\nname = "b"\n'
+    assert len(wanted(same_host, "sync")[1]) == 1  # one login at a time per host
+    other_port = base + '[replicas."ssh://user@example.org:2200/srv/b"]\nname = "b"\n'
+    assert len(wanted(other_port, "sync")[1]) == 2
+
+    # Known to the inventory with nothing waiting: no login ahead; with a copy waiting: one.
+    config_path.write_text(base)
+    replica = load_config(config_path).replicas[0]
+    async with await Inventory.open(tmp_path / "inv.db") as inventory:
+        await inventory.sync_replicas([(replica.name, replica.url, ["raw"])])
+    assert wanted(base, "sync") == (0, [])
+    with sqlite3.connect(tmp_path / "inv.db") as db:
+        db.execute("INSERT INTO copies (replica, file_id, state, src_mtime_ns)"
+                   " VALUES ('a', 1, 'pending', 0)")
+    assert len(wanted(base, "sync")[1]) == 1
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert wanted(base, "sync") == (0, [])
 
 
 def test_the_command_line_imports_the_engine_only_when_a_command_needs_it() -> None:

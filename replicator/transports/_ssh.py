@@ -75,7 +75,7 @@ from ._ssh_files import (
     _read,
     _Source,
 )
-from ._ssh_options import SshOptions, openssh_argv, options_for, receiver_command
+from ._ssh_options import SshOptions, options_for, receiver_command, session_argv
 from ._ssh_stream import (
     ABORT,
     COMMIT,
@@ -598,7 +598,7 @@ class SshTransport:
                     if self.options.insecure:  # a connection of its own: warned as any other
                         self._log.warning("host key NOT verified"
                                           " (insecure_skip_host_key_check = true)")
-                    argv = openssh_argv(self.options, command)
+                    argv = session_argv(self.options, self.root)
                     # Started by the command line before the engine was imported: the same
                     # command, its login well under way (see _spares).
                     spare = take_spare_session(argv)

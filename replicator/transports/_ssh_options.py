@@ -82,9 +82,12 @@ def openssh_argv(o: SshOptions, command: str) -> list[str]:
         argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                  "-o", "LogLevel=ERROR"]
     else:
+        # Trust exactly what the asyncssh path trusts: the configured known_hosts file (no
+        # DNS records, no checks of the address beside the name).
         argv += ["-o", "StrictHostKeyChecking=yes",
                  "-o", f"UserKnownHostsFile={_quote_option(o.known_hosts_path)}",
-                 "-o", "GlobalKnownHostsFile=/dev/null"]
+                 "-o", "GlobalKnownHostsFile=/dev/null", "-o", "VerifyHostKeyDNS=no",
+                 "-o", "CheckHostIP=no"]
     if o.identity_file:
         argv += ["-i", o.identity_file, "-o", "IdentitiesOnly=yes"]
     if o.port:
@@ -105,6 +108,12 @@ def receiver_command(root: bytes) -> str:
     # -I -S: the standard library only, none of the host's site-packages, .pth files or
     # PYTHON* variables (a start about 20 ms shorter, and none of them can break it).
     return f"exec python3 -I -S -c {shlex.quote(loader)} {shlex.quote(os.fsdecode(root))}"
+
+
+def session_argv(o: SshOptions, root: bytes) -> list[str]:
+    """The ``ssh`` command line of a receiver session for the replica root ``root``: the one
+    ``SshTransport`` runs, and the one the command line may start ahead (``_spares``)."""
+    return openssh_argv(o, receiver_command(root))
 
 
 def spawn_ssh(argv: list[str]) -> subprocess.Popen[bytes]:
