@@ -603,9 +603,9 @@ def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
     return min(helpers, cores - 1), sessions
 
 
-async def _run_async(args: argparse.Namespace) -> int:
+async def _run_async(args: argparse.Namespace, helpers: int, sessions: list[list[str]]
+                     ) -> int:
     # Spares first: they start on the other core while this one imports the engine.
-    helpers, sessions = _spares_wanted(args)
     async with spare_processes(helpers, sessions):
         from . import _cli_logging
 
@@ -625,7 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="surrogateescape")
     try:
         if getattr(args, "is_async", False):
-            code = anyio.run(_run_async, args)
+            # Decided before the event loop runs: it reads the config and the inventory.
+            code = anyio.run(_run_async, args, *_spares_wanted(args))
         else:
             from . import _cli_logging
 

@@ -112,8 +112,8 @@ def _close_session(proc: subprocess.Popen[bytes]) -> None:
 @contextlib.asynccontextmanager
 async def spare_processes(helpers: int, sessions: Sequence[Sequence[str]] = ()
                           ) -> AsyncIterator[None]:
-    """Start ``helpers`` copy helpers and an ``ssh`` process for each of ``sessions`` (an
-    ``openssh_argv``) for this process's replicas to take; those not taken are killed on
+    """Start ``helpers`` copy helpers and an ``ssh`` process for each of ``sessions`` (a
+    ``session_argv``) for this process's replicas to take; those not taken are killed on
     exit. One that cannot start is no error here: a replica that needs it starts its own as
     usual (and says so if it cannot)."""
     mine: list[Process] = []
