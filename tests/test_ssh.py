@@ -312,28 +312,30 @@ def test_ssh_keys_on_ssh_replicas(tmp_path: Path) -> None:
             load_config(path)
 
 
+async def run_cli(tmp_path: Path, *args: str) -> str:
+    """``python -m replicator ARGS`` in ``tmp_path`` with its replicator.toml, which must
+    succeed; returns what it wrote to stderr."""
+    env = {**os.environ, "REPLICATOR_CONFIG": str(tmp_path / "replicator.toml")}
+    done = await anyio.run_process([sys.executable, "-m", "replicator", *args], cwd=tmp_path,
+                                   env=env, check=False)
+    assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
+    return done.stderr.decode()
+
+
 async def test_cli_add_replica_and_sync(tmp_path: Path) -> None:
     origin = tmp_path / "origin"
     files = make_origin(origin)
     async with sftp_server(tmp_path / "server") as server:
         replica = server.root / "replica"
         replica.mkdir()
-        env = {**os.environ, "REPLICATOR_CONFIG": str(tmp_path / "replicator.toml")}
-
-        async def cli(*args: str) -> int:
-            done = await anyio.run_process([sys.executable, "-m", "replicator", *args],
-                                           cwd=tmp_path, env=env, check=False)
-            assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
-            return done.returncode
-
-        await cli("init", "--origin", str(origin))
-        await cli("add-replica", server.url(), "--identity-file",
-                  os.path.relpath(server.keys.client_key, tmp_path),
-                  "--known-hosts", str(server.keys.known_hosts))
+        await run_cli(tmp_path, "init", "--origin", str(origin))
+        await run_cli(tmp_path, "add-replica", server.url(), "--identity-file",
+                      os.path.relpath(server.keys.client_key, tmp_path),
+                      "--known-hosts", str(server.keys.known_hosts))
         config = load_config(tmp_path / "replicator.toml")
         assert config.replicas[0].identity_file == str(server.keys.client_key)
-        await cli("check")
-        await cli("sync", "--once")
+        await run_cli(tmp_path, "check")
+        await run_cli(tmp_path, "sync", "--once")
         host = config.origins[0].host
         for name, data in files.items():
             assert (replica / host / str(origin / name).lstrip("/")).read_bytes() == data

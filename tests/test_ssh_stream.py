@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,6 +29,7 @@ from test_ssh import (
     copy_errors,
     copy_of,
     make_origin,
+    run_cli,
     ssh_config,
     sync,
 )
@@ -136,19 +136,12 @@ async def test_sync_takes_the_session_it_started_before_the_engine(tmp_path: Pat
     async with sftp_server(tmp_path / "server", commands=True) as server:
         replica = server.root / "replica"
         replica.mkdir()
-        env = {**os.environ, "REPLICATOR_CONFIG": str(tmp_path / "replicator.toml")}
-
-        async def cli(*args: str) -> str:
-            done = await anyio.run_process([sys.executable, "-m", "replicator", *args],
-                                           cwd=tmp_path, env=env, check=False)
-            assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
-            return done.stderr.decode()
-
-        await cli("init", "--origin", str(origin))
+        await run_cli(tmp_path, "init", "--origin", str(origin))
         # The receiver runs in a real shell, not chrooted as SFTP is: a home-relative root.
-        await cli("add-replica", server.url("/~/replica"), "--identity-file",
-                  str(server.keys.client_key), "--known-hosts", str(server.keys.known_hosts))
-        logs = await cli("-vv", "--log-format", "json", "sync", "--once")
+        await run_cli(tmp_path, "add-replica", server.url("/~/replica"), "--identity-file",
+                      str(server.keys.client_key), "--known-hosts",
+                      str(server.keys.known_hosts))
+        logs = await run_cli(tmp_path, "-vv", "--log-format", "json", "sync", "--once")
         host = load_config(tmp_path / "replicator.toml").origins[0].host
         for name, data in files.items():
             assert (replica / host / str(origin / name).lstrip("/")).read_bytes() == data
