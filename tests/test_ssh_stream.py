@@ -36,7 +36,7 @@ from test_ssh import (
 from test_transport_conformance import request_for
 
 from replicator import load_config
-from replicator.transports import Progress, PutStatus, _receiver
+from replicator.transports import Progress, PutStatus, _receiver, _spares
 from replicator.transports import _ssh as ssh_transport
 from replicator.transports._ssh import SshTransport
 from replicator.transports._ssh_carriers import Carrier, OpensshCarrier, StreamLost
@@ -125,6 +125,25 @@ async def test_a_host_without_python3_falls_back_to_sftp(tmp_path: Path, carrier
     warnings = [e for e in logs if "did not start" in e["event"]]
     assert len(warnings) == 1
     assert "SFTP" in warnings[0]["event"]
+
+
+async def test_spare_sessions_go_by_their_exact_command_and_the_rest_are_killed() -> None:
+    """A spare session is taken only for the very command it was started with, once; the
+    ones not taken are killed and reaped when the block ends."""
+    wanted, other = ["sleep", "30"], ["sleep", "31"]
+    async with _spares.spare_processes(0, [wanted, other]):
+        assert _spares.take_spare_session(["sleep", "29"]) is None
+        taken = _spares.take_spare_session(wanted)
+        assert taken is not None
+        assert taken.poll() is None
+        assert _spares.take_spare_session(wanted) is None  # once
+        left = [proc for _, proc in _spares._sessions]
+        assert len(left) == 1
+    assert left[0].poll() is not None  # killed and reaped
+    assert _spares._sessions == []
+    assert taken.poll() is None  # the taker's to end
+    with taken:  # closes its pipes and waits
+        taken.kill()
 
 
 async def test_sync_takes_the_session_it_started_before_the_engine(tmp_path: Path) -> None:
