@@ -28,7 +28,7 @@ from ._config import Config, OriginConfig, ReplicaConfig, load_config
 from ._config_edit import append_replica, remove_replica, render_initial_config
 from ._errors import ConfigError, EngineLockedError, InventoryError, ReplicatorError
 from ._version import __version__
-from .transports._spares import spare_processes
+from .transports._spares import helpers_for, spare_processes
 from .transports._ssh_options import options_for, session_argv
 
 # The engine's modules (structlog, aiosqlite, the engine, the transports) are imported where
@@ -585,7 +585,7 @@ def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
             continue
         if replica.scheme == "file":
             if any(not origin.remote for origin in config.origins_for(replica)):
-                helpers += min(replica.workers, cores)
+                helpers += helpers_for(replica.workers)
         elif (replica.scheme == "ssh" and replica.transfer in ("auto", "openssh")
               and not replica.insecure_skip_host_key_check):
             ssh.append(replica)

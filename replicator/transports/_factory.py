@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import anyio
 
 from .._config import ReplicaConfig
 from .._errors import ConfigError
 from ._base import Transport
 from ._local import LocalTransport
+from ._spares import helpers_for
 
 
 def open_transport(replica: ReplicaConfig, limiter: anyio.CapacityLimiter) -> Transport:
     if replica.scheme == "file":
-        # A copy helper per worker, but no more than there are cores: each is a process
-        # that keeps one busy while the engine's own process needs one too.
-        return LocalTransport(replica.path, limiter,
-                              helpers=min(replica.workers, os.cpu_count() or 1))
+        return LocalTransport(replica.path, limiter, helpers=helpers_for(replica.workers))
     if replica.scheme == "ssh":
         from ._ssh import SshTransport  # asyncssh is imported only when an ssh replica is used
 

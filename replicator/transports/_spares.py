@@ -17,6 +17,7 @@ rest is imported.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -55,6 +56,12 @@ serve()
 _helpers: list[Process] = []
 _sessions: list[tuple[tuple[str, ...], subprocess.Popen[bytes]]] = []
 _dead: list[Process] = []  # spare helpers found dead when taken: reaped at the end
+
+
+def helpers_for(workers: int) -> int:
+    """The copy helpers a local replica with ``workers`` may run: one per worker, but no
+    more than there are cores (each keeps one busy, and the engine's process needs one)."""
+    return min(workers, os.cpu_count() or 1)
 
 
 async def start_helper() -> Process:
