@@ -550,6 +550,34 @@ def test_the_command_line_imports_the_engine_only_when_a_command_needs_it() -> N
     assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
 
 
+def test_logging_to_a_file_or_pipe_does_not_load_rich_for_tracebacks(tmp_path: Path) -> None:
+    """structlog loads rich on import for its console tracebacks (about 35 ms of every
+    command's start-up); with stderr not a terminal the command line keeps it from that. rich
+    stays importable (progress bars, tables), and a logged exception's traceback is
+    still rendered, plainly."""
+    code = ("import sys, structlog\n"
+            "from replicator import _cli_logging\n"
+            "_cli_logging.configure(0, 'text')\n"
+            "print('rich' in sys.modules, structlog.dev.rich is None)\n"
+            "try:\n    1 / 0\nexcept ZeroDivisionError:\n"
+            "    structlog.get_logger('t').error('boom', exc_info=True)\n"
+            "import rich.progress\nprint('rich' in sys.modules)\n")
+    # structlog imported first (as a library user's process would): left as it is.
+    first = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True,
+                           text=True, timeout=60, check=True)
+    assert first.stdout.split() == ["True", "False", "True"], first.stdout
+    result = subprocess.run([sys.executable, "-c", code.replace("import sys, structlog\n",
+                                                                "import sys\n", 1)
+                             .replace("_cli_logging.configure(0, 'text')\n",
+                                      "_cli_logging.configure(0, 'text')\nimport structlog\n")],
+                            env=cli_env(), capture_output=True, text=True, timeout=60,
+                            check=True)
+    assert result.stdout.split() == ["False", "True", "True"], result.stdout
+    assert "boom" in result.stderr
+    assert "ZeroDivisionError: division by zero" in result.stderr
+    assert "Traceback (most recent call last)" in result.stderr  # the plain format
+
+
 def test_the_package_exports_every_name_of_its_all() -> None:
     import replicator
     import replicator.transports
