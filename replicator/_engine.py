@@ -381,6 +381,10 @@ class ReplicaRunner:
                 await self._refuse_taken()
             taken, self._taken = self._taken, []
             self.inflight += len(taken)  # in flight from now on, for _prepare to see
+            # Taken files go to the workers before the claim: it waits its turn on SQLite's
+            # thread behind the scan's writes, and the workers need not wait with it.
+            for batch in self._batches(taken) if taken else ():
+                await send.send(batch)
             # Due copies are claimed beside taken ones, at least a few at a time: whether
             # any is left decides whether new files may be taken ahead of the next claim.
             limit = max(CLAIM_BATCH - len(taken), CLAIM_BATCH // 8)
@@ -390,7 +394,6 @@ class ReplicaRunner:
             )
             self._drained = len(more) + len(refused) < limit
             self.inflight += len(more)
-            claimed = taken + more
             for work, reason in refused:
                 engine.state.failed += 1
                 engine.state.file_errors += 1
@@ -400,9 +403,10 @@ class ReplicaRunner:
                     replica=self.name, origin=work.origin, path=work.path,
                     error_class=ErrorClass.PERMANENT, error=reason, attempts=work.attempts + 1,
                     final=True))
-            if claimed:
-                for batch in self._batches(claimed):
+            if more:
+                for batch in self._batches(more):
                     await send.send(batch)
+            if taken or more:
                 continue
             if refused or self._taken or self._taken_refused:
                 continue  # taken while claiming: no scan batch is left behind

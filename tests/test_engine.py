@@ -568,6 +568,41 @@ async def test_files_taken_while_the_idle_feeder_looks_are_fed_at_once(
     assert sorted(intake.taken) == [n.encode() for n in names]
 
 
+async def test_taken_files_are_copied_while_the_feeder_claims(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files a scan took go to the workers before the feeder's claim of due copies, which
+    waits its turn on SQLite's thread behind the scan: here a claim made with taken files
+    in hand returns only once a copy of a taken file has started."""
+    intake = Intake(monkeypatch)
+    copying = anyio.Event()
+    claim, put = Inventory.claim, LocalTransport.put
+    waited: list[int] = []
+
+    async def noting_put(transport: LocalTransport, requests: Sequence[PutRequest],
+                         *args: Any) -> Any:
+        if {os.path.basename(r.source) for r in requests} & set(intake.taken):
+            copying.set()
+        return await put(transport, requests, *args)
+
+    async def claim_after_a_copy(inventory: Inventory, replica: str, now: float, limit: int,
+                                 *args: Any) -> Any:
+        if limit < engine_module.CLAIM_BATCH:  # the feeder has taken files in hand
+            waited.append(limit)
+            with anyio.fail_after(10):
+                await copying.wait()
+        return await claim(inventory, replica, now, limit, *args)
+
+    monkeypatch.setattr(LocalTransport, "put", noting_put)
+    monkeypatch.setattr(Inventory, "claim", claim_after_a_copy)
+    names = [f"new{i:02d}.dat" for i in range(6)]
+    origin, r1, failed = await _continuous_run(tmp_path, names)
+    assert waited
+    assert failed == []
+    assert sorted(intake.taken) == sorted(n.encode() for n in names)
+    for i, name in enumerate(names):
+        assert replica_path(r1, origin / f"n{i % 3}" / name).read_bytes() == name.encode()
+
+
 async def test_a_taken_file_that_cannot_go_to_the_replica_fails(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     intake = Intake(monkeypatch, refuse=b"new01.dat")
