@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -21,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -78,6 +79,13 @@ class RunState:
     file_errors: int = 0
     failed: int = 0
     unavailable: dict[str, str] = field(default_factory=dict)
+
+
+def _logs_info(logger: Any) -> bool:
+    """Whether ``logger`` writes info lines (True when it cannot tell: the library does
+    not know how, or whether, its user configured structlog)."""
+    enabled = getattr(logger, "is_enabled_for", None)
+    return True if enabled is None else bool(enabled(logging.INFO))
 
 
 class _Wake:
@@ -785,14 +793,16 @@ class Engine:
         state = self.state
         bus = self.bus if self.bus.active else None
         info = out.runner._log.info
-        for work, (_replica, _file_id, size, _mtime_ns) in zip(out.copied_works, out.copied,
-                                                               strict=True):
-            state.copied += 1
-            state.bytes += size
-            info("transfer", path=os.fsdecode(work.path), outcome="replicated", size=size)
-            if bus is not None:
-                bus.publish(TransferCompleted(
-                    replica=work.replica, origin=work.origin, path=work.path, size=size))
+        state.copied += len(out.copied)
+        state.bytes += sum(row[2] for row in out.copied)
+        # Per copy only when someone listens: the usual run logs no line per file.
+        if bus is not None or _logs_info(out.runner._log):
+            for work, (_replica, _file_id, size, _mtime_ns) in zip(
+                    out.copied_works, out.copied, strict=True):
+                info("transfer", path=os.fsdecode(work.path), outcome="replicated", size=size)
+                if bus is not None:
+                    bus.publish(TransferCompleted(
+                        replica=work.replica, origin=work.origin, path=work.path, size=size))
         for work, o in zip(out.works, out.outcomes, strict=True):
             if o.kind is OutcomeKind.ERROR:
                 state.file_errors += 1
