@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -156,9 +157,9 @@ async def test_a_dead_helper_hands_over_to_threads(tmp_path: Path) -> None:
         helper = transport._pick_helper()
         assert helper is not None
         await helper.start()
-        assert helper._process is not None
-        helper._process.kill()
-        await helper._process.wait()
+        assert helper.process is not None
+        helper.process.kill()
+        await helper.process.wait()
         with capture_logs() as logs:
             results = await transport.put(requests, "run1", Progress())
         assert [r.status for r in results] == [PutStatus.COPIED] * len(requests)
@@ -186,7 +187,7 @@ async def test_a_batch_of_few_files_does_not_start_the_helper(tmp_path: Path) ->
         assert [r.status for r in await transport.put(many, "run1", Progress())] == [
             PutStatus.COPIED] * 40
         [helper] = transport._helpers
-        assert helper._process is not None
+        assert helper.process is not None
     finally:
         await transport.aclose()
 
@@ -200,10 +201,10 @@ async def test_prepare_starts_the_first_helper(tmp_path: Path,
     start = CopyHelper.start
 
     async def counting_start(self: CopyHelper) -> None:
-        fresh = self._process is None
+        fresh = self.process is None
         await start(self)
-        if fresh and self._process is not None:
-            spawned.append(self._process.pid)
+        if fresh and self.process is not None:
+            spawned.append(self.process.pid)
 
     monkeypatch.setattr(CopyHelper, "start", counting_start)
     root = tmp_path / "replica"
@@ -252,7 +253,7 @@ async def test_spares_are_taken_first_and_the_others_stopped(tmp_path: Path) -> 
         try:
             results = await transport.put(sources(tmp_path / "src", 40), "run1", Progress())
             assert [r.status for r in results] == [PutStatus.COPIED] * 40
-            taken = transport._helpers[0]._process
+            taken = transport._helpers[0].process
             assert taken in spares
             assert taken not in _spares._helpers
             assert len(_spares._helpers) == 2
@@ -287,7 +288,7 @@ async def test_batches_at_once_run_in_as_many_helpers_as_allowed(
             for batch in batches:
                 tg.start_soon(put, batch)
         assert len(transport._helpers) == helpers
-        assert all(h._process is not None for h in transport._helpers)
+        assert all(h.process is not None for h in transport._helpers)
         assert transport.transfer == "helper"
     finally:
         await transport.aclose()
@@ -334,3 +335,153 @@ def test_a_large_file_is_pushed_to_disk_chunk_by_chunk(tmp_path: Path,
         requests, "run1", Progress(), results)
     assert [r.status for r in results] == [PutStatus.COPIED] * 2
     assert pushed == []
+
+
+# Appended to SLOW_HELPER: the helper notes when it stages and finishes batches, and each
+# finish (a flush) takes 0.3 s longer.
+NOTING_HELPER = '''
+import os
+_log = os.environ["HELPER_LOG"]
+
+def _note(what):
+    with open(_log, "a") as f:
+        f.write(what + "\\n")
+
+_stage_batch = _local_batch.BatchWriter.stage
+_finish = _local_batch.BatchWriter.finish
+
+def noted_stage(self, requests, *args, **kwargs):
+    _note(f"stage {os.path.basename(os.path.dirname(requests[0].dest)).decode()}")
+    return _stage_batch(self, requests, *args, **kwargs)
+
+def noted_finish(self, batches):
+    _note(f"finish {len(batches)}")
+    time.sleep(0.3)
+    _finish(self, batches)
+    _note("finished")
+
+_local_batch.BatchWriter.stage = noted_stage
+_local_batch.BatchWriter.finish = noted_finish
+'''
+
+
+@pytest.fixture
+def noting_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_HELPER + NOTING_HELPER)
+    monkeypatch.setenv("PYTHONPATH", str(hooks))
+    monkeypatch.setenv("HELPER_LOG", str(tmp_path / "helper.log"))
+    return tmp_path / "helper.log"
+
+
+async def test_a_helper_writes_the_next_batch_while_the_last_is_flushed(
+        tmp_path: Path, noting_helper: Path) -> None:
+    """One helper, two batches: the second's files are written while the first is made
+    durable (its flush mostly waits for the disk), and each gets its own results."""
+    root = tmp_path / "replica"
+    root.mkdir()
+    first, second = sources(tmp_path / "a", 10, "a"), sources(tmp_path / "b", 10, "b")
+    helper = CopyHelper(os.fsencode(root), True)
+    results: dict[str, list[PutResult]] = {}
+    try:
+        async def put(name: str, requests: list[PutRequest]) -> None:
+            progress = Progress()
+            assert await helper.put(requests, "run1", progress)
+            results[name] = progress.results
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(put, "a", first)
+            await anyio.sleep(0.05)  # in order: the first batch goes first
+            tg.start_soon(put, "b", second)
+    finally:
+        await helper.aclose()
+    notes = noting_helper.read_text().splitlines()
+    assert notes[:2] == ["stage a", "finish 1"] or notes[:2] == ["stage a", "stage b"], notes
+    assert notes.index("stage b") < notes.index("finished"), notes
+    for name, requests in (("a", first), ("b", second)):
+        assert [r.request for r in results[name]] == requests
+        assert {r.status for r in results[name]} == {PutStatus.COPIED}
+        for request in requests:
+            assert (root / os.fsdecode(request.dest)).read_bytes() == \
+                Path(os.fsdecode(request.source)).read_bytes()
+    assert leftovers(root) == []
+
+
+async def test_cancelling_one_of_a_helpers_two_batches_stops_both(
+        tmp_path: Path, slow_helper: None) -> None:
+    """A helper holding two batches is stopped when one is cancelled: it removes the temp
+    files of both, and the other batch is reported not done (the transport then copies it
+    in a thread)."""
+    root = tmp_path / "replica"
+    root.mkdir()
+    first, second = sources(tmp_path / "a", 100, "a"), sources(tmp_path / "b", 100, "b")
+    helper = CopyHelper(os.fsencode(root), True)
+    watched, other = Watched(), Progress()
+    outcome: list[bool] = []
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def cancelled() -> None:
+                with anyio.CancelScope() as scope:
+                    tg.start_soon(cancel_when_moving, scope)
+                    await helper.put(first, "run1", watched)
+
+            async def cancel_when_moving(scope: anyio.CancelScope) -> None:
+                await watched.moved.wait()
+                scope.cancel()
+
+            async def carried_on() -> None:
+                outcome.append(await helper.put(second, "run1", other))
+
+            tg.start_soon(cancelled)
+            await anyio.sleep(0.05)
+            tg.start_soon(carried_on)
+        assert outcome == [False]
+        assert other.results == []
+        assert helper.broken is None  # stopped on purpose: the next batch starts another
+        assert helper.process is None
+    finally:
+        await helper.aclose()
+    assert leftovers(root) == []
+    for path in root.rglob("*.dat"):
+        assert path.read_bytes() == (tmp_path / path.parent.name / path.name).read_bytes()
+
+
+def test_staged_batches_are_finished_together(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``BatchWriter.finish`` of several staged batches flushes once for all their data and
+    once for all their renames; an abandoned batch among them gets no results, keeps no
+    temp file and renames nothing."""
+    from replicator.transports import _local_batch
+
+    flushes: list[str] = []
+    flush = _local_batch.flush_folders
+
+    def counted(dir_fds: set[int], what: str) -> Any:
+        flushes.append(what)
+        return flush(dir_fds, what)
+
+    monkeypatch.setattr(_local_batch, "flush_folders", counted)
+    root = tmp_path / "replica"
+    root.mkdir()
+    writer = _local_batch.BatchWriter(os.fsencode(root), True)
+    batches, outputs, progresses = [], [], []
+    for name in ("a", "b", "c"):
+        results: list[PutResult] = []
+        progress = Progress()
+        staged = writer.stage(sources(tmp_path / name, 5, name), "run1", progress, results)
+        assert staged is not None
+        assert progress.idle_for() == 0.0  # staged: waiting for its flush, not stalled
+        batches.append(staged)
+        outputs.append(results)
+        progresses.append(progress)
+    progresses[1].cancelled = True
+    writer.finish(batches)
+    assert flushes == ["write", "rename"]
+    assert [len(results) for results in outputs] == [5, 0, 5]
+    assert all(r.status is PutStatus.COPIED for r in outputs[0] + outputs[2])
+    assert not (root / "b").exists() or not list((root / "b").iterdir())
+    assert sorted(p.name for p in (root / "a").iterdir()) == [f"{i:04}.dat" for i in range(5)]
+    assert leftovers(root) == []
+    assert all(progress.idle_for() > 0.0 for progress in progresses)  # flushes ended

@@ -12,16 +12,19 @@ import contextlib
 import ctypes
 import os
 import pickle
+import queue
 import signal
 import struct
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from .._inventory._types import Kind
 from ._base import Progress, PutRequest, PutResult
-from ._local_batch import BatchWriter
+from ._local_batch import BatchWriter, StagedBatch
 
 _LENGTH = struct.Struct(">I")  # each frame: its length, then the pickled value
 HEAD = _LENGTH.size
@@ -47,11 +50,12 @@ def read_length(head: bytes) -> int:
 
 
 class _Reporting(Progress):
-    """Progress that the helper sends to the engine's process now and then."""
+    """Progress of one batch, sent to the engine's process now and then."""
 
-    def __init__(self, send: Callable[[object], None]) -> None:
+    def __init__(self, send: Callable[[object], None], seq: int) -> None:
         super().__init__()
         self._send = send
+        self.seq = seq
         self._bytes = 0
         self._files = 0
         self._sent = time.monotonic()
@@ -64,16 +68,37 @@ class _Reporting(Progress):
 
     def report(self) -> None:
         if self._bytes or self._files:
-            self._send(("progress", self._bytes, self._files))
+            self._send(("progress", self.seq, self._bytes, self._files))
             self._bytes = self._files = 0
         self._sent = time.monotonic()
 
     def begin_flush(self) -> None:
         self.report()
-        self._send(("flush", 1))
+        self._send(("flush", self.seq, 1))
 
     def end_flush(self) -> None:
-        self._send(("flush", -1))
+        self._send(("flush", self.seq, -1))
+
+
+class _Batch:
+    """A batch in the helper, from its frame to its results."""
+
+    __slots__ = ("progress", "requests", "results", "staged", "writer")
+
+    def __init__(self, requests: list[PutRequest], progress: _Reporting,
+                 writer: BatchWriter) -> None:
+        self.requests = requests
+        self.progress = progress
+        self.writer = writer
+        self.results: list[PutResult] = []
+        self.staged: StagedBatch | None = None
+
+    def rows(self) -> list[Row]:
+        index = {id(request): i for i, request in enumerate(self.requests)}
+        return [(index[id(r.request)], r.status.value, r.size, r.mtime_ns,
+                 None if r.error is None else str(r.error),
+                 None if r.error is None else r.error.error_class.value)
+                for r in self.results]
 
 
 def _die_with_parent() -> None:
@@ -95,53 +120,110 @@ def _read(stream: BinaryIO, size: int) -> bytes | None:
 
 
 def serve() -> None:
-    """The helper's main loop: a batch in, its frames out, until end of input or SIGTERM."""
+    """The helper's main loop, until end of input or SIGTERM.
+
+    Two batches at a time: this thread reads a batch and writes its files to temp names
+    while a second thread makes the batches before it durable (``BatchWriter.finish``),
+    which mostly waits for the disk. Messages carry the batch's number (its place in the
+    input, from 0): ("begin", n) when its files start, ("progress", n, bytes, files),
+    ("flush", n, +1 or -1) around what is not counted in bytes, ("done", n, rows).
+    """
     # Frames go to a private copy of stdout; anything printed goes to stderr instead.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     stdin = sys.stdin.buffer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle
-    current: list[_Reporting] = []
+    write_lock = threading.Lock()
+    inflight: list[_Batch] = []  # read and not yet done; the GIL guards it
+    state = {"reading": False, "stopping": False}
 
     def on_term(signum: int, frame: Any) -> None:
-        if not current:
-            raise SystemExit(0)
-        current[0].cancelled = True  # put_batch stops at its next file and cleans up
+        state["stopping"] = True
+        for batch in list(inflight):
+            batch.progress.cancelled = True  # each stops at its next file and cleans up
+        if state["reading"]:
+            raise SystemExit(0)  # the batches in flight are cleaned up on the way out
 
     signal.signal(signal.SIGTERM, on_term)
     _die_with_parent()
 
     def send(value: object) -> None:
-        out.write(frame(value))
-        out.flush()
+        data = frame(value)
+        with write_lock:
+            out.write(data)
+            out.flush()
 
-    while True:
-        head = _read(stdin, HEAD)
-        if head is None:
-            return
-        data = _read(stdin, read_length(head))
-        if data is None:
-            return
-        root, fsync, run_id, rows = pickle.loads(data)
-        requests = [PutRequest(source, dest, _KINDS[kind], size, mtime_ns, mode, target)
-                    for source, dest, kind, size, mtime_ns, mode, target in rows]
-        progress = _Reporting(send)
-        current.append(progress)
-        results: list[PutResult] = []
-        try:
-            BatchWriter(root, fsync).put_batch(requests, run_id, progress, results)
-        finally:
-            current.clear()
-        if progress.cancelled:
-            return  # told to stop: the engine no longer listens
-        progress.report()
-        index = {id(request): i for i, request in enumerate(requests)}
-        send(("done", [
-            (index[id(r.request)], r.status.value, r.size, r.mtime_ns,
-             None if r.error is None else str(r.error),
-             None if r.error is None else r.error.error_class.value)
-            for r in results
-        ]))
+    staged: queue.Queue[_Batch | None] = queue.Queue(maxsize=1)
+    finisher = threading.Thread(target=_finish_all, args=(staged, inflight, send),
+                                name="finish")
+    finisher.start()
+    seq = 0
+    try:
+        while not state["stopping"]:
+            state["reading"] = True
+            try:
+                head = _read(stdin, HEAD)
+                data = None if head is None else _read(stdin, read_length(head))
+            finally:
+                state["reading"] = False
+            if data is None:
+                return
+            root, fsync, run_id, rows = pickle.loads(data)
+            batch = _Batch([PutRequest(source, dest, _KINDS[kind], size, mtime_ns, mode, target)
+                            for source, dest, kind, size, mtime_ns, mode, target in rows],
+                           _Reporting(send, seq), BatchWriter(root, fsync))
+            seq += 1
+            inflight.append(batch)
+            send(("begin", batch.progress.seq))
+            batch.staged = batch.writer.stage(batch.requests, run_id, batch.progress,
+                                              batch.results)
+            staged.put(batch)
+    finally:
+        staged.put(None)
+        finisher.join()
+
+
+def _finish_all(staged: queue.Queue[_Batch | None], inflight: list[_Batch],
+                send: Callable[[object], None]) -> None:
+    """The second thread: the staged batches made durable, their results sent, in order.
+    Batches staged meanwhile are finished together: one flush serves them all."""
+    try:
+        while True:
+            batch = staged.get()
+            if batch is None:
+                return
+            group = [batch]
+            end = False
+            while True:
+                try:
+                    more = staged.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    end = True
+                    break
+                group.append(more)
+            _finish_group(group, send)
+            for done in group:
+                inflight.remove(done)
+            if end:
+                return
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)  # the engine sees the helper gone and copies its batches again
+
+
+def _finish_group(group: list[_Batch], send: Callable[[object], None]) -> None:
+    # One flush for batches of the same root and flush setting (all of them, in practice).
+    while group:
+        writer = group[0].writer
+        same = [b for b in group if (b.writer.root, b.writer.fsync) == (writer.root, writer.fsync)]
+        writer.finish([b.staged for b in same if b.staged is not None])
+        for batch in same:
+            if not batch.progress.cancelled:
+                batch.progress.report()
+                send(("done", batch.progress.seq, batch.rows()))
+        group = [b for b in group if b not in same]
 
 
 __all__ = ["HEAD", "REPORT_EVERY", "Row", "frame", "read_length", "serve"]

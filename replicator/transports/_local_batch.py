@@ -105,13 +105,6 @@ class _Dirs:
         """Folders in which this batch created sub-folders."""
         return {self.open(rel, False) for rel in self.touched}
 
-    def one_per_device(self, fds: Iterable[int]) -> list[int]:
-        """One folder per filesystem: a flush covers its whole filesystem."""
-        by_device: dict[int, int] = {}
-        for fd in fds:
-            by_device.setdefault(os.fstat(fd).st_dev, fd)
-        return list(by_device.values())
-
     def close(self) -> None:
         for rel, fd in self._fds.items():
             if rel:
@@ -195,7 +188,15 @@ _syncfs = _load_syncfs() if sys.platform == "linux" else None
 _start_writeback = _load_start_writeback() if sys.platform == "linux" else None
 
 
-def flush_folders(dirs: _Dirs, dir_fds: set[int], what: str) -> FileError | None:
+def _one_per_device(fds: Iterable[int]) -> list[int]:
+    """One folder per filesystem: a flush covers its whole filesystem."""
+    by_device: dict[int, int] = {}
+    for fd in fds:
+        by_device.setdefault(os.fstat(fd).st_dev, fd)
+    return list(by_device.values())
+
+
+def flush_folders(dir_fds: set[int], what: str) -> FileError | None:
     """Make everything written below these folders durable: one syncfs per filesystem
     (an fsync per folder where syncfs is missing). Returns the error, if any."""
     if not dir_fds:
@@ -205,7 +206,7 @@ def flush_folders(dirs: _Dirs, dir_fds: set[int], what: str) -> FileError | None
             for fd in dir_fds:
                 os.fsync(fd)
         else:
-            for fd in dirs.one_per_device(dir_fds):
+            for fd in _one_per_device(dir_fds):
                 _syncfs(fd)
     except OSError as exc:
         return file_error(exc, f"flush after {what}", b"")
@@ -306,12 +307,35 @@ def _verified(result: PutResult, err: int, size: int, mtime_ns: int) -> PutResul
     return result
 
 
+class StagedBatch:
+    """A batch whose files ``BatchWriter.stage`` wrote to temp names: what ``finish``
+    needs, and where its results go."""
+
+    def __init__(self, root_fd: int, progress: Progress, results: list[PutResult]) -> None:
+        self.dirs = _Dirs(root_fd)
+        self.progress = progress
+        self.results = results
+        self.done: list[PutResult | _Staged] = []
+        self._root_fd = root_fd
+
+    def close(self) -> None:
+        """Remove the temp files not renamed into place; close the folders. Idempotent."""
+        for entry in self.done:
+            if isinstance(entry, _Staged):
+                entry.discard()
+        self.done = []
+        self.dirs.close()
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+
 class BatchWriter:
     """The blocking work of a batch, in one worker thread or in the copy helper process."""
 
     def __init__(self, root: bytes, fsync: bool) -> None:
         self.root = root
-        self._fsync = fsync
+        self.fsync = fsync
         self._fast = accelerator()
 
     def put_batch(
@@ -327,47 +351,73 @@ class BatchWriter:
         few thousand files per second): temp files are written, flushed, renamed only if
         their source did not change, and the renames flushed before anything is reported.
         """
+        batch = self.stage(requests, run_id, progress, results)
+        if batch is not None:
+            self.finish([batch])
+
+    def stage(self, requests: Sequence[PutRequest], run_id: str, progress: Progress,
+              results: list[PutResult]) -> StagedBatch | None:
+        """The first half of ``put_batch``: every file written to its temp name. Its
+        results go to ``results`` once ``finish`` made them durable (or at once, and None
+        is returned, when the root cannot be opened). Until then the batch counts as
+        flushing: it waits for its flush, which another batch's may be."""
         try:
             root_fd = os.open(self.root, _DIR_FLAGS)
         except OSError as exc:
             error = FileError(f"replica root: {exc.strerror}")
             results.extend(PutResult(r, PutStatus.ERROR, error=error) for r in requests)
-            return
-        dirs = _Dirs(root_fd)
-        # Results are handed over only once durable and verified: an abandoned batch reports
-        # nothing, and its renamed files are simply copied again later.
-        done: list[PutResult | _Staged] = []
+            return None
+        batch = StagedBatch(root_fd, progress, results)
         try:
-            self._stage_all(requests, run_id, progress, dirs, done)
-            if progress.cancelled:
-                return
-            staged = [item for item in done if isinstance(item, _Staged)]
-            with progress.flushing():
-                flush_error = self._flush(dirs, {item.dir_fd for item in staged}, "write")
-            final = self._commit_all(done, flush_error, progress)
-            if final is None:
-                return  # abandoned: the engine released these files; rename nothing more
-            renamed = [(index, item) for index, item in enumerate(done)
-                       if isinstance(item, _Staged) and final[index].status is PutStatus.COPIED]
-            with progress.flushing():
-                flush_error = self._flush(
-                    dirs, {item.dir_fd for _, item in renamed} | dirs.touched_fds(), "rename")
-            if flush_error is not None:
-                for index, item in renamed:
-                    final[index] = item.fail(flush_error)
-            else:
-                self._verify_all(final, renamed)
-            if not progress.cancelled:
-                results.extend(final)
-        finally:
-            for entry in done:
-                if isinstance(entry, _Staged):
-                    entry.discard()
-            dirs.close()
-            os.close(root_fd)
+            self._stage_all(requests, run_id, progress, batch.dirs, batch.done)
+        except BaseException:
+            batch.close()
+            raise
+        progress.begin_flush()
+        return batch
 
-    def _flush(self, dirs: _Dirs, dir_fds: set[int], what: str) -> FileError | None:
-        return flush_folders(dirs, dir_fds, what) if self._fsync else None
+    def finish(self, batches: Sequence[StagedBatch]) -> None:
+        """The second half of ``put_batch``, for several staged batches at once (a helper
+        stages the next batch while the last ones are flushed): one flush for their data,
+        sources checked and renames, one flush for the renames, the final files verified;
+        then each batch's results, unless it was abandoned. Cleans up every batch."""
+        try:
+            live = [batch for batch in batches if not batch.progress.cancelled]
+            flush_error = self._flush({item.dir_fd for batch in live for item in batch.done
+                                       if isinstance(item, _Staged)}, "write")
+            for batch in batches:
+                batch.progress.end_flush()
+            commits = [(batch, self._commit_all(batch.done, flush_error, batch.progress))
+                       for batch in live]
+            renamed = {batch: [(index, item) for index, item in enumerate(batch.done)
+                               if isinstance(item, _Staged)
+                               and final[index].status is PutStatus.COPIED]
+                       for batch, final in commits if final is not None}
+            folders = {item.dir_fd for items in renamed.values() for _, item in items}
+            for batch in renamed:
+                folders |= batch.dirs.touched_fds()
+                batch.progress.begin_flush()
+            try:
+                flush_error = self._flush(folders, "rename")
+            finally:
+                for batch in renamed:
+                    batch.progress.end_flush()
+            for batch, final in commits:
+                if final is None:
+                    continue  # abandoned: the engine released these files
+                if flush_error is not None:
+                    for index, item in renamed[batch]:
+                        final[index] = item.fail(flush_error)
+                else:
+                    self._verify_all(final, renamed[batch])
+                if not batch.progress.cancelled:
+                    batch.results.extend(final)
+        finally:
+            for batch in batches:
+                batch.close()
+
+    def _flush(self, dir_fds: set[int], what: str) -> FileError | None:
+        return flush_folders(dir_fds, what) if self.fsync else None
 
     # -- stage: every file to a temp name next to its destination ------------------------
 
@@ -408,7 +458,7 @@ class BatchWriter:
         rows = self._fast.stage(
             [(dir_fd, request.source, tmp, request.size, request.mtime_ns)
              for request, dir_fd, _name, tmp in group],
-            self._fsync and _syncfs is None)
+            self.fsync and _syncfs is None)
         copied = 0
         for (request, dir_fd, name, tmp), (code, err, ino, dev, size, mtime_ns) in zip(
                 group, rows, strict=True):
@@ -460,10 +510,10 @@ class BatchWriter:
                 staged = _Staged(request, dir_fd, name, tmp, _version(before))
                 try:
                     _copy_data(src, dst, progress, before.st_size,
-                               writeback=self._fsync and before.st_size > CHUNK)
+                               writeback=self.fsync and before.st_size > CHUNK)
                     os.fchmod(dst, copy_mode(before.st_mode))
                     os.utime(dst, ns=(before.st_atime_ns, before.st_mtime_ns))
-                    if self._fsync and _syncfs is None:
+                    if self.fsync and _syncfs is None:
                         os.fsync(dst)
                 finally:
                     os.close(dst)

@@ -143,8 +143,7 @@ class _Batch:
         return dir_fd, tmp
 
     def flush(self, dir_fds: set[int], what: str) -> FileError | None:
-        assert self.dirs is not None
-        return flush_folders(self.dirs, dir_fds, what) if self.fsync else None
+        return flush_folders(dir_fds, what) if self.fsync else None
 
     def commit(self, staged: list[_Staged]) -> list[PutResult]:
         """Flush, rename, flush the renames, verify: results of durable copies only."""
