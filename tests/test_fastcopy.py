@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,6 +98,25 @@ def test_same_results_as_the_python_path(tmp_path: Path,
     }
     assert oct(os.stat(tmp_path / "c" / "replica" / "out" / "ok1.dat").st_mode & 0o7777) \
         == "0o755"
+
+
+def test_copies_between_filesystems(tmp_path: Path) -> None:
+    """Sources on one filesystem (tmpfs), the replica on another: copy_file_range cannot
+    copy between them, so the accelerator reads and writes (and, after the first file of a
+    call, no longer tries it). Every file of several calls arrives whole."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        src = Path(shm)
+        root = tmp_path / "replica"
+        root.mkdir()
+        assert os.stat(src).st_dev != os.stat(root).st_dev
+        files = [write(src / f"f{i:03}.dat", os.urandom(i * 97), mtime=OLD + i)
+                 for i in range(150)]  # three calls of the accelerator (FAST_GROUP files)
+        results = run_batch(root, [request_for(p, b"out/" + p.name.encode()) for p in files])
+        assert [r.status for r in results] == [PutStatus.COPIED] * len(files)
+        for path in files:
+            copy = root / "out" / path.name
+            assert copy.read_bytes() == path.read_bytes()
+            assert copy.stat().st_mtime_ns == path.stat().st_mtime_ns
 
 
 def test_source_changed_between_copy_and_rename_is_not_renamed(

@@ -35,13 +35,20 @@ mtime_ns(const struct stat *st)
     return (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec;
 }
 
+/* Set when copy_file_range could not copy between the files of a stage() call (sources and
+ * replica on different filesystems: the usual case of a backup disk, or an old kernel). The
+ * call's other files, which almost always go between the same two filesystems, are then
+ * read and written without trying it first: one failed system call per call, not per file.
+ * Per thread: stage() runs in several threads at once. */
+static __thread int range_failed;
+
 /* Copy until EOF or until `expected` bytes, as _copy_data does: copy_file_range, or read and
  * write where the kernel cannot (another filesystem, an old kernel). 0 or an errno. */
 static int
 copy_data(int src, int dst, long long expected)
 {
     long long total = 0;
-    int use_range = 1;
+    int use_range = !range_failed;
     static __thread char buffer[1 << 16];
     while (expected <= 0 || total < expected) {
         ssize_t n;
@@ -52,6 +59,7 @@ copy_data(int src, int dst, long long expected)
                     continue;
                 if (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL) {
                     use_range = 0;
+                    range_failed = 1;
                     continue;
                 }
                 return errno;
@@ -223,6 +231,7 @@ fastcopy_stage(PyObject *self, PyObject *args)
     int fsync_each;
     if (!PyArg_ParseTuple(args, "O!p", &PyList_Type, &list, &fsync_each))
         return NULL;
+    range_failed = 0;
     return for_each(list, &STAGE, fsync_each);
 }
 
