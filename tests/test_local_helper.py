@@ -356,7 +356,9 @@ def noted_stage(self, requests, *args, **kwargs):
 
 def noted_finish(self, batches):
     _note(f"finish {len(batches)}")
-    time.sleep(0.3)
+    if os.environ.get("HELPER_FINISH_FAILS"):
+        raise OSError(5, "finish failed (test)")
+    time.sleep(float(os.environ.get("HELPER_FINISH_DELAY", "0.3")))
     _finish(self, batches)
     _note("finished")
 
@@ -397,8 +399,8 @@ async def test_a_helper_writes_the_next_batch_while_the_last_is_flushed(
     finally:
         await helper.aclose()
     notes = noting_helper.read_text().splitlines()
-    assert notes[:2] == ["stage a", "finish 1"] or notes[:2] == ["stage a", "stage b"], notes
-    assert notes.index("stage b") < notes.index("finished"), notes
+    assert notes[0] == "stage a", notes
+    assert notes.index("stage b") < notes.index("finished"), notes  # during the first's finish
     for name, requests in (("a", first), ("b", second)):
         assert [r.request for r in results[name]] == requests
         assert {r.status for r in results[name]} == {PutStatus.COPIED}
@@ -409,43 +411,75 @@ async def test_a_helper_writes_the_next_batch_while_the_last_is_flushed(
 
 
 async def test_cancelling_one_of_a_helpers_two_batches_stops_both(
-        tmp_path: Path, slow_helper: None) -> None:
-    """A helper holding two batches is stopped when one is cancelled: it removes the temp
-    files of both, and the other batch is reported not done (the transport then copies it
-    in a thread)."""
+        tmp_path: Path, noting_helper: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper holding two batches is stopped when one is cancelled: here the second,
+    while the first is being finished. Neither renames anything, no temp file of either
+    stays, and the first is reported not done (the transport then copies it in a
+    thread)."""
+    monkeypatch.setenv("HELPER_FINISH_DELAY", "2")
     root = tmp_path / "replica"
     root.mkdir()
-    first, second = sources(tmp_path / "a", 100, "a"), sources(tmp_path / "b", 100, "b")
+    first, second = sources(tmp_path / "a", 5, "a"), sources(tmp_path / "b", 100, "b")
     helper = CopyHelper(os.fsencode(root), True)
     watched, other = Watched(), Progress()
     outcome: list[bool] = []
     try:
         async with anyio.create_task_group() as tg:
 
+            async def carried_on() -> None:
+                outcome.append(await helper.put(first, "run1", other))
+
             async def cancelled() -> None:
                 with anyio.CancelScope() as scope:
                     tg.start_soon(cancel_when_moving, scope)
-                    await helper.put(first, "run1", watched)
+                    await helper.put(second, "run1", watched)
 
             async def cancel_when_moving(scope: anyio.CancelScope) -> None:
-                await watched.moved.wait()
+                await watched.moved.wait()  # the second batch's files are being written
                 scope.cancel()
 
-            async def carried_on() -> None:
-                outcome.append(await helper.put(second, "run1", other))
-
-            tg.start_soon(cancelled)
-            await anyio.sleep(0.05)
             tg.start_soon(carried_on)
+            await anyio.sleep(0.05)
+            tg.start_soon(cancelled)
         assert outcome == [False]
         assert other.results == []
+        assert watched.cancelled
         assert helper.broken is None  # stopped on purpose: the next batch starts another
         assert helper.process is None
     finally:
         await helper.aclose()
+    notes = noting_helper.read_text().splitlines()
+    # Both were in the helper: the second was read while the first was being finished.
+    assert notes[0] == "stage a", notes
+    assert notes.index("stage b") < notes.index("finished"), notes
     assert leftovers(root) == []
-    for path in root.rglob("*.dat"):
-        assert path.read_bytes() == (tmp_path / path.parent.name / path.name).read_bytes()
+    assert list(root.rglob("*.dat")) == []
+
+
+async def test_a_helper_that_fails_to_finish_hands_its_batches_to_threads(
+        tmp_path: Path, noting_helper: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error in the helper's second thread stops the helper: the engine sees its output
+    end, and the transport copies the batch in a worker thread; no temp file stays."""
+    monkeypatch.setenv("HELPER_FINISH_FAILS", "1")
+    root = tmp_path / "replica"
+    root.mkdir()
+    requests = sources(tmp_path / "src", 10)
+    transport = LocalTransport(str(root), anyio.CapacityLimiter(2), helper_min_files=1)
+    try:
+        with anyio.fail_after(30):
+            results = await transport.put(requests, "run1", Progress())
+        [helper] = transport._helpers
+        stopped = list(helper._stopping)
+    finally:
+        await transport.aclose()
+    assert [r.status for r in results] == [PutStatus.COPIED] * len(requests)
+    assert transport.transfer == "threads"
+    assert noting_helper.read_text().splitlines()[:2] == ["stage out", "finish 1"]
+    assert [p.returncode for p in stopped] == [1]  # it exited on its own, with an error
+    assert leftovers(root) == []
+    for request in requests:
+        assert (root / os.fsdecode(request.dest)).read_bytes() == \
+            Path(os.fsdecode(request.source)).read_bytes()
 
 
 def test_staged_batches_are_finished_together(tmp_path: Path,

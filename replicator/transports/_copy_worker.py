@@ -129,88 +129,121 @@ def serve() -> None:
     ("flush", n, +1 or -1) around what is not counted in bytes, ("done", n, rows).
     """
     # Frames go to a private copy of stdout; anything printed goes to stderr instead.
-    out = os.fdopen(os.dup(1), "wb")
+    server = _Server(os.fdopen(os.dup(1), "wb"))
     os.dup2(2, 1)
-    stdin = sys.stdin.buffer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle
-    write_lock = threading.Lock()
-    inflight: list[_Batch] = []  # read and not yet done; the GIL guards it
-    state = {"reading": False, "stopping": False}
+    signal.signal(signal.SIGTERM, server.on_term)
+    _die_with_parent()
+    server.run(sys.stdin.buffer)
 
-    def on_term(signum: int, frame: Any) -> None:
-        state["stopping"] = True
-        for batch in list(inflight):
-            batch.progress.cancelled = True  # each stops at its next file and cleans up
-        if state["reading"]:
+
+class _Server:
+    """The helper's two threads and what they share."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._write_lock = threading.Lock()
+        self._staged: queue.Queue[_Batch | None] = queue.Queue(maxsize=1)
+        self.inflight: list[_Batch] = []  # read and not yet done; the GIL guards it
+        self.reading = False  # the main thread waits for input
+        self.stopping = False
+        self.failed = False  # the second thread failed: the rest is only cleaned up
+
+    def stop(self) -> None:
+        """Read nothing more; each batch in flight stops at its next file and cleans up."""
+        self.stopping = True
+        for batch in list(self.inflight):
+            batch.progress.cancelled = True
+
+    def on_term(self, signum: int, frame: Any) -> None:
+        self.stop()
+        if self.reading:
             raise SystemExit(0)  # the batches in flight are cleaned up on the way out
 
-    signal.signal(signal.SIGTERM, on_term)
-    _die_with_parent()
-
-    def send(value: object) -> None:
+    def send(self, value: object) -> None:
         data = frame(value)
-        with write_lock:
-            out.write(data)
-            out.flush()
-
-    staged: queue.Queue[_Batch | None] = queue.Queue(maxsize=1)
-    finisher = threading.Thread(target=_finish_all, args=(staged, inflight, send),
-                                name="finish")
-    finisher.start()
-    seq = 0
-    try:
-        while not state["stopping"]:
-            state["reading"] = True
-            try:
-                head = _read(stdin, HEAD)
-                data = None if head is None else _read(stdin, read_length(head))
-            finally:
-                state["reading"] = False
-            if data is None:
+        with self._write_lock:
+            if self._out.closed:
                 return
-            root, fsync, run_id, rows = pickle.loads(data)
-            batch = _Batch([PutRequest(source, dest, _KINDS[kind], size, mtime_ns, mode, target)
-                            for source, dest, kind, size, mtime_ns, mode, target in rows],
-                           _Reporting(send, seq), BatchWriter(root, fsync))
-            seq += 1
-            inflight.append(batch)
-            send(("begin", batch.progress.seq))
-            batch.staged = batch.writer.stage(batch.requests, run_id, batch.progress,
-                                              batch.results)
-            staged.put(batch)
-    finally:
-        staged.put(None)
-        finisher.join()
+            try:
+                self._out.write(data)
+                self._out.flush()
+            except OSError:  # the engine's end is gone: nobody waits for these results
+                self._close_out()
+                self.stop()
 
+    def _close_out(self) -> None:
+        with contextlib.suppress(OSError):
+            self._out.close()
 
-def _finish_all(staged: queue.Queue[_Batch | None], inflight: list[_Batch],
-                send: Callable[[object], None]) -> None:
-    """The second thread: the staged batches made durable, their results sent, in order.
-    Batches staged meanwhile are finished together: one flush serves them all."""
-    try:
-        while True:
-            batch = staged.get()
+    def run(self, stdin: BinaryIO) -> None:
+        finisher = threading.Thread(target=self._finish_all, name="finish")
+        finisher.start()
+        seq = 0
+        try:
+            while not self.stopping:
+                self.reading = True
+                try:
+                    if self.stopping:  # told to stop just before: wait for no input
+                        return
+                    head = _read(stdin, HEAD)
+                    data = None if head is None else _read(stdin, read_length(head))
+                finally:
+                    self.reading = False
+                if data is None:
+                    return
+                root, fsync, run_id, rows = pickle.loads(data)
+                batch = _Batch(
+                    [PutRequest(source, dest, _KINDS[kind], size, mtime_ns, mode, target)
+                     for source, dest, kind, size, mtime_ns, mode, target in rows],
+                    _Reporting(self.send, seq), BatchWriter(root, fsync))
+                seq += 1
+                self.inflight.append(batch)
+                if self.stopping:  # told to stop while it was read
+                    batch.progress.cancelled = True
+                self.send(("begin", batch.progress.seq))
+                batch.staged = batch.writer.stage(batch.requests, run_id, batch.progress,
+                                                  batch.results)
+                self._staged.put(batch)
+        finally:
+            self._staged.put(None)
+            finisher.join()
+            if self.failed:
+                raise SystemExit(1)
+
+    def _finish_all(self) -> None:
+        """The second thread: the staged batches made durable and their results sent, in
+        order. Batches staged meanwhile are finished together: one flush serves them all.
+        If finishing fails, the helper stops: the engine sees its output end and copies
+        those batches another way, and every later batch is only cleaned up."""
+        end = False
+        while not end:
+            batch = self._staged.get()
             if batch is None:
                 return
             group = [batch]
-            end = False
             while True:
                 try:
-                    more = staged.get_nowait()
+                    more = self._staged.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
                     end = True
                     break
                 group.append(more)
-            _finish_group(group, send)
+            if not self.failed:
+                try:
+                    _finish_group(group, self.send)
+                except Exception:
+                    traceback.print_exc()
+                    self.failed = True
+                    self.stop()
+                    with self._write_lock:
+                        self._close_out()
             for done in group:
-                inflight.remove(done)
-            if end:
-                return
-    except BaseException:
-        traceback.print_exc()
-        os._exit(1)  # the engine sees the helper gone and copies its batches again
+                if done.staged is not None:
+                    done.staged.close()  # temp files not renamed (finish closed the others)
+                self.inflight.remove(done)
 
 
 def _finish_group(group: list[_Batch], send: Callable[[object], None]) -> None:

@@ -370,10 +370,10 @@ class BatchWriter:
         batch = StagedBatch(root_fd, progress, results)
         try:
             self._stage_all(requests, run_id, progress, batch.dirs, batch.done)
+            progress.begin_flush()
         except BaseException:
             batch.close()
             raise
-        progress.begin_flush()
         return batch
 
     def finish(self, batches: Sequence[StagedBatch]) -> None:
