@@ -61,6 +61,7 @@ SPLIT_FILES = 512
 SPLIT_BYTES = 8 << 20
 RECORD_BATCH = 1000
 IDLE_POLL = 2.0
+CLAIM_EVERY = 1.0  # seconds: how long a feeder busy with taken files goes without a claim
 
 
 def backoff_delay(attempts: int, initial: float, maximum: float) -> float:
@@ -160,6 +161,10 @@ class ReplicaRunner:
         self._taken_refused: list[tuple[Work, str]] = []
         self._serving = False
         self._drained = False  # the last claim took every due copy: none is older than new
+        # Whether copies may have become due since the last claim (scan batches recorded as
+        # due, outcomes that leave copies pending), and when that claim was.
+        self._maybe_due = True
+        self._claimed_at = 0.0
         self.wake = _Wake()
         self.inflight = 0
         self._idle = _Wake()
@@ -266,6 +271,11 @@ class ReplicaRunner:
                 self._taken_refused.append((work, refusal))
             else:
                 self._taken.append(work)
+        self.wake.set()
+
+    def due_soon(self) -> None:
+        """Copies of this replica may have become due: the feeder claims before it waits."""
+        self._maybe_due = True
         self.wake.set()
 
     async def run(self, once: bool) -> None:
@@ -393,14 +403,24 @@ class ReplicaRunner:
             # thread behind the scan's writes, and the workers need not wait with it.
             for batch in self._batches(taken) if taken else ():
                 await send.send(batch)
+            more: list[Work] = []
+            refused: list[tuple[Work, str]] = []
             # Due copies are claimed beside taken ones, at least a few at a time: whether
             # any is left decides whether new files may be taken ahead of the next claim.
-            limit = max(CLAIM_BATCH - len(taken), CLAIM_BATCH // 8)
-            more, refused = await engine.inventory.claim(
-                self.name, time.time(), limit, self.destination,
-                engine.started_at if once else None, self._record_dest, self._check_owners,
-            )
-            self._drained = len(more) + len(refused) < limit
+            # Not again while nothing can have become due since a claim found none: a claim
+            # waits its turn on SQLite's thread behind the scan's writes (tens of ms), and
+            # files taken meanwhile would wait with it. At least once a second, for retries.
+            if (not self._drained or self._maybe_due
+                    or time.monotonic() - self._claimed_at > CLAIM_EVERY):
+                self._maybe_due = False
+                self._claimed_at = time.monotonic()
+                limit = max(CLAIM_BATCH - len(taken), CLAIM_BATCH // 8)
+                more, refused = await engine.inventory.claim(
+                    self.name, time.time(), limit, self.destination,
+                    engine.started_at if once else None, self._record_dest,
+                    self._check_owners,
+                )
+                self._drained = len(more) + len(refused) < limit
             self.inflight += len(more)
             for work, reason in refused:
                 engine.state.failed += 1
@@ -423,6 +443,7 @@ class ReplicaRunner:
                 if self._taken or self._taken_refused:
                     continue  # taken meanwhile: its wake-up was before this wait
                 timeout = IDLE_POLL if due is None else min(IDLE_POLL, due - time.time())
+                self._maybe_due = True  # a retry may be due when this wait ends
                 await self.wake.wait(timeout)
                 continue
             if not engine.scans_done.is_set():
@@ -436,6 +457,7 @@ class ReplicaRunner:
                                                     engine.started_at)
             if due is None:
                 return
+            self._maybe_due = True
             await engine.sleep(due - time.time())
 
     async def _refuse_taken(self) -> None:
@@ -626,8 +648,10 @@ class _Feed:
         for runner in self._runners:
             if claimed and runner.name in takers:
                 runner.take(self._origin.name, self._origin.host, claimed)
+                if delta.changed:
+                    runner.due_soon()  # changed files' copies are due again
             else:
-                runner.wake.set()
+                runner.due_soon()
 
 
 class Engine:
@@ -818,6 +842,8 @@ class Engine:
                         attempts=work.attempts + 1, final=o.final))
             elif o.kind is not OutcomeKind.RELEASED:
                 info("transfer", path=os.fsdecode(work.path), outcome=str(o.kind))
+        if out.outcomes:
+            out.runner.due_soon()  # released, or to be retried: pending again
         out.runner.settled(len(out))
 
 

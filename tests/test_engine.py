@@ -603,6 +603,40 @@ async def test_taken_files_are_copied_while_the_feeder_claims(
         assert replica_path(r1, origin / f"n{i % 3}" / name).read_bytes() == name.encode()
 
 
+async def test_a_feeder_busy_with_taken_files_claims_only_when_copies_may_be_due(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a claim found nothing due, the feeder hands over the scan's batches without
+    claiming between them (each claim waits behind the scan's writes on SQLite's thread).
+    Copies due again (a changed file) are still claimed."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    files = [write(origin / f"d{i % 40:02d}" / f"f{i}.dat", b"x" * i) for i in range(400)]
+    intake = Intake(monkeypatch)
+    claims: list[int] = []
+    claim = Inventory.claim
+
+    async def counted(inventory: Inventory, *args: Any) -> Any:
+        result = await claim(inventory, *args)
+        claims.append(len(result[0]))
+        return result
+
+    monkeypatch.setattr(Inventory, "claim", counted)
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        summary = await rep.sync_once()
+        assert (summary.copied, summary.pending) == (len(files), 0)
+        assert len(intake.taken) >= 300  # the scan's batches after the first claim
+        assert len(claims) <= 3, claims  # the first, and one for a batch recorded before it
+        # A changed file beside a new one: its copy is due again, and a claim takes it.
+        write(origin / "d00" / "f0.dat", b"changed")
+        write(origin / "d00" / "new.dat", b"new")
+        intake.claimed.clear()
+        summary = await rep.sync_once()
+        assert (summary.copied, summary.pending) == (2, 0), summary
+        assert b"f0.dat" in intake.claimed
+    assert replica_path(r1, origin / "d00" / "f0.dat").read_bytes() == b"changed"
+    assert replica_path(r1, origin / "d00" / "new.dat").read_bytes() == b"new"
+
+
 async def test_a_taken_file_that_cannot_go_to_the_replica_fails(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     intake = Intake(monkeypatch, refuse=b"new01.dat")
