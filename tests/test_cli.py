@@ -41,6 +41,12 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def python_c(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c CODE`` in the CLI's environment; it must succeed."""
+    return subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True,
+                          text=True, timeout=60, check=True)
+
+
 def cli(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run ``python -m replicator ARGS`` in ``cwd`` to completion."""
     return subprocess.run(
@@ -545,12 +551,11 @@ def test_the_command_line_imports_the_engine_only_when_a_command_needs_it() -> N
             "assert set(replicator.__all__) <= set(dir(replicator))\n"
             "print('replicator._replicator' in sys.modules)\n"
             "from replicator import _walk\nassert _walk.__name__ == 'replicator._walk'\n")
-    result = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True,
-                            text=True, timeout=60, check=True)
+    result = python_c(code)
     assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
 
 
-def test_logging_to_a_file_or_pipe_does_not_load_rich_for_tracebacks(tmp_path: Path) -> None:
+def test_logging_to_a_file_or_pipe_does_not_load_rich_for_tracebacks() -> None:
     """structlog loads rich on import for its console tracebacks (about 35 ms of every
     command's start-up); with stderr not a terminal the command line keeps it from that. rich
     stays importable (progress bars, tables), and a logged exception's traceback is
@@ -563,15 +568,11 @@ def test_logging_to_a_file_or_pipe_does_not_load_rich_for_tracebacks(tmp_path: P
             "    structlog.get_logger('t').error('boom', exc_info=True)\n"
             "import rich.progress\nprint('rich' in sys.modules)\n")
     # structlog imported first (as a library user's process would): left as it is.
-    first = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True,
-                           text=True, timeout=60, check=True)
+    first = python_c(code)
     assert first.stdout.split() == ["True", "False", "True"], first.stdout
-    result = subprocess.run([sys.executable, "-c", code.replace("import sys, structlog\n",
-                                                                "import sys\n", 1)
-                             .replace("_cli_logging.configure(0, 'text')\n",
-                                      "_cli_logging.configure(0, 'text')\nimport structlog\n")],
-                            env=cli_env(), capture_output=True, text=True, timeout=60,
-                            check=True)
+    result = python_c(code.replace("import sys, structlog\n", "import sys\n", 1).replace(
+        "_cli_logging.configure(0, 'text')\n",
+        "_cli_logging.configure(0, 'text')\nimport structlog\n"))
     assert result.stdout.split() == ["False", "True", "True"], result.stdout
     assert "boom" in result.stderr
     assert "ZeroDivisionError: division by zero" in result.stderr
