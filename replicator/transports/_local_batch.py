@@ -381,6 +381,8 @@ class BatchWriter:
         stages the next batch while the last ones are flushed): one flush for their data,
         sources checked and renames, one flush for the renames, the final files verified;
         then each batch's results, unless it was abandoned. Cleans up every batch."""
+        # Results are handed over only once durable and verified: an abandoned batch reports
+        # nothing, and its renamed files are simply copied again later.
         try:
             live = [batch for batch in batches if not batch.progress.cancelled]
             flush_error = self._flush({item.dir_fd for batch in live for item in batch.done
