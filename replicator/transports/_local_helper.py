@@ -3,7 +3,7 @@
 Copying a small file is a dozen system calls. From a worker thread each of them gives up the
 GIL and takes it back while the event loop and SQLite's thread want it too: 20,000 files of
 4 KiB cost 140,000 context switches, and the kernel spent as long switching as copying. A
-helper process runs ``BatchWriter.put_batch`` alone on its own GIL; the engine's process
+helper process runs the ``BatchWriter`` alone on its own GIL; the engine's process
 only hands it batches. Requests go in, progress and results come back, as pickled frames
 over the helper's stdin and stdout.
 
