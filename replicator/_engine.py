@@ -250,7 +250,8 @@ class ReplicaRunner:
     def can_take(self, files: int) -> bool:
         """Whether the next scan batch, of up to ``files`` new files, may claim them for
         this replica as it records them (``take``): only while the feeder runs, has room
-        for them and has claimed every due copy (older copies go first), and only where
+        for them and its last claim found every due copy (older copies go first; one due
+        since then waits for the next claim, a second at most), and only where
         claims need not record destinations (then a claim is the inventory's ``copying``
         state alone, and the new files' rows need not be read back)."""
         return (self._serving and self._drained and not self._record_dest
@@ -405,6 +406,7 @@ class ReplicaRunner:
                 await send.send(batch)
             more: list[Work] = []
             refused: list[tuple[Work, str]] = []
+            skipped = True
             # Due copies are claimed beside taken ones, at least a few at a time: whether
             # any is left decides whether new files may be taken ahead of the next claim.
             # Not again while nothing can have become due since a claim found none: a claim
@@ -412,7 +414,7 @@ class ReplicaRunner:
             # files taken meanwhile would wait with it. At least once a second, for retries.
             if (not self._drained or self._maybe_due
                     or time.monotonic() - self._claimed_at > CLAIM_EVERY):
-                self._maybe_due = False
+                skipped = self._maybe_due = False
                 self._claimed_at = time.monotonic()
                 limit = max(CLAIM_BATCH - len(taken), CLAIM_BATCH // 8)
                 more, refused = await engine.inventory.claim(
@@ -449,8 +451,14 @@ class ReplicaRunner:
             if not engine.scans_done.is_set():
                 await self.wake.wait(0.2)
                 continue
-            while self.inflight:
+            if skipped:
+                self._maybe_due = True  # the scans are done: claim once before waiting
+                continue
+            # A copy due meanwhile (a retry without backoff) goes beside those in flight.
+            while self.inflight and not self._maybe_due:
                 await self._idle.wait(1.0)
+            if self._maybe_due:
+                continue
             if self.unavailable is not None or engine.stopping:
                 return
             due = await engine.inventory.next_retry(self.name, time.time(), engine.retry_deadline,
