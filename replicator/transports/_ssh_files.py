@@ -17,10 +17,12 @@ from ._local_batch import accelerator, temp_name
 from ._paths import confine, copy_mode
 from ._ssh_stream import link_frame, whole_header
 
-# Files up to this size are read whole, many per thread call.
+# Files up to this size are read whole, many per thread call: a group's reading and framing
+# is one hand-off to a worker thread and its frames one write to the session (256 files of
+# 4 KiB: 3% to 7% faster than 64 on a LAN, same series, stop 14).
 SMALL_FILE = 1 << 20
 SMALL_GROUP_BYTES = 8 << 20
-SMALL_GROUP_FILES = 64
+SMALL_GROUP_FILES = 256
 
 class _Stat(NamedTuple):
     """The fields of a source's ``fstat`` that an upload uses, as the accelerator gives them."""
