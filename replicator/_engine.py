@@ -409,9 +409,8 @@ class ReplicaRunner:
             skipped = True
             # Due copies are claimed beside taken ones, at least a few at a time: whether
             # any is left decides whether new files may be taken ahead of the next claim.
-            # Not again while nothing can have become due since a claim found none: a claim
-            # waits its turn on SQLite's thread behind the scan's writes (tens of ms), and
-            # files taken meanwhile would wait with it. At least once a second, for retries.
+            # Not again while nothing can have become due since a claim found none (tens of
+            # ms each, see above; files taken meanwhile wait). At least once a second.
             if (not self._drained or self._maybe_due
                     or time.monotonic() - self._claimed_at > CLAIM_EVERY):
                 skipped = self._maybe_due = False

@@ -588,7 +588,6 @@ class SshTransport:
         return started
 
     async def _start_session(self) -> StreamSession | None:
-        command = receiver_command(self.root)
         for kind in list(self._carriers):
             if kind not in self._carriers:
                 continue  # given up meanwhile by a concurrent batch
@@ -608,7 +607,8 @@ class SshTransport:
                                         else await OpensshCarrier.open(argv, self._op_timeout))
                 else:
                     conn = await self._connected()
-                    carrier = await AsyncsshCarrier.open(conn.conn, command, self._op_timeout)
+                    carrier = await AsyncsshCarrier.open(conn.conn, receiver_command(self.root),
+                                                         self._op_timeout)
                 session = await StreamSession.start(carrier)
                 if kind == "openssh":
                     self._openssh_dropped = 0

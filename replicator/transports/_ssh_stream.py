@@ -32,7 +32,6 @@ PONG = b"pong\n"
 DATA_CHUNK = 1 << 20
 
 
-
 def file_frame(seq: int, mode: int, mtime_ns: int, dest: bytes, tmp: bytes) -> bytes:
     return _FILE.pack(b"F", seq, mode, mtime_ns, len(dest), len(tmp)) + dest + tmp
 
