@@ -36,7 +36,8 @@ from test_ssh import (
 from test_transport_conformance import request_for
 
 from replicator import load_config
-from replicator.transports import Progress, PutStatus, _receiver, _spares
+from replicator._errors import ReplicaUnavailableError
+from replicator.transports import MARKER, Progress, PutStatus, _receiver, _spares
 from replicator.transports import _ssh as ssh_transport
 from replicator.transports._ssh import SshTransport
 from replicator.transports._ssh_carriers import Carrier, OpensshCarrier, StreamLost
@@ -280,7 +281,9 @@ async def test_openssh_client_refuses_an_unknown_host_key(tmp_path: Path) -> Non
         summary = await sync(config)
         assert (summary.exit_code, summary.copied, summary.pending) == (3, 0, len(files))
         assert list(replica.iterdir()) == []
-        assert len(server.connections) == 1  # refused once; no other client knocked
+        # OpenSSH's logins that started together (see test_ssh), refused before they
+        # authenticate, then the SFTP login that says why; nothing knocks again.
+        assert 2 <= len(server.connections) <= 2 + ssh_transport.SHORT_LINK_SESSIONS
 
 
 async def test_openssh_client_uses_only_the_configured_known_hosts(
@@ -380,7 +383,10 @@ async def test_many_batches_through_the_stream(tmp_path: Path, carrier: str, lon
 
         monkeypatch.setattr(SshTransport, "_start_session", counted)
         assert (await sync(config)).copied == 0
-        assert attempts == []  # nothing to copy: no session, no login on the host
+        # Nothing to copy: the replica's check is the one login on the host (a session
+        # that looks at the root and the marker, as an SFTP login would); no batch, none
+        # for a batch.
+        assert len(attempts) <= 1
 
 
 async def test_a_missing_root_is_not_taken_for_a_host_without_the_receiver(
@@ -531,9 +537,9 @@ def test_the_receiver_takes_content_from_its_input_spliced_or_read(
 @pytest.mark.parametrize("long_link", [False, True])
 async def test_prepare_starts_one_session_per_lane_on_a_long_link(
         tmp_path: Path, long_link: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Before the first batch, prepare leaves sessions ready: one on a short link, one per
-    lane on a long one (its logins are round trips the engine's checks leave time for), no
-    more than SESSION_STARTS logging in at once (sshd's MaxStartups)."""
+    """Before the first batch, prepare leaves sessions ready: SHORT_LINK_SESSIONS on a short
+    link, one per lane on a long one (its logins are round trips the engine's checks leave
+    time for), no more than SESSION_STARTS logging in at once (sshd's MaxStartups)."""
     if long_link:
         monkeypatch.setattr(ssh_transport, "LONG_LINK", 0.0)
     starting, most = [0], [0]
@@ -549,68 +555,86 @@ async def test_prepare_starts_one_session_per_lane_on_a_long_link(
 
     monkeypatch.setattr(SshTransport, "_start_session", counted)
     lanes = ssh_transport.SESSION_STARTS + 2
+    short = ssh_transport.SHORT_LINK_SESSIONS
     async with sshd_transport(tmp_path, lanes=lanes) as (transport, _):
         await transport.prepare()
-        assert len(transport._sessions) == (lanes if long_link else 1)
+        assert len(transport._sessions) == (lanes if long_link else short)
         await transport.prepare()  # once only
-        assert len(transport._sessions) == (lanes if long_link else 1)
+        assert len(transport._sessions) == (lanes if long_link else short)
     assert transport._live == 0
-    assert most[0] == (ssh_transport.SESSION_STARTS if long_link else 1)
+    assert most[0] == (ssh_transport.SESSION_STARTS if long_link else short)
 
 
 async def test_a_host_key_refused_later_starts_no_session(tmp_path: Path) -> None:
-    """A pool that once accepted the host key and then refuses it (known_hosts changed)
-    starts no OpenSSH session in prepare: only the refused SFTP login knocks."""
+    """A host whose key changed after a session worked (known_hosts changed): OpenSSH's
+    login is refused before it authenticates, the SFTP login says why, no session
+    starts, and nothing knocks again until known_hosts changes."""
     async with sftp_server(tmp_path / "server", commands=True) as server:
         (server.root / "replica").mkdir()
         transport = SshTransport(server.options(), "replica", anyio.CapacityLimiter(2),
                                  op_timeout=10, carriers=("openssh",))
         try:
-            await transport.probe()
+            await transport.probe()  # through a receiver session
+            assert (transport._live, len(server.connections)) == (1, 1)
             other = asyncssh.generate_private_key("ssh-ed25519")
             server.keys.known_hosts.write_text(
                 f"[127.0.0.1]:{server.port} {other.export_public_key().decode()}")
-            assert transport._pool is not None
-            transport._pool.close()
-            await transport.prepare()
-            assert transport._live == 0
-            assert len(server.connections) == 2  # the first login and the refused one
+            for session in transport._sessions:
+                transport._drop(session)
+            transport._sessions.clear()
+            for _ in range(2):
+                with pytest.raises(ReplicaUnavailableError, match="ssh-keyscan"):
+                    await transport.probe()
+                await transport.prepare()
+                assert transport._live == 0
+            assert len(server.connections) == 3  # the first session, then each client once
         finally:
             await transport.aclose()
 
 
-@pytest.mark.parametrize("long_kex", [False, True])
-async def test_sessions_start_once_the_host_key_is_checked(
-        tmp_path: Path, long_kex: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """prepare starts receiver sessions once the SFTP login got past the host key check,
-    not after it authenticated and started SFTP (round trips on a long link): one, or one
-    per lane when the key exchange was long. The SFTP start is slowed here by 1 s."""
-    if long_kex:
-        monkeypatch.setattr(ssh_transport, "KEX_LONG", 0.0)
-    events: list[str] = []
-    start_sftp = asyncssh.SSHClientConnection.start_sftp_client
+@pytest.mark.parametrize("long_link", [False, True])
+async def test_the_openssh_carrier_needs_no_sftp_login(
+        tmp_path: Path, long_link: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where OpenSSH carries the stream, the replica's check (the root, the marker) and
+    prepare go through receiver sessions: no SFTP login at all (OpenSSH checks the host
+    key by the same rules). prepare starts the sessions a short link takes, or one per lane
+    on a long link."""
+    if long_link:
+        monkeypatch.setattr(ssh_transport, "LONG_LINK", 0.0)
+    logins: list[int] = []
+    connect = asyncssh.connect
 
-    async def slow_sftp(self: asyncssh.SSHClientConnection, *args: Any, **kwargs: Any
-                        ) -> asyncssh.SFTPClient:
-        await anyio.sleep(1.0)
-        sftp = await start_sftp(self, *args, **kwargs)
-        events.append("logged in")
-        return sftp
+    async def counted(*args: Any, **kwargs: Any) -> asyncssh.SSHClientConnection:
+        logins.append(1)
+        return await connect(*args, **kwargs)
 
-    start_session = SshTransport._start_session
-
-    async def recorded(self: SshTransport) -> StreamSession | None:
-        events.append("session")
-        return await start_session(self)
-
-    monkeypatch.setattr(asyncssh.SSHClientConnection, "start_sftp_client", slow_sftp)
-    monkeypatch.setattr(SshTransport, "_start_session", recorded)
+    monkeypatch.setattr(asyncssh, "connect", counted)
     lanes = 3
-    async with sshd_transport(tmp_path, lanes=lanes) as (transport, _):
+    async with sshd_transport(tmp_path, lanes=lanes) as (transport, replica):
+        await transport.probe()
+        assert await transport.read_marker() is None
+        await transport.write_marker("replicator test 1")
+        assert (replica / MARKER.decode()).read_text() == "replicator test 1\n"
+        assert await transport.read_marker() == "replicator test 1"
+        assert transport._live == 1  # one session did all of it
         await transport.prepare()
-        early = lanes if long_kex else 1
-        assert events[:early + 1] == ["session"] * early + ["logged in"], events
-        assert len(transport._sessions) == early  # a LAN: no more after the login
+        assert len(transport._sessions) == (
+            lanes if long_link else ssh_transport.SHORT_LINK_SESSIONS)
+        assert logins == []
+        (replica / "file").write_text("")
+        missing = SshTransport(transport.options, str(replica / "nope"),
+                               anyio.CapacityLimiter(2), op_timeout=10, carriers=("openssh",))
+        a_file = SshTransport(transport.options, str(replica / "file"),
+                              anyio.CapacityLimiter(2), op_timeout=10, carriers=("openssh",))
+        try:
+            with pytest.raises(ReplicaUnavailableError, match="does not exist"):
+                await missing.probe()
+            with pytest.raises(ReplicaUnavailableError, match="is not a folder"):
+                await a_file.probe()
+        finally:
+            await missing.aclose()
+            await a_file.aclose()
+        assert logins == []
 
 
 @pytest.mark.parametrize("carrier", CARRIERS)

@@ -20,10 +20,18 @@ Frames from the client, each one byte of kind then a fixed header (network order
   L seq:I mtime_ns:q dest_len:H tmp_len:H target_len:H, ...    a symlink
   S                                                            flush, rename, report
   P                                                            answer "pong" (round trip)
+  I name_len:H, name                                           inspect the root (see below)
+  K name_len:H length:I, name, content                         write a file of the root
   Q                                                            quit
-Replies, one line each: the greeting ``replicator-receiver 2``, and for each ``S`` the line
+Replies, one line each: the greeting ``replicator-receiver 3``, and for each ``S`` the line
 ``flushing`` (all frames were read) then a JSON list of ``[seq, 0, size, mtime_ns, kind_ok]``
-(in place) or ``[seq, errno, what, strerror]``.
+(in place) or ``[seq, errno, what, strerror]``. ``I`` answers ``[root, probe, marker]``:
+``root`` null when the root is a folder, ``probe`` null when a file can be created in it
+(and removed), ``marker`` the text of the root's file ``name`` (null: none), each else
+``[errno, strerror]``. ``K`` writes the root's file ``name`` whole (a temp file, fsync,
+rename) and answers null or ``[errno, strerror]``. Both answer the engine's check of the
+replica, before any batch: the SSH login that starts the receiver is the only one a run
+needs.
 
 Written for Python 3.6 and later, standard library only: it runs on whatever the host has.
 """
@@ -36,13 +44,14 @@ import struct
 import sys
 from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
-GREETING = b"replicator-receiver 2\n"
+GREETING = b"replicator-receiver 3\n"
 FLUSHING = b"flushing\n"
 PONG = b"pong\n"
 FILE = struct.Struct("!IIqHH")
 WHOLE = struct.Struct("!IIqHHI")
 LINK = struct.Struct("!IqHHH")
 LENGTH = struct.Struct("!I")
+NAME = struct.Struct("!H")
 SPLICE = getattr(os, "splice", None)  # Python 3.10+, Linux
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 TEMP_PREFIX = b".~rep-"
@@ -322,6 +331,81 @@ class Receiver:
         self.staged = []
 
 
+def _error(exc: OSError) -> List[object]:
+    return [exc.errno or errno.EIO, exc.strerror or str(exc)]
+
+
+def _root_name(name: bytes) -> bytes:
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise Refused("not a name in the root: %r" % name)
+    return name
+
+
+def inspect(root: bytes, marker: bytes) -> List[object]:
+    """``[root, probe, marker]`` (see the frames above). Symlinks are followed, as the
+    SFTP server's checks follow them."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        return [_error(exc), None, None]
+    try:
+        probe = None  # type: Optional[List[object]]
+        name = TEMP_PREFIX + b"probe-" + os.urandom(4).hex().encode()
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                             0o600, dir_fd=fd))
+            os.unlink(name, dir_fd=fd)
+        except OSError as exc:
+            probe = _error(exc)
+        text = None  # type: Union[None, str, List[object]]
+        try:
+            mfd = os.open(marker, os.O_RDONLY, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            text = _error(exc)
+        else:
+            try:
+                text = os.read(mfd, 4096).decode(errors="replace")
+            except OSError as exc:
+                text = _error(exc)
+            finally:
+                os.close(mfd)
+        return [None, probe, text]
+    finally:
+        os.close(fd)
+
+
+def write_whole(root: bytes, name: bytes, content: bytes) -> Optional[List[object]]:
+    """The root's file ``name`` holds ``content``, or is as it was: None, else the error."""
+    tmp = name + b".tmp"
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        return _error(exc)
+    try:
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644,
+                      dir_fd=fd)
+        try:
+            view = memoryview(content)
+            while view:
+                view = view[os.write(out, view):]
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        os.fsync(fd)
+    except OSError as exc:
+        try:
+            os.unlink(tmp, dir_fd=fd)
+        except OSError:
+            pass
+        return _error(exc)
+    finally:
+        os.close(fd)
+    return None
+
+
 class Stream:
     """Frames from the input file descriptor, read in large blocks. The loader read this
     source from the same descriptor byte by byte exactly, so nothing that follows is
@@ -371,6 +455,16 @@ def serve(root: bytes, inp: int, out: BinaryIO) -> None:
                 continue
             if kind == b"Q":
                 return
+            if kind in (b"I", b"K"):
+                (nlen,) = NAME.unpack(stream.take(NAME.size))
+                (length,) = LENGTH.unpack(stream.take(LENGTH.size)) if kind == b"K" else (0,)
+                named = bytes(stream.take(nlen + length))
+                name = _root_name(named[:nlen])
+                answer = (inspect(root, name) if kind == b"I"
+                          else write_whole(root, name, named[nlen:]))
+                out.write(json.dumps(answer).encode() + b"\n")
+                out.flush()
+                continue
             if receiver is None:
                 receiver = Receiver(root, out)
             if kind == b"W":

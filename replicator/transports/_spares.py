@@ -6,8 +6,8 @@ host, half a second or more. ``replicator sync`` starts them first thing, and on
 imports the engine's modules: that takes its process about 0.1 s on one core, while the
 helper starts on the other and the login goes on. A local replica takes a spare helper
 before it starts one itself (``CopyHelper.start``); an SSH replica takes a spare session
-only where it would start the same ``ssh`` command itself (``SshTransport``), so after its
-own login passed the host key check. Spares not taken are stopped when the run ends: they
+only where it would start the same ``ssh`` command itself (``SshTransport``), which checks
+the host key as every one of its logins does. Spares not taken are stopped when the run ends: they
 never had work, so there is nothing of theirs to clean up.
 
 Imports nothing but anyio, the standard library and ``_ssh_options``: it runs before the

@@ -19,6 +19,7 @@ it, while the engine records the source's exact version, so nothing is copied ag
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import shutil
@@ -26,6 +27,7 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, suppress
+from typing import Any
 
 import anyio
 import asyncssh
@@ -125,6 +127,16 @@ async def _first_of(*events: anyio.Event) -> None:
             tg.start_soon(wait, event)
 
 
+class _Inspection:
+    """A receiver's look at the root on its way (``SshTransport._inspect``)."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.ran = False  # False when it was cancelled: a waiter looks itself
+        self.answer: list[Any] | None = None
+        self.error: Exception | None = None
+
+
 # --- the transport -------------------------------------------------------------------------
 
 
@@ -159,6 +171,7 @@ class SshTransport:
         # (10 by default), and a dropped start would cost the OpenSSH carrier.
         self._starting = anyio.Semaphore(SESSION_STARTS)
         self._openssh_dropped = 0  # OpenSSH logins dropped in a row
+        self._inspecting: _Inspection | None = None  # a receiver's look at the root
         self.root = os.fsencode(root)
         self._limiter = limiter
         self._op_timeout = op_timeout
@@ -270,12 +283,14 @@ class SshTransport:
         checks the marker: one on a short link, one per lane on a long one, where each
         login is many round trips and each session's channel window caps its own rate.
 
-        They start as soon as the SFTP login has passed the host key check, while it
-        authenticates and starts SFTP: a host that must not be trusted is refused (and
-        remembered) by that login before any other session is used. (The command line's
-        spare session, ``_spares``, knocks earlier, with the same host key rules: OpenSSH
-        refuses an unknown or changed key before it authenticates.)
+        Through the OpenSSH client, see ``_prepare_openssh``. Through asyncssh, they start
+        as soon as the SFTP login has passed the host key check, while it authenticates
+        and starts SFTP: a host that must not be trusted is refused (and remembered) by
+        that login before any other session is used.
         """
+        if self._carriers[:1] == ["openssh"]:
+            await self._prepare_openssh()
+            return
         if not self._carriers or self._sessions or self._live:
             return
         pool = self._the_pool()
@@ -306,6 +321,23 @@ class SshTransport:
             if self._short_link is False and started < self._lanes:
                 self._start_spares(tg, self._lanes - started)
 
+    async def _prepare_openssh(self) -> None:
+        """``prepare`` where the OpenSSH client carries the stream: no SFTP login, whose
+        only use here would be to vouch for the host key (OpenSSH checks it by the same
+        rules, see ``openssh_argv``) and to time the link. Called once there is work: the
+        sessions a short link takes start now, beside the one the replica's check may be
+        starting (a login is a few tenths of a second of CPU on a busy host), and the first
+        one up times the link; on a long link, one per lane."""
+        wanted = min(self._lanes, SHORT_LINK_SESSIONS)
+        if self._live < wanted:
+            async with anyio.create_task_group() as tg:
+                self._start_spares(tg, wanted - self._live)
+        while self._short_link is None and self._live:
+            await self._session_back.wait()
+        if self._short_link is False and self._live < self._lanes:
+            async with anyio.create_task_group() as tg:
+                self._start_spares(tg, self._lanes - self._live)
+
     def _start_spares(self, tg: TaskGroup, count: int) -> None:
         self._spares_starting += count  # counted now: a batch may come before they start
         for _ in range(count):
@@ -324,7 +356,110 @@ class SshTransport:
             else:  # a batch waiting for this one starts its own
                 self._wake_waiters()
 
+    # -- the replica's check: through the receiver, else SFTP --
+
+    async def _inspect(self) -> list[Any] | None:
+        """The receiver's look at the root (``StreamSession.inspect``), or None where no
+        receiver starts (SFTP answers then). The engine probes the root and reads its
+        marker together: the second of the two waits for the first one's look.
+
+        The session stays for the first batch. A run that streams needs no other login:
+        no SFTP connection (its login, a second shell and an sftp-server on the host), a
+        few tenths of a second of CPU on both ends before the first file.
+        """
+        shared = self._inspecting
+        if shared is not None:
+            await shared.done.wait()
+            if shared.ran:
+                if shared.error is not None:
+                    raise shared.error
+                return shared.answer
+        shared = self._inspecting = _Inspection()
+        try:
+            shared.answer = await self._inspect_once()
+            shared.ran = True
+        except Exception as exc:
+            shared.error, shared.ran = exc, True
+            raise
+        finally:
+            if self._inspecting is shared:
+                self._inspecting = None
+            shared.done.set()
+        return shared.answer
+
+    async def _inspect_once(self) -> list[Any] | None:
+        if not self._carriers:
+            return None
+        try:
+            session = await self._session()
+        except FileError as exc:  # the host cannot be reached, or refuses us
+            raise ReplicaUnavailableError(str(exc)) from None
+        if session is None:
+            return None
+        try:
+            answer = await session.inspect(MARKER)
+        except StreamLost:
+            self._drop(session)
+            return None
+        except BaseException:
+            self._drop(session)
+            raise
+        self._keep(session)
+        return answer
+
     async def probe(self) -> None:
+        """The root is a folder we can create files in."""
+        answer = await self._inspect()
+        if answer is None:
+            return await self._probe_sftp()
+        where = f"{self.options.where}:{os.fsdecode(self.root)}"
+        root, created, _marker = answer
+        if root is not None:
+            code, reason = root
+            if code == errno.ENOENT:
+                raise ReplicaUnavailableError(f"replica root {where} does not exist")
+            if code == errno.ENOTDIR:
+                raise ReplicaUnavailableError(f"replica root {where} is not a folder")
+            raise ReplicaUnavailableError(f"replica root {where} is not usable: {reason}")
+        if created is not None:
+            raise ReplicaUnavailableError(
+                f"replica root {where} is not usable: cannot create a file there:"
+                f" {created[1]}")
+        return None
+
+    async def read_marker(self) -> str | None:
+        answer = await self._inspect()
+        if answer is None:
+            return await self._read_marker_sftp()
+        marker = answer[2]
+        if isinstance(marker, list):
+            raise ReplicaUnavailableError(f"replica marker: {marker[1]}")
+        return None if marker is None else str(marker).strip()
+
+    async def write_marker(self, text: str) -> None:
+        session = None
+        if self._carriers:
+            try:
+                session = await self._session()
+            except FileError as exc:
+                raise ReplicaUnavailableError(
+                    f"cannot write the replica marker: {exc}") from None
+        if session is None:
+            return await self._write_marker_sftp(text)
+        try:
+            error = await session.write_whole(MARKER, text.encode() + b"\n")
+        except StreamLost:
+            self._drop(session)
+            return await self._write_marker_sftp(text)
+        except BaseException:
+            self._drop(session)
+            raise
+        self._keep(session)
+        if error is not None:
+            raise ReplicaUnavailableError(f"cannot write the replica marker: {error[1]}")
+        return None
+
+    async def _probe_sftp(self) -> None:
         """The root is a folder we can create files in. The stat and the create go
         together (one round trip for two), then the close and the remove."""
         where = f"{self.options.where}:{os.fsdecode(self.root)}"
@@ -367,7 +502,7 @@ class SshTransport:
                 raise ReplicaUnavailableError(
                     f"replica root {where} is not usable: {outcome}") from None
 
-    async def read_marker(self) -> str | None:
+    async def _read_marker_sftp(self) -> str | None:
         conn = await self._conn()
         path = self._path(MARKER)
         try:
@@ -385,7 +520,7 @@ class SshTransport:
         text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
         return text.strip()
 
-    async def write_marker(self, text: str) -> None:
+    async def _write_marker_sftp(self, text: str) -> None:
         conn = await self._conn()
         path, tmp = self._path(MARKER), self._path(MARKER + b".tmp")
         try:
@@ -581,8 +716,9 @@ class SshTransport:
             return None
         if self._short_link is None:
             self._short_link = started.rtt <= LONG_LINK
-            if not self._short_link:  # batches waiting for a session may start their own
-                self._wake_waiters()
+            # On a long link, batches waiting for a session may start their own; prepare
+            # waits for the verdict.
+            self._wake_waiters()
         self._log.debug("receiver session started", live=self._live,
                         seconds=round(time.monotonic() - began, 3), rtt=round(started.rtt, 4))
         return started
@@ -594,6 +730,11 @@ class SshTransport:
             conn: _Conn | None = None
             try:
                 if kind == "openssh":
+                    # No knock on a host whose key was refused (or that has no known_hosts
+                    # to check it with): the SFTP login that found out says why.
+                    refused = self._the_pool().refusal()
+                    if refused is not None:
+                        raise FileError(str(refused))
                     if self.options.insecure:  # a connection of its own: warned as any other
                         self._log.warning("host key NOT verified"
                                           " (insecure_skip_host_key_check = true)")

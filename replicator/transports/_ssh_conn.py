@@ -195,19 +195,29 @@ class _Pool:
         if not any(c is not None and not c.closed for c in self._slots):
             self.verified = anyio.Event()
 
-    async def _connect(self) -> _Conn:
+    def refusal(self) -> ReplicaUnavailableError | None:
+        """Why no client may knock on the host now: a host key refused while known_hosts
+        has not changed since, or no known_hosts file to check it with. Asked before
+        every login, this pool's and the OpenSSH client's."""
         o = self.options
         if self._refused is not None:
             message, stamp = self._refused
             if stamp == _stamp(o.known_hosts_path):
-                raise ReplicaUnavailableError(message)
+                return ReplicaUnavailableError(message)
             self._refused = None
+        if not o.insecure and _stamp(o.known_hosts_path) is None:
+            return self._refuse(f"known_hosts file {o.known_hosts_path!r} does not exist")
+        return None
+
+    async def _connect(self) -> _Conn:
+        o = self.options
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
         known_hosts: str | None = o.known_hosts_path
         if o.insecure:
             known_hosts = None
             self._log.warning("host key NOT verified (insecure_skip_host_key_check = true)")
-        elif _stamp(o.known_hosts_path) is None:
-            raise self._refuse(f"known_hosts file {o.known_hosts_path!r} does not exist")
         try:
             with anyio.fail_after(o.connect_timeout):
                 conn = await asyncssh.connect(

@@ -15,6 +15,7 @@ import json
 import os
 import struct
 import time
+from typing import Any
 
 from .._errors import ErrorClass, FileError
 from ._base import Progress
@@ -26,7 +27,9 @@ _FILE = struct.Struct("!cIIqHH")
 _WHOLE = struct.Struct("!cIIqHHI")
 _LINK = struct.Struct("!cIqHHH")
 _DATA = struct.Struct("!cI")
-GREETING = b"replicator-receiver 2\n"
+_NAMED = struct.Struct("!cH")
+_LENGTH = struct.Struct("!I")
+GREETING = b"replicator-receiver 3\n"
 FLUSHING = b"flushing\n"
 PONG = b"pong\n"
 DATA_CHUNK = 1 << 20
@@ -116,6 +119,29 @@ class StreamSession:
             raise StreamLost("the receiver stopped")
         reply: list[list[object]] = json.loads(line)
         return reply
+
+    async def inspect(self, marker: bytes) -> list[Any]:
+        """The receiver's ``[root, probe, marker]`` for the marker file ``marker`` (see
+        ``_receiver``): whether the root is a folder, whether a file can be created in it,
+        and the marker's text, in one round trip."""
+        await self.carrier.write(_NAMED.pack(b"I", len(marker)) + marker)
+        answer: list[Any] = json.loads(await self._answer())
+        return answer
+
+    async def write_whole(self, name: bytes, content: bytes) -> list[Any] | None:
+        """Have the receiver replace the root's file ``name`` by ``content`` (temp file,
+        fsync, rename): None, or ``[errno, strerror]``."""
+        await self.carrier.write(_NAMED.pack(b"K", len(name)) + _LENGTH.pack(len(content))
+                                 + name + content)
+        answer: list[Any] | None = json.loads(await self._answer())
+        return answer
+
+    async def _answer(self) -> bytes:
+        line = await self.carrier.readline()
+        if not line.endswith(b"\n"):
+            self.carrier.close()
+            raise StreamLost("the receiver stopped")
+        return line
 
     def close(self) -> None:
         """Stop at once: a receiver that did not sync removes its temp files."""
