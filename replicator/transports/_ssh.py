@@ -3,7 +3,9 @@
 Where the host runs ``python3``, batches stream through one SSH session (the OpenSSH client
 or an asyncssh channel: ``_ssh_carriers``) to a small receiver (``_ssh_stream``,
 ``_receiver``): no round trip per file. Elsewhere (chrooted ``internal-sftp`` servers, no
-python3) every file goes over SFTP, the portable path. Logins are pooled (``_ssh_conn``).
+python3) every file goes over SFTP, the portable path. The replica's check (its root, its
+marker) goes through a receiver session where one starts, so a run that streams through the
+OpenSSH client needs no SFTP login. Logins are pooled (``_ssh_conn``).
 Local reads happen in worker threads (``_ssh_files``): small files of a batch are read
 together in one thread call, large ones chunk by chunk while the previous chunk is on the
 wire. Over SFTP, each file is written to a temp name in its
@@ -141,7 +143,7 @@ class _Inspection:
 
 
 class SshTransport:
-    """A replica root on an SSH host, reached over SFTP.
+    """A replica root on an SSH host, reached through a receiver session, else over SFTP.
 
     Cancelling ``put`` abandons the batch: temp files are removed (shielded, time-bounded;
     a later run removes what a dead server kept) and no partial file gets a final name.
