@@ -33,3 +33,14 @@ def lazy_exports(
         return sorted(set(namespace) | set(where))
 
     return __getattr__, __dir__
+
+
+class LazyModule:
+    """A module imported on its first attribute look-up: where a module is needed only on
+    some paths (asyncssh, where the OpenSSH client carries the stream)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)

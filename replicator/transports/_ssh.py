@@ -29,10 +29,9 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import asyncssh
 import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -40,6 +39,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .._config import ReplicaConfig
 from .._errors import ErrorClass, FileError, OriginUnavailableError, ReplicaUnavailableError
 from .._inventory import Kind
+from .._lazy import LazyModule
 from .._together import together
 from ._base import (
     MARKER,
@@ -60,16 +60,6 @@ from ._ssh_carriers import (
     OpensshCarrier,
     StreamLost,
 )
-from ._ssh_conn import (
-    CLEANUP_TIMEOUT,
-    WHOLE_SECOND,
-    _acquire_pool,
-    _Conn,
-    _Pool,
-    _release_pool,
-    _show,
-    sftp_op,
-)
 from ._ssh_files import (
     SMALL_FILE,
     _check_unchanged,
@@ -79,7 +69,16 @@ from ._ssh_files import (
     _read,
     _Source,
 )
-from ._ssh_options import SshOptions, options_for, receiver_command, session_argv
+from ._ssh_options import (
+    CLEANUP_TIMEOUT,
+    WHOLE_SECOND,
+    SshOptions,
+    options_for,
+    receiver_command,
+    refusal,
+    session_argv,
+)
+from ._ssh_options import show as _show
 from ._ssh_stream import (
     ABORT,
     COMMIT,
@@ -89,6 +88,15 @@ from ._ssh_stream import (
     file_frame,
     result_error,
 )
+
+if TYPE_CHECKING:
+    import asyncssh
+
+    from ._ssh_conn import _Conn, _Pool
+else:
+    # asyncssh (a tenth of a second of CPU to import) and the SFTP pool only where they are
+    # used: a run whose stream goes through the OpenSSH client uses neither.
+    asyncssh = LazyModule("asyncssh")
 
 log = structlog.get_logger("replicator.transports.ssh")
 
@@ -208,6 +216,8 @@ class SshTransport:
 
     def _the_pool(self) -> _Pool:
         if self._pool is None:
+            from ._ssh_conn import _acquire_pool
+
             self._pool = _acquire_pool(self.options)
         return self._pool
 
@@ -222,6 +232,8 @@ class SshTransport:
             timeout: float | None = None) -> AbstractContextManager[None]:
         """One SFTP operation (see ``sftp_op``); ``SFTPOpUnsupported`` passes through."""
         seconds = self._op_timeout if timeout is None else timeout
+        from ._ssh_conn import sftp_op
+
         return sftp_op(conn, self._discard, f"{what} {_show(path)}", seconds,
                        unsupported_passes=True)
 
@@ -616,6 +628,8 @@ class SshTransport:
                 for session in sessions:
                     tg.start_soon(session.quit)
         if self._pool is not None:
+            from ._ssh_conn import _release_pool
+
             _release_pool(self._pool)
             self._pool = None
 
@@ -734,9 +748,9 @@ class SshTransport:
                 if kind == "openssh":
                     # No knock on a host whose key was refused (or that has no known_hosts
                     # to check it with): the SFTP login that found out says why.
-                    refused = self._the_pool().refusal()
+                    refused = refusal(self.options)
                     if refused is not None:
-                        raise FileError(str(refused))
+                        raise FileError(refused)
                     if self.options.insecure:  # a connection of its own: warned as any other
                         self._log.warning("host key NOT verified"
                                           " (insecure_skip_host_key_check = true)")

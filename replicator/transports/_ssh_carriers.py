@@ -18,12 +18,16 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import anyio
-import asyncssh
 
+from .._lazy import LazyModule
 from ._ssh_options import spawn_ssh
 
 if TYPE_CHECKING:
+    import asyncssh
+
     from ._base import Progress
+else:
+    asyncssh = LazyModule("asyncssh")  # for the asyncssh carrier only
 
 # Channel window and packet size for asyncssh: the 2 MiB default window caps one channel at
 # 2 MiB per round trip (20 MB/s at 100 ms), and large packets cut per-packet work.

@@ -5,7 +5,6 @@ SFTP status codes into replicator's error classes."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,13 +14,9 @@ import asyncssh
 import structlog
 
 from .._errors import ErrorClass, FileError, ReplicaUnavailableError
-from ._ssh_options import GCM_FIRST, SshOptions
+from ._ssh_options import GCM_FIRST, SshOptions, refusal, refuse
 
 log = structlog.get_logger("replicator.transports.ssh")
-
-# Cleanup after cancellation or failure must not hang on a dead server.
-CLEANUP_TIMEOUT = 5.0
-WHOLE_SECOND = 1_000_000_000
 
 _PERMISSION = {asyncssh.FX_PERMISSION_DENIED, asyncssh.FX_WRITE_PROTECT}
 _NO_SPACE = {asyncssh.FX_NO_SPACE_ON_FILESYSTEM, asyncssh.FX_QUOTA_EXCEEDED}
@@ -43,10 +38,6 @@ def classify_sftp(exc: asyncssh.SFTPError) -> ErrorClass:
     if exc.code in _PERMANENT:
         return ErrorClass.PERMANENT
     return ErrorClass.TRANSIENT
-
-
-def _show(path: bytes) -> str:
-    return repr(os.fsdecode(path))
 
 
 
@@ -121,19 +112,12 @@ class _Client(asyncssh.SSHClient):
         self._pool.verified.set()
 
 
-def _stamp(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
-
-
 class _Pool:
     """Up to ``connections`` SSH connections to one host, reused and reopened when dropped.
 
-    A refused host key is remembered and not retried until the known_hosts file changes,
-    so a daemon does not knock on a host it must not trust every few seconds.
+    A refused host key is remembered (``_ssh_options.refuse``) and not retried until the
+    known_hosts file changes, so a daemon does not knock on a host it must not trust every
+    few seconds.
     """
 
     def __init__(self, options: SshOptions, loop: asyncio.AbstractEventLoop) -> None:
@@ -143,7 +127,6 @@ class _Pool:
         self._slots: list[_Conn | None] = [None] * options.connections
         self._locks = [anyio.Lock() for _ in range(options.connections)]
         self._next = 0
-        self._refused: tuple[str, tuple[int, int] | None] | None = None
         # Set once a login of this pool got past the host key check: other clients (the
         # OpenSSH one) may knock from then on. With how long its key exchange took, from
         # the TCP connection: a few round trips.
@@ -195,25 +178,11 @@ class _Pool:
         if not any(c is not None and not c.closed for c in self._slots):
             self.verified = anyio.Event()
 
-    def refusal(self) -> ReplicaUnavailableError | None:
-        """Why no client may knock on the host now: a host key refused while known_hosts
-        has not changed since, or no known_hosts file to check it with. Asked before
-        every login, this pool's and the OpenSSH client's."""
-        o = self.options
-        if self._refused is not None:
-            message, stamp = self._refused
-            if stamp == _stamp(o.known_hosts_path):
-                return ReplicaUnavailableError(message)
-            self._refused = None
-        if not o.insecure and _stamp(o.known_hosts_path) is None:
-            return self._refuse(f"known_hosts file {o.known_hosts_path!r} does not exist")
-        return None
-
     async def _connect(self) -> _Conn:
         o = self.options
-        refused = self.refusal()
+        refused = refusal(o)
         if refused is not None:
-            raise refused
+            raise ReplicaUnavailableError(refused)
         known_hosts: str | None = o.known_hosts_path
         if o.insecure:
             known_hosts = None
@@ -235,7 +204,8 @@ class _Pool:
                     conn.close()
                     raise
         except asyncssh.HostKeyNotVerifiable as exc:
-            raise self._refuse(f"host key not trusted ({exc.reason})") from None
+            raise ReplicaUnavailableError(
+                refuse(o, f"host key not trusted ({exc.reason})")) from None
         except asyncssh.PermissionDenied as exc:
             raise ReplicaUnavailableError(
                 f"ssh {o.where}: authentication failed ({exc.reason}); check identity_file"
@@ -248,13 +218,6 @@ class _Pool:
             raise ReplicaUnavailableError(f"ssh {o.where}: unreachable: {reason}") from None
         self._log.debug("connected", sftp_version=sftp.version)
         return _Conn(conn, sftp)
-
-    def _refuse(self, why: str) -> ReplicaUnavailableError:
-        o = self.options
-        message = (f"ssh {o.where}: {why}. If this is the right host, add its key with:"
-                   f" {o.keyscan_hint()}")
-        self._refused = (message, _stamp(o.known_hosts_path))
-        return ReplicaUnavailableError(message)
 
 
 _POOLS: dict[SshOptions, _Pool] = {}

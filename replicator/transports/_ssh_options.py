@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from .._config import OriginConfig, ReplicaConfig
 
 GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+# Cleanup after cancellation or failure must not hang on a dead server.
+CLEANUP_TIMEOUT = 5.0
+WHOLE_SECOND = 1_000_000_000
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 RECEIVER_SOURCE = (Path(__file__).with_name("_receiver.py")).read_bytes()
@@ -125,3 +128,43 @@ def spawn_ssh(argv: list[str]) -> subprocess.Popen[bytes]:
     with suppress(OSError):  # a larger pipe: fewer hand-offs per MiB
         fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
     return proc
+
+
+def show(path: bytes) -> str:
+    return repr(os.fsdecode(path))
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+# Hosts whose key was refused, with the known_hosts file's stamp then: no client of this
+# process knocks on them again until that file changes.
+_REFUSED: dict[SshOptions, tuple[str, tuple[int, int] | None]] = {}
+
+
+def refuse(o: SshOptions, why: str) -> str:
+    """Remember that ``o``'s host must not be trusted; the message that says so."""
+    message = (f"ssh {o.where}: {why}. If this is the right host, add its key with:"
+               f" {o.keyscan_hint()}")
+    _REFUSED[o] = (message, _stamp(o.known_hosts_path))
+    return message
+
+
+def refusal(o: SshOptions) -> str | None:
+    """Why no client may log in to ``o``'s host now: a host key refused while known_hosts
+    has not changed since, or no known_hosts file to check it with. Asked before every
+    login: the SFTP pool's and the OpenSSH client's."""
+    refused = _REFUSED.get(o)
+    if refused is not None:
+        message, stamp = refused
+        if stamp == _stamp(o.known_hosts_path):
+            return message
+        del _REFUSED[o]
+    if not o.insecure and _stamp(o.known_hosts_path) is None:
+        return refuse(o, f"known_hosts file {o.known_hosts_path!r} does not exist")
+    return None
