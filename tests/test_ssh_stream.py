@@ -565,6 +565,40 @@ async def test_prepare_starts_one_session_per_lane_on_a_long_link(
     assert most[0] == (ssh_transport.SESSION_STARTS if long_link else short)
 
 
+async def test_a_cancelled_session_start_leaves_no_ssh_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session start cancelled while it asks why the receiver did not start (as when a
+    run ends while prepare's sessions are starting) kills and reaps its ssh process."""
+    carriers: list[OpensshCarrier] = []
+    real_open = OpensshCarrier.open.__func__  # type: ignore[attr-defined]
+
+    async def recording_open(cls: type[OpensshCarrier], argv: list[str], op_timeout: float
+                             ) -> OpensshCarrier:
+        carrier: OpensshCarrier = await real_open(cls, argv, op_timeout)
+        carriers.append(carrier)
+        return carrier
+
+    async def stuck(self: OpensshCarrier) -> tuple[str, bool]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    monkeypatch.setattr(OpensshCarrier, "open", classmethod(recording_open))
+    monkeypatch.setattr(OpensshCarrier, "failure", stuck)
+    async with sftp_server(tmp_path / "server") as server:  # commands refused: no receiver
+        transport = SshTransport(server.options(), "/", anyio.CapacityLimiter(2),
+                                 op_timeout=10, carriers=("openssh",))
+        try:
+            with anyio.move_on_after(2) as scope:
+                await transport._start_session()
+            assert scope.cancelled_caught
+            [carrier] = carriers
+            assert carrier._proc.poll() is not None  # killed and reaped
+            assert carrier._proc.stdout is not None
+            assert carrier._proc.stdout.closed
+        finally:
+            await transport.aclose()
+
+
 async def test_a_host_key_refused_later_starts_no_session(tmp_path: Path) -> None:
     """A host whose key changed after a session worked (known_hosts changed): OpenSSH's
     login is refused before it authenticates, the SFTP login says why, no session

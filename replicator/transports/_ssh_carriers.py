@@ -136,7 +136,10 @@ class OpensshCarrier:
     @classmethod
     async def open(cls, argv: list[str], op_timeout: float) -> OpensshCarrier:
         try:
-            proc = await anyio.to_thread.run_sync(spawn_ssh, argv)
+            # Shielded: a cancellation delivered once the thread returned would lose the
+            # process (the caller closes the carrier it gets).
+            with anyio.CancelScope(shield=True):
+                proc = await anyio.to_thread.run_sync(spawn_ssh, argv)
         except OSError as exc:
             raise StreamLost(f"cannot run ssh: {exc}") from None
         return cls(proc, op_timeout)

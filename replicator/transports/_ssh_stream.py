@@ -76,7 +76,17 @@ class StreamSession:
 
     @classmethod
     async def start(cls, carrier: Carrier) -> StreamSession:
-        """Send the receiver's source and wait for its greeting: NoReceiver without one."""
+        """Send the receiver's source and wait for its greeting: NoReceiver without one.
+        The carrier is closed unless the session starts (also when cancelled: an ssh
+        process left behind would outlive the run)."""
+        try:
+            return await cls._start(carrier)
+        except BaseException:
+            carrier.close()
+            raise
+
+    @classmethod
+    async def _start(cls, carrier: Carrier) -> StreamSession:
         session = cls(carrier)
         why = ""
         try:
@@ -84,19 +94,14 @@ class StreamSession:
             greeting = await carrier.readline()
         except StreamLost as exc:
             greeting, why = b"", str(exc)
-        except BaseException:
-            carrier.close()
-            raise
         if greeting == GREETING:
             started = time.monotonic()
             await carrier.write(b"P")
             if await carrier.readline() != PONG:
-                carrier.close()
                 raise StreamLost("the receiver did not answer")
             session.rtt = time.monotonic() - started
             return session
         text, definitive = await carrier.failure()
-        carrier.close()
         raise NoReceiver(text or why or f"unexpected reply {greeting[:40]!r}", definitive)
 
     async def send(self, data: bytes) -> None:
