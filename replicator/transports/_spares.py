@@ -128,7 +128,8 @@ async def spare_processes(helpers: int, sessions: Sequence[Sequence[str]] = ()
     try:
         for argv in sessions:
             try:
-                proc = await anyio.to_thread.run_sync(spawn_ssh, list(argv))
+                with anyio.CancelScope(shield=True):  # a process started is never lost
+                    proc = await anyio.to_thread.run_sync(spawn_ssh, list(argv))
             except OSError:
                 break
             ssh.append(proc)

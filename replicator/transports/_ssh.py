@@ -170,6 +170,7 @@ class SshTransport:
             log.warning("transfer = \"openssh\" but no ssh client is installed: using SFTP",
                         host=options.where)
         self._sessions: list[StreamSession] = []  # idle ones
+        self._opened: set[StreamSession] = set()  # every one started and not dropped
         self._lanes = lanes
         self._spares_starting = 0  # sessions prepare starts for batches yet to come
         self._spare_waiters = 0  # batches waiting for one of those
@@ -627,6 +628,11 @@ class SshTransport:
             async with anyio.create_task_group() as tg:
                 for session in sessions:
                     tg.start_soon(session.quit)
+        # Any other session is abandoned (a batch cancelled before its lane took it): no
+        # ssh process outlives the transport.
+        for session in self._opened - set(sessions):
+            session.close()
+        self._opened.clear()
         if self._pool is not None:
             from ._ssh_conn import _release_pool
 
@@ -676,6 +682,7 @@ class SshTransport:
 
     def _drop(self, session: StreamSession) -> None:
         session.close()
+        self._opened.discard(session)
         self._live -= 1
         self._wake_waiters()
 
@@ -735,6 +742,7 @@ class SshTransport:
             # On a long link, batches waiting for a session may start their own; prepare
             # waits for the verdict.
             self._wake_waiters()
+        self._opened.add(started)
         self._log.debug("receiver session started", live=self._live,
                         seconds=round(time.monotonic() - began, 3), rtt=round(started.rtt, 4))
         return started
