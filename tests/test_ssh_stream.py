@@ -782,3 +782,71 @@ async def test_the_receiver_ignores_the_hosts_python_environment(
     monkeypatch.setenv("PYTHONPATH", str(site))  # the commands run with this environment
     logs = await _sync_through_a_shell(tmp_path, carrier)
     assert not [e for e in logs if "did not start" in e["event"]]
+
+
+async def test_a_check_while_batches_hold_every_session_does_not_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once batches have streamed, a check (the engine probes after a failed file) takes an
+    idle session or goes over SFTP: it never waits for a lane, which may take minutes."""
+    logins: list[int] = []
+    connect = asyncssh.connect
+
+    async def counted(*args: Any, **kwargs: Any) -> asyncssh.SSHClientConnection:
+        logins.append(1)
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(asyncssh, "connect", counted)
+    async with sshd_transport(tmp_path, lanes=2) as (transport, _replica):
+        await transport.prepare()
+        source = write(tmp_path / "src" / "a.dat", b"a")
+        [result] = await transport.put([request_for(source, b"a.dat")], "1x1", Progress())
+        assert result.status is PutStatus.COPIED
+        held = [transport._idle_session(), transport._idle_session()]
+        assert None not in held
+        assert transport._idle_session() is None
+        try:
+            with anyio.fail_after(10):
+                await transport.probe()
+                assert await transport.read_marker() is None
+            assert len(logins) == 1  # over SFTP
+        finally:
+            for session in held:
+                assert session is not None
+                transport._keep(session)
+
+
+async def test_a_root_that_is_a_symlink_takes_streamed_files(tmp_path: Path) -> None:
+    """The replica root may be a symlink (the check follows it, as SFTP does): batches
+    through the receiver land in the folder it points to."""
+    async with sshd_transport(tmp_path) as (transport, _replica):
+        real = tmp_path / "real"
+        real.mkdir()
+        link = tmp_path / "link"
+        link.symlink_to(real)
+        linked = SshTransport(transport.options, str(link), anyio.CapacityLimiter(2),
+                              op_timeout=10, carriers=("openssh",))
+        try:
+            await linked.probe()
+            source = write(tmp_path / "src" / "b.dat", b"bb")
+            [result] = await linked.put([request_for(source, b"d/b.dat")], "1x1",
+                                        Progress())
+            assert result.status is PutStatus.COPIED
+            assert linked.transfer == "openssh"
+            assert (real / "d" / "b.dat").read_bytes() == b"bb"
+        finally:
+            await linked.aclose()
+
+
+async def test_a_garbled_answer_to_the_check_falls_back_to_sftp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer to the check that is not what the receiver sends (a broken stream) drops
+    the session; SFTP answers the check instead of an error escaping it."""
+    async def garbled(self: StreamSession) -> bytes:
+        return b"not json\n"
+
+    monkeypatch.setattr(StreamSession, "_answer", garbled)
+    async with sshd_transport(tmp_path) as (transport, _replica):
+        await transport.probe()
+        assert await transport.read_marker() is None
+        assert transport._live == 0  # both sessions dropped
+        assert transport._pool is not None  # SFTP answered

@@ -99,7 +99,8 @@ def _writeback() -> Optional[Callable[[int, int, int], object]]:
 class Receiver:
     def __init__(self, root: bytes, out: BinaryIO) -> None:
         os.umask(0)  # files are created with the mode they are sent with
-        self.root_fd = os.open(root, DIR_FLAGS)
+        # The root itself may be a symlink (as the check and SFTP take it); nothing below it.
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
         self.out = out
         self.syncfs = _syncfs()
         self.writeback = _writeback()

@@ -183,6 +183,7 @@ class SshTransport:
         self._starting = anyio.Semaphore(SESSION_STARTS)
         self._openssh_dropped = 0  # OpenSSH logins dropped in a row
         self._inspecting: _Inspection | None = None  # a receiver's look at the root
+        self._streamed = False  # whether batches went (or tried to go) through sessions
         self.root = os.fsencode(root)
         self._limiter = limiter
         self._op_timeout = op_timeout
@@ -405,15 +406,24 @@ class SshTransport:
     async def _inspect_once(self) -> list[Any] | None:
         if not self._carriers:
             return None
-        try:
-            session = await self._session()
-        except FileError as exc:  # the host cannot be reached, or refuses us
-            raise ReplicaUnavailableError(str(exc)) from None
+        session = self._idle_session()
         if session is None:
-            return None
+            if self._streamed:
+                # Batches hold the sessions (one may take minutes): a check after a failed
+                # file, or after the replica came back, never waits for a lane.
+                return None
+            try:
+                session = await self._session()
+            except FileError as exc:  # the host cannot be reached, or refuses us
+                raise ReplicaUnavailableError(str(exc)) from None
+            if session is None:
+                return None
         try:
-            answer = await session.inspect(MARKER)
-        except StreamLost:
+            # A session idle for long may have died without a word: half the check's time
+            # for its answer, the rest for SFTP.
+            with anyio.fail_after(self._op_timeout / 2):
+                answer = await session.inspect(MARKER)
+        except (StreamLost, TimeoutError):
             self._drop(session)
             return None
         except BaseException:
@@ -452,8 +462,8 @@ class SshTransport:
         return None if marker is None else str(marker).strip()
 
     async def write_marker(self, text: str) -> None:
-        session = None
-        if self._carriers:
+        session = self._idle_session() if self._carriers else None
+        if session is None and self._carriers and not self._streamed:
             try:
                 session = await self._session()
             except FileError as exc:
@@ -645,6 +655,7 @@ class SshTransport:
         self, requests: Sequence[PutRequest], run_id: str, progress: Progress
     ) -> list[PutResult]:
         if self._carriers and all(r.remote is None for r in requests):
+            self._streamed = True
             try:
                 session = await self._session(progress)
             except FileError as exc:
@@ -691,6 +702,14 @@ class SshTransport:
         self._session_back.set()
         self._session_back = anyio.Event()
 
+    def _idle_session(self) -> StreamSession | None:
+        while self._sessions:
+            session = self._sessions.pop()
+            if not session.broken:
+                return session
+            self._drop(session)
+        return None
+
     async def _session(self, progress: Progress | None = None) -> StreamSession | None:
         """An idle receiver session, or a new one; None if no carrier can start one.
 
@@ -700,11 +719,9 @@ class SshTransport:
         batch ahead reports progress of its own).
         """
         while True:
-            while self._sessions:
-                session = self._sessions.pop()
-                if not session.broken:
-                    return session
-                self._drop(session)
+            idle = self._idle_session()
+            if idle is not None:
+                return idle
             # A spare session on its way (see prepare) that no other batch waits for yet
             # is this batch's: starting one more would only compete with it.
             spare = self._spares_starting > self._spare_waiters

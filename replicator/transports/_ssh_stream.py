@@ -130,7 +130,10 @@ class StreamSession:
         ``_receiver``): whether the root is a folder, whether a file can be created in it,
         and the marker's text, in one round trip."""
         await self.carrier.write(_NAMED.pack(b"I", len(marker)) + marker)
-        answer: list[Any] = json.loads(await self._answer())
+        answer = self._decoded(await self._answer())
+        if not isinstance(answer, list) or len(answer) != 3:
+            self.carrier.close()
+            raise StreamLost(f"the receiver answered {answer!r}")
         return answer
 
     async def write_whole(self, name: bytes, content: bytes) -> list[Any] | None:
@@ -138,8 +141,18 @@ class StreamSession:
         fsync, rename): None, or ``[errno, strerror]``."""
         await self.carrier.write(_NAMED.pack(b"K", len(name)) + _LENGTH.pack(len(content))
                                  + name + content)
-        answer: list[Any] | None = json.loads(await self._answer())
+        answer = self._decoded(await self._answer())
+        if answer is not None and not isinstance(answer, list):
+            self.carrier.close()
+            raise StreamLost(f"the receiver answered {answer!r}")
         return answer
+
+    def _decoded(self, line: bytes) -> Any:
+        try:
+            return json.loads(line)
+        except ValueError:
+            self.carrier.close()
+            raise StreamLost(f"the receiver answered {line[:80]!r}") from None
 
     async def _answer(self) -> bytes:
         line = await self.carrier.readline()
