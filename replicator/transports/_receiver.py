@@ -54,6 +54,7 @@ LENGTH = struct.Struct("!I")
 NAME = struct.Struct("!H")
 SPLICE = getattr(os, "splice", None)  # Python 3.10+, Linux
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+ROOT_FLAGS = DIR_FLAGS & ~os.O_NOFOLLOW  # the root may be a symlink; nothing below it
 TEMP_PREFIX = b".~rep-"
 
 
@@ -99,8 +100,7 @@ def _writeback() -> Optional[Callable[[int, int, int], object]]:
 class Receiver:
     def __init__(self, root: bytes, out: BinaryIO) -> None:
         os.umask(0)  # files are created with the mode they are sent with
-        # The root itself may be a symlink (as the check and SFTP take it); nothing below it.
-        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        self.root_fd = os.open(root, ROOT_FLAGS)  # as the check and SFTP take it
         self.out = out
         self.syncfs = _syncfs()
         self.writeback = _writeback()
@@ -346,7 +346,7 @@ def inspect(root: bytes, marker: bytes) -> List[object]:
     """``[root, probe, marker]`` (see the frames above). Symlinks are followed, as the
     SFTP server's checks follow them."""
     try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(root, ROOT_FLAGS)
     except OSError as exc:
         return [_error(exc), None, None]
     try:
@@ -381,7 +381,7 @@ def write_whole(root: bytes, name: bytes, content: bytes) -> Optional[List[objec
     """The root's file ``name`` holds ``content``, or is as it was: None, else the error."""
     tmp = name + b".tmp"
     try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(root, ROOT_FLAGS)
     except OSError as exc:
         return _error(exc)
     try:
