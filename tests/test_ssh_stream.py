@@ -331,6 +331,19 @@ async def sshd_transport(tmp_path: Path, carrier: str = "openssh", lanes: int = 
             await transport.aclose()
 
 
+def count_sftp_logins(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per asyncssh login (the SFTP pool's) from now on."""
+    logins: list[int] = []
+    connect = asyncssh.connect
+
+    async def counted(*args: Any, **kwargs: Any) -> asyncssh.SSHClientConnection:
+        logins.append(1)
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(asyncssh, "connect", counted)
+    return logins
+
+
 def count_session_starts(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[float]:
     """The round trips of the receiver sessions started from now on, each ``delay``
     seconds slower to start."""
@@ -635,14 +648,7 @@ async def test_the_openssh_carrier_needs_no_sftp_login(
     on a long link."""
     if long_link:
         monkeypatch.setattr(ssh_transport, "LONG_LINK", 0.0)
-    logins: list[int] = []
-    connect = asyncssh.connect
-
-    async def counted(*args: Any, **kwargs: Any) -> asyncssh.SSHClientConnection:
-        logins.append(1)
-        return await connect(*args, **kwargs)
-
-    monkeypatch.setattr(asyncssh, "connect", counted)
+    logins = count_sftp_logins(monkeypatch)
     lanes = 3
     async with sshd_transport(tmp_path, lanes=lanes) as (transport, replica):
         await transport.probe()
@@ -788,14 +794,7 @@ async def test_a_check_while_batches_hold_every_session_does_not_wait(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Once batches have streamed, a check (the engine probes after a failed file) takes an
     idle session or goes over SFTP: it never waits for a lane, which may take minutes."""
-    logins: list[int] = []
-    connect = asyncssh.connect
-
-    async def counted(*args: Any, **kwargs: Any) -> asyncssh.SSHClientConnection:
-        logins.append(1)
-        return await connect(*args, **kwargs)
-
-    monkeypatch.setattr(asyncssh, "connect", counted)
+    logins = count_sftp_logins(monkeypatch)
     async with sshd_transport(tmp_path, lanes=2) as (transport, _replica):
         await transport.prepare()
         source = write(tmp_path / "src" / "a.dat", b"a")
