@@ -404,33 +404,46 @@ class SshTransport:
         return shared.answer
 
     async def _inspect_once(self) -> list[Any] | None:
+        session = await self._check_session("")
+        if session is None:
+            return None
+        # A session idle for long may have died without a word: half the check's time for
+        # its answer, the rest for SFTP.
+        asked, answer = await self._ask(session, lambda s: s.inspect(MARKER),
+                                        self._op_timeout / 2)
+        return answer if asked else None
+
+    async def _check_session(self, failure: str) -> StreamSession | None:
+        """A session for the replica's check: an idle one, else a new one unless batches
+        have streamed (they hold the sessions, one may take minutes: a check after a failed
+        file, or after the replica came back, never waits for a lane). None: SFTP answers.
+        A host that cannot be reached or refuses us: ReplicaUnavailableError, ``failure``
+        before the reason."""
         if not self._carriers:
             return None
         session = self._idle_session()
-        if session is None:
-            if self._streamed:
-                # Batches hold the sessions (one may take minutes): a check after a failed
-                # file, or after the replica came back, never waits for a lane.
-                return None
+        if session is None and not self._streamed:
             try:
                 session = await self._session()
-            except FileError as exc:  # the host cannot be reached, or refuses us
-                raise ReplicaUnavailableError(str(exc)) from None
-            if session is None:
-                return None
+            except FileError as exc:
+                raise ReplicaUnavailableError(f"{failure}{exc}") from None
+        return session
+
+    async def _ask(self, session: StreamSession, call: Callable[[StreamSession], Any],
+                   seconds: float | None) -> tuple[bool, Any]:
+        """``call(session)``'s answer, within ``seconds``: (True, answer), the session kept
+        for the next batch; (False, None) when the stream was lost, the session dropped."""
         try:
-            # A session idle for long may have died without a word: half the check's time
-            # for its answer, the rest for SFTP.
-            with anyio.fail_after(self._op_timeout / 2):
-                answer = await session.inspect(MARKER)
+            with anyio.fail_after(seconds):
+                answer = await call(session)
         except (StreamLost, TimeoutError):
             self._drop(session)
-            return None
+            return False, None
         except BaseException:
             self._drop(session)
             raise
         self._keep(session)
-        return answer
+        return True, answer
 
     async def probe(self) -> None:
         """The root is a folder we can create files in."""
@@ -462,27 +475,16 @@ class SshTransport:
         return None if marker is None else str(marker).strip()
 
     async def write_marker(self, text: str) -> None:
-        session = self._idle_session() if self._carriers else None
-        if session is None and self._carriers and not self._streamed:
-            try:
-                session = await self._session()
-            except FileError as exc:
-                raise ReplicaUnavailableError(
-                    f"cannot write the replica marker: {exc}") from None
-        if session is None:
-            return await self._write_marker_sftp(text)
-        try:
-            error = await session.write_whole(MARKER, text.encode() + b"\n")
-        except StreamLost:
-            self._drop(session)
-            return await self._write_marker_sftp(text)
-        except BaseException:
-            self._drop(session)
-            raise
-        self._keep(session)
-        if error is not None:
-            raise ReplicaUnavailableError(f"cannot write the replica marker: {error[1]}")
-        return None
+        failure = "cannot write the replica marker: "
+        session = await self._check_session(failure)
+        if session is not None:
+            asked, error = await self._ask(
+                session, lambda s: s.write_whole(MARKER, text.encode() + b"\n"), None)
+            if asked:
+                if error is not None:
+                    raise ReplicaUnavailableError(f"{failure}{error[1]}")
+                return None
+        return await self._write_marker_sftp(text)
 
     async def _probe_sftp(self) -> None:
         """The root is a folder we can create files in. The stat and the create go
