@@ -41,7 +41,7 @@ from replicator.transports import MARKER, Progress, PutStatus, _receiver, _spare
 from replicator.transports import _ssh as ssh_transport
 from replicator.transports._ssh import SshTransport
 from replicator.transports._ssh_carriers import Carrier, OpensshCarrier, StreamLost
-from replicator.transports._ssh_options import openssh_argv
+from replicator.transports._ssh_options import client_only_options, openssh_argv
 from replicator.transports._ssh_stream import StreamSession
 
 pytestmark = pytest.mark.anyio
@@ -314,6 +314,34 @@ async def test_openssh_client_uses_only_the_configured_known_hosts(
         done = await anyio.run_process(argv, check=False)
         assert done.returncode == 255
         assert b"Host key verification failed" in done.stderr
+
+
+async def test_openssh_client_ignores_host_keys_vouched_for_by_ssh_config(
+        tmp_path: Path) -> None:
+    """A ``KnownHostsCommand`` in an ssh_config (a user's ~/.ssh/config, here given with
+    ``-F``) makes the OpenSSH client trust keys the replica's known_hosts file does not
+    hold; asyncssh knows no such option. The client's command line turns it off, so the
+    host is refused as on the asyncssh path."""
+    if not client_only_options():
+        pytest.skip("this ssh predates KnownHostsCommand (OpenSSH 8.5)")
+    async with sftp_server(tmp_path / "server", commands=True) as server:
+        vouched = tmp_path / "vouched_hosts"
+        vouched.write_text(server.keys.known_hosts.read_text())
+        config = tmp_path / "ssh_config"
+        config.write_text(f"Host *\n    KnownHostsCommand /bin/cat {vouched}\n")
+        empty = tmp_path / "known_hosts"
+        empty.write_text("")
+        argv = openssh_argv(server.options(known_hosts=str(empty)), "echo hello")
+        argv[1:1] = ["-F", str(config)]
+        done = await anyio.run_process(argv, check=False)
+        assert done.returncode == 255
+        assert b"Host key verification failed" in done.stderr
+        # The same command line without the override: the config's command vouches.
+        at = argv.index("KnownHostsCommand=none")
+        del argv[at - 1:at + 1]
+        done = await anyio.run_process(argv, check=False)
+        assert (done.returncode, done.stdout) == (0, b"hello\n"), done.stderr
+        assert empty.read_text() == ""
 
 
 @asynccontextmanager

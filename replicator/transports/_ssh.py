@@ -781,7 +781,9 @@ class SshTransport:
                     if self.options.insecure:  # a connection of its own: warned as any other
                         self._log.warning("host key NOT verified"
                                           " (insecure_skip_host_key_check = true)")
-                    argv = session_argv(self.options, self.root)
+                    # In a thread: the first call asks the local ssh for its version.
+                    argv = await anyio.to_thread.run_sync(session_argv, self.options,
+                                                          self.root)
                     # Started by the command line before the engine was imported: the same
                     # command, its login well under way (see _spares).
                     spare = take_spare_session(argv)

@@ -9,7 +9,9 @@ receiver session from here while the engine's modules are still being imported
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
+import re
 import shlex
 import subprocess
 from contextlib import suppress
@@ -86,11 +88,14 @@ def openssh_argv(o: SshOptions, command: str) -> list[str]:
                  "-o", "LogLevel=ERROR"]
     else:
         # Trust exactly what the asyncssh path trusts: the configured known_hosts file (no
-        # DNS records, no checks of the address beside the name).
+        # DNS records, no checks of the address beside the name, no keys vouched for by a
+        # command of an ssh_config), which is read and never written (no keys learnt
+        # from the server). Options given here win over any ssh_config file.
         argv += ["-o", "StrictHostKeyChecking=yes",
                  "-o", f"UserKnownHostsFile={_quote_option(o.known_hosts_path)}",
                  "-o", "GlobalKnownHostsFile=/dev/null", "-o", "VerifyHostKeyDNS=no",
-                 "-o", "CheckHostIP=no"]
+                 "-o", "CheckHostIP=no", "-o", "UpdateHostKeys=no",
+                 *client_only_options()]
     if o.identity_file:
         argv += ["-i", o.identity_file, "-o", "IdentitiesOnly=yes"]
     if o.port:
@@ -98,6 +103,24 @@ def openssh_argv(o: SshOptions, command: str) -> list[str]:
     if o.user:
         argv += ["-l", o.user]
     return [*argv, "--", o.host, command]
+
+
+@functools.cache
+def client_only_options() -> tuple[str, ...]:
+    """``-o KnownHostsCommand=none`` where the ``ssh`` on the PATH knows the option
+    (OpenSSH 8.5 and later; an option a client does not know fails every session).
+
+    Runs ``ssh -V`` once per process (a few milliseconds): call it first from a thread.
+    """
+    try:
+        said = subprocess.run(["ssh", "-V"], stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=CLEANUP_TIMEOUT, check=False).stderr
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    version = re.search(rb"OpenSSH_(?:for_Windows_)?(\d+)\.(\d+)", said)
+    if version is None or (int(version[1]), int(version[2])) < (8, 5):
+        return ()
+    return ("-o", "KnownHostsCommand=none")
 
 
 def receiver_command(root: bytes) -> str:
