@@ -347,12 +347,14 @@ async def test_openssh_client_ignores_host_keys_vouched_for_by_ssh_config(
 @asynccontextmanager
 async def sshd_transport(tmp_path: Path, carrier: str = "openssh", lanes: int = 1
                          ) -> AsyncIterator[tuple[SshTransport, Path]]:
-    """A transport to an empty replica folder on a private OpenSSH sshd, closed after."""
+    """A transport to an empty replica folder on a private OpenSSH sshd, closed after.
+    ``carrier`` "sftp": none (plain SFTP)."""
     with run_sshd(tmp_path / "sshd") as sshd:
         replica = tmp_path / "replica"
         replica.mkdir()
         transport = SshTransport(sshd.options(), str(replica), anyio.CapacityLimiter(2),
-                                 op_timeout=10, carriers=(carrier,), lanes=lanes)
+                                 op_timeout=10, carriers=(carrier,) if carrier != "sftp" else (),
+                                 lanes=lanes)
         try:
             yield transport, replica
         finally:
@@ -703,6 +705,79 @@ async def test_the_openssh_carrier_needs_no_sftp_login(
             await missing.aclose()
             await a_file.aclose()
         assert logins == []
+
+
+@pytest.mark.parametrize("check", ["receiver", "sftp"])
+async def test_the_check_reports_what_blocks_the_replica(
+        tmp_path: Path, check: str, mount: Callable[..., None],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replica's check says the same through a receiver session as over SFTP: a marker
+    that cannot be read or replaced, a root where no file can be created. The receiver's
+    check needs no SFTP login."""
+    logins = count_sftp_logins(monkeypatch)
+    async with sshd_transport(tmp_path, "openssh" if check == "receiver" else "sftp") as (
+            transport, replica):
+        marker = replica / MARKER.decode()
+        marker.mkdir()  # a folder where the marker file should be
+        await transport.probe()
+        # SFTP's status says less than the receiver's errno.
+        said = "directory" if check == "receiver" else ""
+        with pytest.raises(ReplicaUnavailableError, match=f"^replica marker: .*{said}"):
+            await transport.read_marker()
+        with pytest.raises(ReplicaUnavailableError,
+                           match=f"^cannot write the replica marker: .*{said}"):
+            await transport.write_marker("replicator test 1")
+        assert marker.is_dir()
+        assert list(marker.iterdir()) == []
+        marker.rmdir()
+        mount("--bind", str(replica), str(replica))
+        mount("-o", "remount,bind,ro", str(replica))
+        with pytest.raises(ReplicaUnavailableError, match=r"^replica root .* is not usable: "):
+            await transport.probe()
+        assert await transport.read_marker() is None
+        with pytest.raises(ReplicaUnavailableError,
+                           match=r"^cannot write the replica marker: "):
+            await transport.write_marker("replicator test 1")
+        assert list(replica.iterdir()) == []
+        assert (logins == []) == (check == "receiver")
+
+
+async def test_a_check_cancelled_while_another_waits_for_its_look(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root's probe and the marker's read share one look through the receiver; when
+    the caller whose look it is gets cancelled, the one waiting looks for itself."""
+    looking = anyio.Event()
+    inspect = StreamSession.inspect
+
+    async def slow_first_look(self: StreamSession, marker: bytes) -> list[Any]:
+        if not looking.is_set():
+            looking.set()
+            await anyio.sleep(30)
+        answer: list[Any] = await inspect(self, marker)
+        return answer
+
+    monkeypatch.setattr(StreamSession, "inspect", slow_first_look)
+    async with sshd_transport(tmp_path) as (transport, replica):
+        (replica / MARKER.decode()).write_text("replicator test 7\n")
+        got: list[str | None] = []
+        probing = anyio.CancelScope()
+
+        async def probe() -> None:
+            with probing:
+                await transport.probe()
+
+        async def read() -> None:
+            got.append(await transport.read_marker())
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(probe)
+                await looking.wait()
+                tg.start_soon(read)
+                await anyio.sleep(0.1)  # the read waits for the probe's look
+                assert got == []
+                probing.cancel()
+        assert got == ["replicator test 7"]
 
 
 @pytest.mark.parametrize("carrier", CARRIERS)

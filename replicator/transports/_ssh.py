@@ -550,9 +550,11 @@ class SshTransport:
     async def _write_marker_sftp(self, text: str) -> None:
         conn = await self._conn()
         path, tmp = self._path(MARKER), self._path(MARKER + b".tmp")
+        created = False
         try:
             with self._io(conn, "write marker", tmp):
                 f = await conn.sftp.open(tmp, "wb", encoding=None)
+                created = True
                 try:
                     await f.write(text.encode() + b"\n")
                     if conn.fsync:
@@ -570,6 +572,10 @@ class SshTransport:
                     conn.posix_rename = False
                     await conn.sftp.rename(tmp, path)
         except FileError as exc:
+            if created:  # not left behind (a marker path that is a folder, say)
+                with (anyio.CancelScope(shield=True), suppress(FileError),
+                      self._io(conn, "remove temp", tmp, CLEANUP_TIMEOUT)):
+                    await conn.sftp.remove(tmp)
             raise ReplicaUnavailableError(f"cannot write the replica marker: {exc}") from None
 
     async def stat(self, dest: bytes) -> DestStat | None:
