@@ -1,3 +1,3 @@
-from replicator.cli import main
+from replicator.cli import run
 
-raise SystemExit(main())
+run()

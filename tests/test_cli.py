@@ -310,6 +310,35 @@ def test_missing_config_and_environment_variable(tmp_path: Path) -> None:
 # -- 3. sync, status, replicas, scan, dry run ---------------------------------------------------
 
 
+def test_the_command_exits_with_its_output_and_code(dirs: tuple[Path, Path],
+                                                    tmp_path: Path) -> None:
+    """The command leaves without the interpreter's teardown (``cli.run``): what it printed
+    to a pipe (block-buffered, as for any user's script) is all there, and its exit code
+    is the run's."""
+    origin, replica = dirs
+    names = [f"d{i % 7}/file{i:04d}.dat" for i in range(400)]
+    for name in names:
+        write(origin / name, b"x")
+    write_config(tmp_path, origin, replica)
+    env = {k: v for k, v in cli_env().items() if k != "PYTHONUNBUFFERED"}
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "replicator", *args], cwd=tmp_path,
+                              env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=60)
+
+    listed = command("sync", "--dry-run")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[-1] == "400 copies would be made"
+    assert sum(str(origin / name) in listed.stdout for name in names) == 400
+    replica.rmdir()  # the replica's root is gone: unavailable, exit code 3
+    gone = command("sync", "--once")
+    assert gone.returncode == 3, gone.stdout + gone.stderr
+    assert "unavailable: " in gone.stdout
+
+
+
+
 def test_sync_status_and_json_documents(dirs: tuple[Path, Path], tmp_path: Path) -> None:
     origin, replica = dirs
     content = small_tree(origin)
