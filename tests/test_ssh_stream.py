@@ -824,6 +824,7 @@ async def test_a_dropped_openssh_login_is_tried_again(tmp_path: Path, drops: int
     only OPENSSH_DROPS drops in a row give it up for the process."""
     real_ssh = shutil.which("ssh")
     assert real_ssh is not None
+    client_only_options()  # the real client's version, asked once per process
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls"
