@@ -291,11 +291,18 @@ class ReplicaRunner:
     async def _run(self, once: bool) -> None:
         delay = self.config.backoff_initial
         while not self.engine.stopping:
-            try:
-                await self._check_replica()
-            except (ReplicaUnavailableError, FileError, TimeoutError) as exc:
-                reason = str(exc) or f"no answer within {self.config.op_timeout} s"
-                await self._set_unavailable(reason)
+            if self.unavailable is None:
+                # Not known to be unavailable: the feeder claims, and scan batches hand over
+                # their new files, while the replica is checked; the workers wait for the
+                # verdict. Over SSH the check is a login: the first batches are ready when
+                # it ends instead of being claimed after it. A replica found unavailable is
+                # checked alone until it is back, so that a retry claims nothing.
+                available = await self._serve(once, check=True)
+            else:
+                available = await self._checked()
+                if available:
+                    await self._serve(once)
+            if not available:
                 if once:
                     return
                 await self.engine.sleep(max(0.1, delay))
@@ -303,10 +310,19 @@ class ReplicaRunner:
                 delay = min(self.config.backoff_max, max(0.1, delay * 2))
                 continue
             delay = self.config.backoff_initial
-            await self._set_available()
-            await self._serve(once)
             if self.unavailable is None or once:
                 return
+
+    async def _checked(self) -> bool:
+        """Check the replica and record the verdict: whether it is available."""
+        try:
+            await self._check_replica()
+        except (ReplicaUnavailableError, FileError, TimeoutError) as exc:
+            reason = str(exc) or f"no answer within {self.config.op_timeout} s"
+            await self._set_unavailable(reason)
+            return False
+        await self._set_available()
+        return True
 
     async def _check_replica(self) -> None:
         """Probe, check the marker, remove dead runs' temp files."""
@@ -380,18 +396,45 @@ class ReplicaRunner:
         self.engine.state.unavailable.pop(self.name, None)
         await self.engine.inventory.set_condition(self.name, "ok", None)
 
-    async def _serve(self, once: bool) -> None:
+    async def _serve(self, once: bool, check: bool = False) -> bool:
+        """Feed the workers until the run's end or the replica's; with ``check``, check
+        the replica meanwhile (the workers wait for the verdict). Whether it passed."""
         send, receive = anyio.create_memory_object_stream[list[Work]](self.config.workers)
+        verdict = anyio.Event()
+        passed = True
+
+        async def checking() -> None:
+            nonlocal passed
+            try:
+                passed = await self._checked()
+            finally:
+                verdict.set()
+                self.wake.set()  # a feeder waiting for work sees an unavailable replica
+                self._idle.set()
+
         async with anyio.create_task_group() as tg:
             for _ in range(self.config.workers):
-                tg.start_soon(self._worker, receive.clone())
+                tg.start_soon(self._worker, receive.clone(), verdict)
             receive.close()
+            if check:
+                tg.start_soon(checking)
+            else:
+                verdict.set()
             async with send:
                 self._serving = True
                 try:
                     await self._feed(send, once)
                 finally:
                     self._serving = self._drained = False
+        if not passed and self._taken:
+            # Taken by a scan batch while the check failed: pending again, uncharged, until
+            # the replica is back (then claimed as any other).
+            out = _Outcomes(self)
+            self._release(out, self._taken)
+            self._taken = []
+            self.inflight += len(out)
+            await self.engine.emit(out)
+        return passed
 
     async def _feed(self, send: MemoryObjectSendStream[list[Work]], once: bool) -> None:
         engine = self.engine
@@ -505,9 +548,11 @@ class ReplicaRunner:
         if self.inflight <= 0:
             self._idle.set()
 
-    async def _worker(self, receive: MemoryObjectReceiveStream[list[Work]]) -> None:
+    async def _worker(self, receive: MemoryObjectReceiveStream[list[Work]],
+                      verdict: anyio.Event) -> None:
         async with receive:
             async for batch in receive:
+                await verdict.wait()  # the replica's check, when it runs beside the feeder
                 if self.engine.stopping or self.unavailable is not None:
                     out = _Outcomes(self)
                     self._release(out, batch)

@@ -547,25 +547,29 @@ async def test_files_taken_while_the_idle_feeder_looks_are_fed_at_once(
     fed at once, not after its idle wait (made 60 s here)."""
     monkeypatch.setattr(engine_module, "IDLE_POLL", 60.0)
     intake = Intake(monkeypatch)
+    names = ["new00.dat", "new01.dat"]
     took = anyio.Event()
     take, next_due_time = ReplicaRunner.take, Inventory.next_due_time
 
-    def noting_take(runner: ReplicaRunner, *args: Any) -> None:
-        take(runner, *args)
-        took.set()
+    def noting_take(runner: ReplicaRunner, origin: str, host: str,
+                    files: Sequence[NewFile]) -> None:
+        take(runner, origin, host, files)
+        if any(f.entry.name.decode() in names for f in files):
+            took.set()
 
     async def due_once_taken(inventory: Inventory, replica: str) -> float | None:
-        """Answers once the scan took the new files: they were taken while it asked."""
+        """Once first.dat went to the feeder (taken or claimed), answers only once the scan
+        took the new files: they were taken while it asked."""
         due = await next_due_time(inventory, replica)
-        with anyio.fail_after(10):
-            await took.wait()
+        if b"first.dat" in intake.taken + intake.claimed:
+            with anyio.fail_after(10):
+                await took.wait()
         return due
 
     monkeypatch.setattr(ReplicaRunner, "take", noting_take)
     monkeypatch.setattr(Inventory, "next_due_time", due_once_taken)
-    names = ["new00.dat", "new01.dat"]
     await _continuous_run(tmp_path, names)  # 20 s at most
-    assert sorted(intake.taken) == [n.encode() for n in names]
+    assert sorted(n for n in intake.taken if n != b"first.dat") == [n.encode() for n in names]
 
 
 async def test_taken_files_are_copied_while_the_feeder_claims(
@@ -900,3 +904,102 @@ async def test_folder_that_comes_back_identical_is_not_left_deleted(tmp_path: Pa
         assert [s.files for s in await rep.inventory.origin_stats()] == [6]
         os.utime(origin / "night" / "f0", (OLD + 5, OLD + 5))
         assert (await rep.scan())[0].changed == 1
+
+
+async def test_the_feeder_claims_while_the_replica_is_checked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first files go to the feeder while the replica is checked (over SSH a login and
+    round trips); no copy starts before the check passed."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    for i in range(30):
+        write(origin / f"d{i % 3}" / f"f{i}.dat", b"x" * i)
+    backdate(origin)
+    intake = Intake(monkeypatch)
+    take, claim = ReplicaRunner.take, Inventory.claim  # the intake's spies
+    probe, put = LocalTransport.probe, LocalTransport.put
+    fed = anyio.Event()
+    checking: list[bool] = []
+    fed_during_check: list[int] = []
+
+    def count() -> None:
+        if len(intake.taken) + len(intake.claimed) >= 30:
+            fed.set()
+
+    def counted_take(runner: ReplicaRunner, *args: Any) -> None:
+        take(runner, *args)
+        count()
+
+    async def counted_claim(inventory: Inventory, *args: Any, **kwargs: Any) -> Any:
+        result = await claim(inventory, *args, **kwargs)
+        count()
+        return result
+
+    async def slow_probe(transport: LocalTransport) -> None:
+        checking.append(True)
+        try:
+            with anyio.fail_after(10):  # the feeder gets the files meanwhile
+                await fed.wait()
+            fed_during_check.append(len(intake.taken) + len(intake.claimed))
+            await probe(transport)
+        finally:
+            checking.append(False)
+
+    async def checked_put(transport: LocalTransport, requests: Sequence[PutRequest],
+                          *args: Any) -> Any:
+        assert checking[-1] is False, "a copy started before the check passed"
+        return await put(transport, requests, *args)
+
+    monkeypatch.setattr(ReplicaRunner, "take", counted_take)
+    monkeypatch.setattr(Inventory, "claim", counted_claim)
+    monkeypatch.setattr(LocalTransport, "probe", slow_probe)
+    monkeypatch.setattr(LocalTransport, "put", checked_put)
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        summary = await rep.sync_once()
+    assert fed_during_check == [30]
+    assert (summary.copied, summary.exit_code) == (30, 0)
+
+
+async def test_an_unavailable_replica_claims_nothing_until_it_is_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Continuous mode: the copies claimed while a replica was first checked are released
+    uncharged when the check fails; the checks that retry it claim nothing (no claim and
+    release at every retry); once it is back, everything is copied."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"  # r1 does not exist yet: unavailable
+    for i in range(10):
+        write(origin / f"f{i}.dat", b"y" * i)
+    backdate(origin)
+    intake = Intake(monkeypatch)
+    probe = LocalTransport.probe
+    probes: list[int] = []  # files handed to the feeder at each probe
+    retried = anyio.Event()
+
+    async def counting_probe(transport: LocalTransport) -> None:
+        probes.append(len(intake.taken) + len(intake.claimed))
+        if len(probes) == 6:  # the first check and five retries (backoff 0.05 s and up)
+            retried.set()
+        await probe(transport)
+
+    monkeypatch.setattr(LocalTransport, "probe", counting_probe)
+    config = make_config(tmp_path, origin, [r1])
+    async with Replicator(config) as rep:
+        async with rep.subscribe(1024) as events, anyio.create_task_group() as tg:
+            tg.start_soon(rep.run)
+            copied: set[bytes] = set()
+            with anyio.fail_after(20):
+                await retried.wait()
+                with closing(sqlite3.connect(config.inventory)) as db:
+                    rows = db.execute("SELECT state, attempts FROM copies").fetchall()
+                assert sorted(set(rows)) == [("pending", 0)]
+                assert len(rows) == 10
+                handed = probes[1]
+                r1.mkdir()
+                async for event in events:
+                    if isinstance(event, TransferCompleted):
+                        copied.add(os.path.basename(event.path))
+                        if len(copied) == 10:
+                            break
+            rep.stop()
+    # The retries before the root came back handed nothing more to the feeder.
+    assert probes[1:5] == [handed] * 4
+    assert len(copied) == 10
