@@ -645,8 +645,12 @@ class ReplicaRunner:
         if result.status is PutStatus.COPIED:
             out.add_copied(work, result.size, result.mtime_ns)
         elif result.status is PutStatus.CHANGED:
+            # Not charged. Due again once settled, or at once if a scan recorded a newer
+            # version meanwhile (claimed before that scan: see Inventory.record).
             settle = self._origins[work.origin].settle_seconds
-            self._release(out, [work], time.time() + max(1.0, settle))
+            out.add(work, Outcome(self.name, work.file_id, OutcomeKind.CHANGED,
+                                  size=work.size, mtime_ns=work.mtime_ns,
+                                  next_attempt=time.time() + max(1.0, settle)))
         elif result.status is PutStatus.VANISHED:
             # Not charged; the next scan tells whether the file is really gone.
             retry = time.time() + max(1.0, self._origins[work.origin].settle_seconds)

@@ -1003,3 +1003,41 @@ async def test_an_unavailable_replica_claims_nothing_until_it_is_back(
     # The retries before the root came back handed nothing more to the feeder.
     assert probes[1:5] == [handed] * 4
     assert len(copied) == 10
+
+
+async def test_a_copy_claimed_before_the_scan_saw_its_change_is_copied_in_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run claims due copies before its scan has looked: a file pending from an earlier
+    run and changed since is claimed as it was. Its transfer finds the source changed; the
+    scan has recorded the new (settled) version by then, so the copy is due at once and
+    made in this run, not left for the next one."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "a.dat", b"version 1")
+    backdate(origin)
+    config = make_config(tmp_path, origin, [r1])
+    async with Replicator(config) as rep:
+        assert (await rep.sync_once()).copied == 1
+    with closing(sqlite3.connect(config.inventory)) as db, db:
+        db.execute("UPDATE copies SET state = 'pending'")  # to be retried, say
+    write(origin / "a.dat", b"version 2, longer")
+    backdate(origin, OLD + 10)
+    claimed = anyio.Event()
+    claim, apply_listings = Inventory.claim, Inventory.apply_listings
+
+    async def noting_claim(inventory: Inventory, *args: Any, **kwargs: Any) -> Any:
+        result = await claim(inventory, *args, **kwargs)
+        claimed.set()
+        return result
+
+    async def after_the_claim(inventory: Inventory, *args: Any, **kwargs: Any) -> Any:
+        with anyio.fail_after(10):
+            await claimed.wait()
+        return await apply_listings(inventory, *args, **kwargs)
+
+    monkeypatch.setattr(Inventory, "claim", noting_claim)
+    monkeypatch.setattr(Inventory, "apply_listings", after_the_claim)
+    async with Replicator(config) as rep:
+        summary = await rep.sync_once()
+    assert (summary.copied, summary.pending, summary.exit_code) == (1, 0, 0)
+    assert replica_path(r1, origin / "a.dat").read_bytes() == b"version 2, longer"

@@ -639,11 +639,14 @@ class Inventory:
             (size, mtime_ns, now, replica, file_id) for replica, file_id, size, mtime_ns in copied
         ]
         released: list[tuple[Any, ...]] = []
+        changed: list[tuple[Any, ...]] = []
         errors: list[tuple[Any, ...]] = []
         for o in outcomes:
             if o.kind is OutcomeKind.REPLICATED:
                 replicated.append((o.size, o.mtime_ns, now, o.replica, o.file_id))
-            elif o.kind in (OutcomeKind.CHANGED, OutcomeKind.RELEASED, OutcomeKind.VANISHED):
+            elif o.kind is OutcomeKind.CHANGED:
+                changed.append((o.size, o.mtime_ns, o.next_attempt, o.replica, o.file_id))
+            elif o.kind in (OutcomeKind.RELEASED, OutcomeKind.VANISHED):
                 # A source missing at copy time may be back soon (a folder moved away and
                 # back, an automount): only the scanner decides that a file is gone.
                 released.append((o.next_attempt, o.replica, o.file_id))
@@ -671,6 +674,16 @@ class Inventory:
                     "UPDATE copies SET state = 'pending', next_attempt = ?"
                     " WHERE replica = ? AND file_id = ? AND state = 'copying'",
                     released,
+                )
+            if changed:
+                # The source was not the version claimed (size, mtime). If a scan recorded
+                # another version since the claim, that one is settled: due at once.
+                await db.executemany(
+                    "UPDATE copies SET state = 'pending', next_attempt = CASE WHEN"
+                    " (SELECT size = ?1 AND mtime_ns = ?2 FROM files WHERE id = ?5)"
+                    " THEN ?3 ELSE 0 END"
+                    " WHERE replica = ?4 AND file_id = ?5 AND state = 'copying'",
+                    changed,
                 )
             if errors:
                 await db.executemany(

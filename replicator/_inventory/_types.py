@@ -112,7 +112,8 @@ class Outcome:
     replica: str
     file_id: int
     kind: OutcomeKind
-    size: int = 0  # the version now held by the replica (REPLICATED)
+    # REPLICATED: the version now held by the replica; CHANGED: the version claimed.
+    size: int = 0
     mtime_ns: int = 0
     error_class: str | None = None
     error: str | None = None
