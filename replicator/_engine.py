@@ -303,6 +303,7 @@ class ReplicaRunner:
                 if available:
                     await self._serve(once)
             if not available:
+                await self._hand_back_taken()
                 if once:
                     return
                 await self.engine.sleep(max(0.1, delay))
@@ -426,15 +427,20 @@ class ReplicaRunner:
                     await self._feed(send, once)
                 finally:
                     self._serving = self._drained = False
-        if not passed and self._taken:
-            # Taken by a scan batch while the check failed: pending again, uncharged, until
-            # the replica is back (then claimed as any other).
+        return passed
+
+    async def _hand_back_taken(self) -> None:
+        """The files scan batches took for this replica while it was found unavailable
+        (also after its feeder stopped: a batch decides before it records): pending again,
+        uncharged, until it is back; those that cannot go to it, failed."""
+        if self._taken_refused:
+            await self._refuse_taken()
+        if self._taken:
             out = _Outcomes(self)
             self._release(out, self._taken)
             self._taken = []
             self.inflight += len(out)
             await self.engine.emit(out)
-        return passed
 
     async def _feed(self, send: MemoryObjectSendStream[list[Work]], once: bool) -> None:
         engine = self.engine
@@ -447,6 +453,8 @@ class ReplicaRunner:
             # thread behind the scan's writes, and the workers need not wait with it.
             for batch in self._batches(taken) if taken else ():
                 await send.send(batch)
+            if self.unavailable is not None:
+                return  # found so meanwhile (by its check, beside this): no claim
             more: list[Work] = []
             refused: list[tuple[Work, str]] = []
             skipped = True
@@ -505,10 +513,12 @@ class ReplicaRunner:
                 return
             due = await engine.inventory.next_retry(self.name, time.time(), engine.retry_deadline,
                                                     engine.started_at)
-            if due is None:
-                return
+            if due is None or self.unavailable is not None or engine.stopping:
+                return  # (the replica's check may have failed meanwhile)
             self._maybe_due = True
-            await engine.sleep(due - time.time())
+            # Woken early by a stop, a take, or the check beside it finding the replica
+            # unavailable (then the run's end need not wait for this retry).
+            await self.wake.wait(due - time.time())
 
     async def _refuse_taken(self) -> None:
         """Fail, through the recorder, the taken files that cannot go to this replica."""

@@ -649,14 +649,14 @@ def run() -> NoReturn:
     anyway (tens of milliseconds after a large run). By then the run is over: the
     inventory is closed, helpers and sessions have exited, no thread of ours is left."""
     code = main()
+    if "logging" in sys.modules:  # handlers a library may have added
+        sys.modules["logging"].shutdown()
     try:
         sys.stdout.flush()
     except OSError:  # stdout was closed early (a pipe into head): as Python's exit says
         code = code or 120
     with contextlib.suppress(OSError):
         sys.stderr.flush()
-    if "logging" in sys.modules:  # handlers a library may have added
-        sys.modules["logging"].shutdown()
     os._exit(code)
 
 

@@ -337,8 +337,6 @@ def test_the_command_exits_with_its_output_and_code(dirs: tuple[Path, Path],
     assert "unavailable: " in gone.stdout
 
 
-
-
 def test_sync_status_and_json_documents(dirs: tuple[Path, Path], tmp_path: Path) -> None:
     origin, replica = dirs
     content = small_tree(origin)

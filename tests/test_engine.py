@@ -520,7 +520,10 @@ async def test_new_files_go_from_the_scan_to_the_feeder(
     intake = Intake(monkeypatch)
     names = [f"new{i:02d}.dat" for i in range(30)]
     origin, r1, _ = await _continuous_run(tmp_path, names)
-    assert sorted(intake.taken) == sorted(n.encode() for n in names)
+    # (first.dat too when the scan recorded it after the feeder's first claim, which comes
+    # with the replica's check)
+    assert sorted(n for n in intake.taken if n != b"first.dat") == sorted(
+        n.encode() for n in names)
     assert not set(intake.claimed) & set(intake.taken)
     for i, name in enumerate(names):
         assert replica_path(r1, origin / f"n{i % 3}" / name).read_bytes() == name.encode()
@@ -537,8 +540,9 @@ async def test_a_scan_batch_larger_than_the_room_left_is_not_taken(
     intake = Intake(monkeypatch)
     names = [f"new{i:02d}.dat" for i in range(30)]
     await _continuous_run(tmp_path, names)
-    assert intake.taken == []
-    assert sorted(intake.claimed) == sorted([b"first.dat", *(n.encode() for n in names)])
+    assert set(intake.taken) <= {b"first.dat"}  # alone in its folder: see above
+    assert sorted(n for n in intake.claimed if n != b"first.dat") == sorted(
+        n.encode() for n in names)
 
 
 async def test_files_taken_while_the_idle_feeder_looks_are_fed_at_once(
@@ -602,7 +606,10 @@ async def test_taken_files_are_copied_while_the_feeder_claims(
     origin, r1, failed = await _continuous_run(tmp_path, names)
     assert waited
     assert failed == []
-    assert sorted(intake.taken) == sorted(n.encode() for n in names)
+    # first.dat too, when the scan recorded it after the feeder's first claim (the feeder
+    # starts with the replica's check).
+    assert sorted(n for n in intake.taken if n != b"first.dat") == sorted(
+        n.encode() for n in names)
     for i, name in enumerate(names):
         assert replica_path(r1, origin / f"n{i % 3}" / name).read_bytes() == name.encode()
 
@@ -962,26 +969,46 @@ async def test_the_feeder_claims_while_the_replica_is_checked(
 
 async def test_an_unavailable_replica_claims_nothing_until_it_is_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Continuous mode: the copies claimed while a replica was first checked are released
-    uncharged when the check fails; the checks that retry it claim nothing (no claim and
-    release at every retry); once it is back, everything is copied."""
+    """Continuous mode: the copies claimed, or taken from scan batches, while a replica was
+    first checked are released uncharged when the check fails, also those still held by
+    the feeder (one worker: its queue is full); the checks that retry it claim nothing (no
+    claim and release at every retry); once it is back, everything is copied."""
     origin, r1 = tmp_path / "o", tmp_path / "r1"  # r1 does not exist yet: unavailable
-    for i in range(10):
-        write(origin / f"f{i}.dat", b"y" * i)
+    for i in range(80):  # 40 folders: scan batches of 1, 2, 4... folders, a take each
+        write(origin / f"d{i % 40:02d}" / f"f{i}.dat", b"y" * i)
     backdate(origin)
     intake = Intake(monkeypatch)
+    take, claim = ReplicaRunner.take, Inventory.claim  # the intake's spies
     probe = LocalTransport.probe
     probes: list[int] = []  # files handed to the feeder at each probe
-    retried = anyio.Event()
+    fed, retried = anyio.Event(), anyio.Event()
+
+    def count() -> None:
+        if len(intake.taken) + len(intake.claimed) >= 80:
+            fed.set()
+
+    def counted_take(runner: ReplicaRunner, *args: Any) -> None:
+        take(runner, *args)
+        count()
+
+    async def counted_claim(inventory: Inventory, *args: Any, **kwargs: Any) -> Any:
+        result = await claim(inventory, *args, **kwargs)
+        count()
+        return result
 
     async def counting_probe(transport: LocalTransport) -> None:
+        if not probes:  # the first check ends once the feeder has every file
+            with anyio.fail_after(10):
+                await fed.wait()
         probes.append(len(intake.taken) + len(intake.claimed))
         if len(probes) == 6:  # the first check and five retries (backoff 0.05 s and up)
             retried.set()
         await probe(transport)
 
+    monkeypatch.setattr(ReplicaRunner, "take", counted_take)
+    monkeypatch.setattr(Inventory, "claim", counted_claim)
     monkeypatch.setattr(LocalTransport, "probe", counting_probe)
-    config = make_config(tmp_path, origin, [r1])
+    config = make_config(tmp_path, origin, [r1], workers=1)
     async with Replicator(config) as rep:
         async with rep.subscribe(1024) as events, anyio.create_task_group() as tg:
             tg.start_soon(rep.run)
@@ -991,18 +1018,19 @@ async def test_an_unavailable_replica_claims_nothing_until_it_is_back(
                 with closing(sqlite3.connect(config.inventory)) as db:
                     rows = db.execute("SELECT state, attempts FROM copies").fetchall()
                 assert sorted(set(rows)) == [("pending", 0)]
-                assert len(rows) == 10
-                handed = probes[1]
+                assert len(rows) == 80
+                handed = probes[0]
+                assert handed == 80  # all of them, while the replica was first checked
                 r1.mkdir()
                 async for event in events:
                     if isinstance(event, TransferCompleted):
                         copied.add(os.path.basename(event.path))
-                        if len(copied) == 10:
+                        if len(copied) == 80:
                             break
             rep.stop()
     # The retries before the root came back handed nothing more to the feeder.
-    assert probes[1:5] == [handed] * 4
-    assert len(copied) == 10
+    assert probes[1:6] == [handed] * 5
+    assert len(copied) == 80
 
 
 async def test_a_copy_claimed_before_the_scan_saw_its_change_is_copied_in_the_run(
@@ -1041,3 +1069,45 @@ async def test_a_copy_claimed_before_the_scan_saw_its_change_is_copied_in_the_ru
         summary = await rep.sync_once()
     assert (summary.copied, summary.pending, summary.exit_code) == (1, 0, 0)
     assert replica_path(r1, origin / "a.dat").read_bytes() == b"version 2, longer"
+
+
+async def test_a_once_run_ends_when_its_check_fails_while_the_feeder_waits_for_a_retry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feeder runs beside the replica's check: with nothing else to do it waits for a
+    retry due later in the run's window. A check that then finds the replica unavailable
+    ends the run at once, instead of after that wait."""
+    from replicator._errors import ReplicaUnavailableError
+
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    write(origin / "a.dat", b"a")
+    backdate(origin)
+    config = make_config(tmp_path, origin, [r1], retry_window=60.0)
+    async with Replicator(config) as rep:
+        assert (await rep.sync_once()).copied == 1
+    with closing(sqlite3.connect(config.inventory)) as db, db:
+        db.execute("UPDATE copies SET state = 'pending', attempts = 1,"
+                   " error_class = 'transient', next_attempt = ?", (time.time() + 30,))
+    waiting = anyio.Event()
+    next_retry = Inventory.next_retry
+
+    async def noting_next_retry(inventory: Inventory, *args: Any) -> float | None:
+        due = await next_retry(inventory, *args)
+        waiting.set()
+        return due
+
+    async def failing_probe(transport: LocalTransport) -> None:
+        with anyio.fail_after(10):
+            await waiting.wait()  # the feeder is about to wait for the retry
+        await anyio.sleep(0.05)
+        raise ReplicaUnavailableError("replica root is gone (the test)")
+
+    monkeypatch.setattr(Inventory, "next_retry", noting_next_retry)
+    monkeypatch.setattr(LocalTransport, "probe", failing_probe)
+    started = time.monotonic()
+    async with Replicator(config) as rep:
+        with anyio.fail_after(20):
+            summary = await rep.sync_once()
+    assert time.monotonic() - started < 10  # not the 30 s wait for the retry
+    assert dict(summary.unavailable) == {"r1": "replica root is gone (the test)"}
+    assert (summary.copied, summary.pending) == (0, 1)

@@ -322,7 +322,7 @@ async def test_openssh_client_ignores_host_keys_vouched_for_by_ssh_config(
     ``-F``) makes the OpenSSH client trust keys the replica's known_hosts file does not
     hold; asyncssh knows no such option. The client's command line turns it off, so the
     host is refused as on the asyncssh path."""
-    if not client_only_options():
+    if "KnownHostsCommand=none" not in client_only_options():
         pytest.skip("this ssh predates KnownHostsCommand (OpenSSH 8.5)")
     async with sftp_server(tmp_path / "server", commands=True) as server:
         vouched = tmp_path / "vouched_hosts"

@@ -137,8 +137,9 @@ def serve() -> None:
     server.run(sys.stdin.buffer)
     # Every batch is finished and reported, the second thread has ended: exit without the
     # interpreter's teardown, which the engine would wait for (a hundredth of a second).
-    with contextlib.suppress(OSError):
-        sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):  # (stdout goes to stderr: see above)
+        with contextlib.suppress(OSError):
+            stream.flush()
     os._exit(0)
 
 

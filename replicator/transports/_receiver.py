@@ -534,5 +534,8 @@ if __name__ == "__main__":
     code = main()
     # Every answer was flushed as it was written: leave without the interpreter's teardown,
     # which the session's end would wait for.
-    sys.stderr.flush()
+    try:
+        sys.stderr.flush()
+    except OSError:
+        pass
     os._exit(code)

@@ -94,8 +94,7 @@ def openssh_argv(o: SshOptions, command: str) -> list[str]:
         argv += ["-o", "StrictHostKeyChecking=yes",
                  "-o", f"UserKnownHostsFile={_quote_option(o.known_hosts_path)}",
                  "-o", "GlobalKnownHostsFile=/dev/null", "-o", "VerifyHostKeyDNS=no",
-                 "-o", "CheckHostIP=no", "-o", "UpdateHostKeys=no",
-                 *client_only_options()]
+                 "-o", "CheckHostIP=no", *client_only_options()]
     if o.identity_file:
         argv += ["-i", o.identity_file, "-o", "IdentitiesOnly=yes"]
     if o.port:
@@ -107,20 +106,31 @@ def openssh_argv(o: SshOptions, command: str) -> list[str]:
 
 @functools.cache
 def client_only_options() -> tuple[str, ...]:
-    """``-o KnownHostsCommand=none`` where the ``ssh`` on the PATH knows the option
-    (OpenSSH 8.5 and later; an option a client does not know fails every session).
+    """``-o UpdateHostKeys=no`` (OpenSSH 6.8) and ``-o KnownHostsCommand=none`` (8.5),
+    unless ``ssh -V`` says the client is older: an option a client does not know fails
+    every session. A client that does not tell gets both (if it refuses them, its
+    sessions fail and the transport goes on through asyncssh, which has neither).
 
     Runs ``ssh -V`` once per process (a few milliseconds): call it first from a thread.
     """
+    version = _openssh_version()
+    options: list[str] = []
+    if version is None or version >= (6, 8):
+        options += ["-o", "UpdateHostKeys=no"]
+    if version is None or version >= (8, 5):
+        options += ["-o", "KnownHostsCommand=none"]
+    return tuple(options)
+
+
+def _openssh_version() -> tuple[int, int] | None:
+    """(major, minor) of the ``ssh`` on the PATH; None when it does not say."""
     try:
         said = subprocess.run(["ssh", "-V"], stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=CLEANUP_TIMEOUT, check=False).stderr
     except (OSError, subprocess.SubprocessError):
-        return ()
-    version = re.search(rb"OpenSSH_(?:for_Windows_)?(\d+)\.(\d+)", said)
-    if version is None or (int(version[1]), int(version[2])) < (8, 5):
-        return ()
-    return ("-o", "KnownHostsCommand=none")
+        return None
+    found = re.search(rb"OpenSSH_(?:for_Windows_)?(\d+)\.(\d+)", said)
+    return None if found is None else (int(found[1]), int(found[2]))
 
 
 def receiver_command(root: bytes) -> str:
