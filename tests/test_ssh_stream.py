@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -814,6 +816,35 @@ async def test_what_ssh_said_outlives_a_write_to_it_once_it_died() -> None:
     with pytest.raises(StreamLost):
         await carrier.write(b"x" * (4 << 20))  # more than the pipe holds: EPIPE
     assert await carrier.failure() == (f"ssh exit 255: {said}", False)  # not definitive
+
+
+async def test_a_carrier_closed_while_its_ssh_is_slow_to_die_reaps_it_later(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine too busy to let a killed ssh die within the half second ``close``
+    waits, the process is reaped in the background: no zombie, no running process left
+    to the garbage collector (whose warning CI turns into a failure)."""
+    carrier = await OpensshCarrier.open(["sleep", "30"], 10)
+    proc = carrier._proc
+    wait = proc.wait
+    waits: list[float | None] = []
+
+    def busy_first_wait(timeout: float | None = None) -> int:
+        waits.append(timeout)
+        if len(waits) == 1:  # as if the killed process had not run yet
+            raise subprocess.TimeoutExpired(proc.args, timeout or 0)
+        return wait(timeout)
+
+    monkeypatch.setattr(proc, "wait", busy_first_wait)
+    carrier.close()
+
+    def reaped() -> int | None:
+        deadline = time.monotonic() + 10
+        while proc.returncode is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # another thread reaps it: only look
+        return proc.returncode
+
+    assert await anyio.to_thread.run_sync(reaped) == -signal.SIGKILL
+    assert waits == [0.5, None]
 
 
 @pytest.mark.parametrize("drops", [1, ssh_transport.OPENSSH_DROPS + 1])

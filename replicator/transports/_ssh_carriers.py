@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import subprocess
+import threading
 from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -220,8 +221,12 @@ class OpensshCarrier:
         if proc.poll() is None:
             with suppress(OSError):
                 proc.kill()
-            with suppress(subprocess.TimeoutExpired):
+            try:
                 proc.wait(0.5)  # reaps a killed child: milliseconds
+            except subprocess.TimeoutExpired:
+                # A machine too busy to let it die yet (or another thread waiting for it):
+                # reaped in the background, never left a zombie.
+                threading.Thread(target=proc.wait, name="reap ssh", daemon=True).start()
         # Kept for failure(): a write that met a dead ssh closes the carrier first.
         self._said += self._read_stderr()
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
