@@ -424,22 +424,31 @@ async def test_continuous_mode_copies_new_files_and_stops(tmp_path: Path) -> Non
 
 class Intake:
     """Which files reached a replica's feeder straight from a scan (``ReplicaRunner.take``)
-    and which through ``Inventory.claim``; the real methods do the work."""
+    and which through ``Inventory.claim``; the real methods do the work. ``fed`` is set
+    once ``expect`` files were handed over (either way)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse: bytes = b"") -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse: bytes = b"",
+                 expect: int = 0) -> None:
         self.taken: list[bytes] = []
         self.claimed: list[bytes] = []
+        self.fed = anyio.Event()
         take, claim = ReplicaRunner.take, Inventory.claim
         destination = ReplicaRunner.destination
+
+        def count() -> None:
+            if expect and self.handed >= expect:
+                self.fed.set()
 
         def spy_take(runner: ReplicaRunner, origin: str, host: str,
                      files: Sequence[NewFile]) -> None:
             self.taken += [f.entry.name for f in files]
             take(runner, origin, host, files)
+            count()
 
         async def spy_claim(inventory: Inventory, *args: Any, **kwargs: Any) -> Any:
             claimed, refused = await claim(inventory, *args, **kwargs)
             self.claimed += [os.path.basename(w.path) for w in claimed]
+            count()
             return claimed, refused
 
         def refusing(runner: ReplicaRunner, origin: str, host: str, path: bytes) -> bytes:
@@ -450,6 +459,10 @@ class Intake:
         monkeypatch.setattr(ReplicaRunner, "take", spy_take)
         monkeypatch.setattr(Inventory, "claim", spy_claim)
         monkeypatch.setattr(ReplicaRunner, "destination", refusing)
+
+    @property
+    def handed(self) -> int:
+        return len(self.taken) + len(self.claimed)
 
 
 class ScanDuringAClaim:
@@ -922,32 +935,17 @@ async def test_the_feeder_claims_while_the_replica_is_checked(
     for i in range(30):
         write(origin / f"d{i % 3}" / f"f{i}.dat", b"x" * i)
     backdate(origin)
-    intake = Intake(monkeypatch)
-    take, claim = ReplicaRunner.take, Inventory.claim  # the intake's spies
+    intake = Intake(monkeypatch, expect=30)
     probe, put = LocalTransport.probe, LocalTransport.put
-    fed = anyio.Event()
     checking: list[bool] = []
     fed_during_check: list[int] = []
-
-    def count() -> None:
-        if len(intake.taken) + len(intake.claimed) >= 30:
-            fed.set()
-
-    def counted_take(runner: ReplicaRunner, *args: Any) -> None:
-        take(runner, *args)
-        count()
-
-    async def counted_claim(inventory: Inventory, *args: Any, **kwargs: Any) -> Any:
-        result = await claim(inventory, *args, **kwargs)
-        count()
-        return result
 
     async def slow_probe(transport: LocalTransport) -> None:
         checking.append(True)
         try:
             with anyio.fail_after(10):  # the feeder gets the files meanwhile
-                await fed.wait()
-            fed_during_check.append(len(intake.taken) + len(intake.claimed))
+                await intake.fed.wait()
+            fed_during_check.append(intake.handed)
             await probe(transport)
         finally:
             checking.append(False)
@@ -957,8 +955,6 @@ async def test_the_feeder_claims_while_the_replica_is_checked(
         assert checking[-1] is False, "a copy started before the check passed"
         return await put(transport, requests, *args)
 
-    monkeypatch.setattr(ReplicaRunner, "take", counted_take)
-    monkeypatch.setattr(Inventory, "claim", counted_claim)
     monkeypatch.setattr(LocalTransport, "probe", slow_probe)
     monkeypatch.setattr(LocalTransport, "put", checked_put)
     async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
@@ -977,36 +973,20 @@ async def test_an_unavailable_replica_claims_nothing_until_it_is_back(
     for i in range(80):  # 40 folders: scan batches of 1, 2, 4... folders, a take each
         write(origin / f"d{i % 40:02d}" / f"f{i}.dat", b"y" * i)
     backdate(origin)
-    intake = Intake(monkeypatch)
-    take, claim = ReplicaRunner.take, Inventory.claim  # the intake's spies
+    intake = Intake(monkeypatch, expect=80)
     probe = LocalTransport.probe
     probes: list[int] = []  # files handed to the feeder at each probe
-    fed, retried = anyio.Event(), anyio.Event()
-
-    def count() -> None:
-        if len(intake.taken) + len(intake.claimed) >= 80:
-            fed.set()
-
-    def counted_take(runner: ReplicaRunner, *args: Any) -> None:
-        take(runner, *args)
-        count()
-
-    async def counted_claim(inventory: Inventory, *args: Any, **kwargs: Any) -> Any:
-        result = await claim(inventory, *args, **kwargs)
-        count()
-        return result
+    retried = anyio.Event()
 
     async def counting_probe(transport: LocalTransport) -> None:
         if not probes:  # the first check ends once the feeder has every file
             with anyio.fail_after(10):
-                await fed.wait()
-        probes.append(len(intake.taken) + len(intake.claimed))
+                await intake.fed.wait()
+        probes.append(intake.handed)
         if len(probes) == 6:  # the first check and five retries (backoff 0.05 s and up)
             retried.set()
         await probe(transport)
 
-    monkeypatch.setattr(ReplicaRunner, "take", counted_take)
-    monkeypatch.setattr(Inventory, "claim", counted_claim)
     monkeypatch.setattr(LocalTransport, "probe", counting_probe)
     config = make_config(tmp_path, origin, [r1], workers=1)
     async with Replicator(config) as rep:
