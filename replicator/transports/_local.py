@@ -81,8 +81,12 @@ class LocalTransport:
         while the first batch is claimed, not after. Returns once it is spawned.
 
         The engine prepares a replica only once a copy is due: a run with nothing to copy
-        (a no-change re-run) starts no helper."""
-        helper = self._pick_helper()
+        (a no-change re-run) starts no helper. Where a batch came first (its helper may
+        still be starting, and busy), that one is the first: no second is started."""
+        if self._helpers:
+            helper: CopyHelper | None = self._helpers[0]
+        else:
+            helper = self._pick_helper()
         if helper is not None:
             await helper.start()
 
