@@ -26,6 +26,7 @@ from replicator import (
     InventoryError,
     OriginConfig,
     Replicator,
+    ReplicaUnavailableError,
     ScanFinished,
     TransferCompleted,
     TransferFailed,
@@ -1056,8 +1057,6 @@ async def test_a_once_run_ends_when_its_check_fails_while_the_feeder_waits_for_a
     """The feeder runs beside the replica's check: with nothing else to do it waits for a
     retry due later in the run's window. A check that then finds the replica unavailable
     ends the run at once, instead of after that wait."""
-    from replicator._errors import ReplicaUnavailableError
-
     origin, r1 = tmp_path / "o", tmp_path / "r1"
     r1.mkdir()
     write(origin / "a.dat", b"a")
