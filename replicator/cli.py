@@ -27,6 +27,7 @@ import anyio
 from ._config import Config, OriginConfig, ReplicaConfig, load_config
 from ._config_edit import append_replica, remove_replica, render_initial_config
 from ._errors import ConfigError, EngineLockedError, InventoryError, ReplicatorError
+from ._gc_tuning import tune_gc
 from ._version import __version__
 from .transports._spares import helpers_for, spare_processes
 from .transports._ssh_options import options_for, session_argv
@@ -648,6 +649,7 @@ def run() -> NoReturn:
     an exit without the interpreter's teardown, which only frees what the process drops
     anyway (tens of milliseconds after a large run). By then the run is over: the
     inventory is closed, helpers and sessions have exited, no thread of ours is left."""
+    tune_gc()
     code = main()
     if "logging" in sys.modules:  # handlers a library may have added
         sys.modules["logging"].shutdown()

@@ -1,9 +1,9 @@
 """The copy helper's process: batches in on stdin, progress and results out on stdout.
 
 Started by ``_local_helper.CopyHelper``, or ahead of need by the command line (``_spares``,
-whose bootstrap starts it). It imports this module, ``_local_batch`` and the package's plain
-types only (the bootstrap keeps the packages' ``__init__`` modules from running): a helper is
-ready in a few hundredths of a second.
+whose bootstrap starts it). It imports this module, ``_local_batch``, ``_gc_tuning`` and the
+package's plain types only (the bootstrap keeps the packages' ``__init__`` modules from
+running): a helper is ready in a few hundredths of a second.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from .._gc_tuning import tune_gc
 from .._inventory._types import Kind
 from ._base import Progress, PutRequest, PutResult
 from ._local_batch import BatchWriter, StagedBatch
@@ -129,6 +130,7 @@ def serve() -> None:
     ("flush", n, +1 or -1) around what is not counted in bytes, ("done", n, rows).
     """
     # Frames go to a private copy of stdout; anything printed goes to stderr instead.
+    tune_gc()
     server = _Server(os.fdopen(os.dup(1), "wb"))
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle
