@@ -260,12 +260,27 @@ class ReplicaRunner:
     def take(self, origin: str, host: str, files: Sequence[NewFile]) -> None:
         """Files a scan batch recorded and claimed for this replica (``copying``): queued
         for the feeder ahead of the next claim."""
+        # Where the layout allows, a folder's files are placed by one render (the usual
+        # batch holds a few folders of hundreds of files): its path for a probe name.
+        by_folder = self._layout.name_last
+        last: bytes | None = None
+        head: bytes | None = None
         for file_id, folder, entry in files:
-            path = join_path(folder, entry.name)
-            try:
-                dest, refusal = self.destination(origin, host, path), ""
-            except ValueError as exc:
-                dest, refusal = b"", str(exc)
+            name = entry.name
+            path = join_path(folder, name)
+            if by_folder and folder != last:
+                last = folder
+                try:
+                    head = self.destination(origin, host, join_path(folder, b"x"))[:-1]
+                except ValueError:
+                    head = None
+            if head is not None and b"/" not in name and name not in (b".", b".."):
+                dest, refusal = head + name, ""
+            else:
+                try:
+                    dest, refusal = self.destination(origin, host, path), ""
+                except ValueError as exc:
+                    dest, refusal = b"", str(exc)
             work = Work(self.name, file_id, origin, host, path, entry.kind, entry.size,
                         entry.mtime_ns, entry.mode, entry.target, 0, dest)
             if refusal:

@@ -60,6 +60,16 @@ class Layout:
         path_fields = [field for _literal, field in self.pieces if field in _FILE_FIELDS]
         return origins == 1 and len(path_fields) == 1 and path_fields[0] != "name"
 
+    @property
+    def name_last(self) -> bool:
+        """Whether a file's path in the replica is its folder's, then its name: the template
+        takes one field from the file's path and ends with it. Then ``render`` of
+        ``folder/name`` is ``render`` of ``folder/x`` with ``x`` replaced by ``name``, for
+        any name a folder can hold (not ``.``, ``..``, nor with a slash), so a folder's
+        files are placed by one ``render``."""
+        path_fields = [field for _literal, field in self.pieces if field in _FILE_FIELDS]
+        return len(path_fields) == 1 and self.pieces[-1][1] == path_fields[0]
+
     def render(self, *, host: str, origin: str, root: bytes, path: bytes) -> bytes:
         """The replica-relative path of origin file ``path`` below origin folder ``root``.
 

@@ -426,7 +426,8 @@ async def test_continuous_mode_copies_new_files_and_stops(tmp_path: Path) -> Non
 class Intake:
     """Which files reached a replica's feeder straight from a scan (``ReplicaRunner.take``)
     and which through ``Inventory.claim``; the real methods do the work. ``fed`` is set
-    once ``expect`` files were handed over (either way)."""
+    once ``expect`` files were handed over (either way). The files of folders named
+    ``refuse`` cannot go to the replica (the layout refuses their paths)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse: bytes = b"",
                  expect: int = 0) -> None:
@@ -453,7 +454,8 @@ class Intake:
             return claimed, refused
 
         def refusing(runner: ReplicaRunner, origin: str, host: str, path: bytes) -> bytes:
-            if refuse and path.endswith(refuse):
+            # Folders named ``refuse``: a folder's files are placed from its own path.
+            if refuse and b"/" + refuse + b"/" in path:
                 raise ValueError("refused by the test")
             return destination(runner, origin, host, path)
 
@@ -666,7 +668,7 @@ async def test_a_feeder_busy_with_taken_files_claims_only_when_copies_may_be_due
 
 async def test_a_taken_file_that_cannot_go_to_the_replica_fails(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    intake = Intake(monkeypatch, refuse=b"new01.dat")
+    intake = Intake(monkeypatch, refuse=b"n1")
     origin, r1, failed = await _continuous_run(tmp_path, ["new00.dat", "new01.dat",
                                                           "new02.dat"])
     assert b"new01.dat" in intake.taken

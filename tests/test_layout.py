@@ -101,3 +101,45 @@ def test_render_one_and_several_path_fields(template: str, expected: bytes) -> N
 )
 def test_unique_per_file(template: str, origins: int, unique: bool) -> None:
     assert Layout.parse(template).unique_per_file(origins) is unique
+
+
+@pytest.mark.parametrize(
+    ("template", "name_last"),
+    [
+        ("{relpath}", True),
+        ("{host}/{path}", True),
+        ("{origin}//{relpath}", True),
+        ("flat/{name}", True),
+        ("{host}/{name}", True),
+        ("{relpath}.bak", False),
+        ("{relpath}/{name}", False),
+        ("{name}/{relpath}", False),
+        ("{path}/x/{host}", False),
+    ],
+)
+def test_name_last(template: str, name_last: bool) -> None:
+    assert Layout.parse(template).name_last is name_last
+
+
+@pytest.mark.parametrize("template", ["{relpath}", "{host}/{path}", "{origin}//{relpath}",
+                                      "a/./{relpath}", "flat/{name}", "x/{name}"])
+@pytest.mark.parametrize("root", [b"/data/raw", b"/", b"/data/raw/"])
+def test_a_folder_rendered_once_places_each_of_its_files(template: str, root: bytes) -> None:
+    # What the engine relies on for a layout whose file's name is last (``name_last``):
+    # render(folder/name) is render(folder/x) with x replaced by the name, or both fail.
+    layout = Layout.parse(template)
+    assert layout.name_last
+    render = layout.renderer(host="h", origin="raw", root=root)
+    base = root.rstrip(b"/")
+    for folder in (base or b"/", base + b"/2024", base + b"/2024//n\xe9", base + b"/.d/..e"):
+        for name in (b"a.fits", b".hidden", b"...", b"..x", b"caf\xe9", b"sp ace", b"x"):
+            path = (folder.rstrip(b"/") + b"/" + name)
+            try:
+                expected: bytes | None = render(path)
+            except ValueError:
+                expected = None
+            try:
+                head: bytes | None = render(folder.rstrip(b"/") + b"/x")[:-1]
+            except ValueError:
+                head = None
+            assert (None if head is None else head + name) == expected, (folder, name)
