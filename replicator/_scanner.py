@@ -29,7 +29,7 @@ from . import _walk
 from ._config import OriginConfig
 from ._errors import OriginUnavailableError as OriginUnavailableError
 from ._globs import GlobSet
-from ._inventory import DirListing, Entry, Inventory, Kind, NewFile, ScanDelta
+from ._inventory import DirListing, Entry, Inventory, Kind, ListingsDiff, NewFile, ScanDelta
 
 if TYPE_CHECKING:
     from .transports._ssh_source import SshSource
@@ -69,8 +69,8 @@ class ScanFeed(Protocol):
         ...
 
     def takers(self, files: int) -> Collection[str]:
-        """Replicas that claim the new files of the next batch (``files`` entries, new or
-        not) as it is recorded."""
+        """Replicas that claim the ``files`` new files of the next batch as it is
+        recorded."""
         ...
 
     def recorded(self, delta: ScanDelta, takers: Collection[str],
@@ -84,9 +84,15 @@ async def record_batch(inventory: Inventory, origin: OriginConfig, replicas: Seq
                        listings: Sequence[DirListing], now: float,
                        feed: ScanFeed | None) -> ScanDelta:
     """Record a batch of listings, tell ``feed``; the batch's delta."""
-    takers = feed.takers(sum(len(lst.entries) for lst in listings)) if feed is not None else ()
-    delta, claimed = await inventory.apply_listings(origin.name, origin.host, replicas,
-                                                    listings, now, takers)
+    diff = await inventory.diff_listings(origin.name, origin.host, listings)
+    return await record_diff(inventory, replicas, diff, now, feed)
+
+
+async def record_diff(inventory: Inventory, replicas: Sequence[str], diff: ListingsDiff,
+                      now: float, feed: ScanFeed | None) -> ScanDelta:
+    """``record_batch`` once the batch was diffed."""
+    takers = feed.takers(len(diff.inserts)) if feed is not None else ()
+    delta, claimed = await inventory.record_diff(diff, replicas, now, takers)
     if feed is not None and (delta.new or delta.changed):
         feed.recorded(delta, takers, claimed)
     return delta
@@ -255,6 +261,10 @@ class Scanner:
         walk = _Walk(root)
         delta = ScanDelta()
         send, receive = anyio.create_memory_object_stream[tuple[list[DirListing], int]](4)
+        # Each batch is diffed while the one before is recorded (they hold other folders):
+        # reading its rows overlaps the other's write transaction.
+        send_diff, receive_diff = anyio.create_memory_object_stream[
+            tuple[ListingsDiff | None, int]](1)
 
         async def handle(results: Results) -> int:
             """Record what a task found; returns the entries it saw."""
@@ -338,15 +348,22 @@ class Scanner:
             async with send:
                 await work(in_thread, False)
 
+        async def diff_all() -> None:
+            async with receive, send_diff:
+                async for listings, unchanged in receive:
+                    diff = await inventory.diff_listings(origin, host, listings) \
+                        if listings else None
+                    await send_diff.send((diff, unchanged))
+
         async with anyio.create_task_group() as walkers:
             walkers.start_soon(walk_all)
-            async with receive:
-                async for listings, unchanged in receive:
+            walkers.start_soon(diff_all)
+            async with receive_diff:
+                async for diff, unchanged in receive_diff:
                     delta += ScanDelta(unchanged=unchanged)
-                    if not listings:
-                        continue
-                    delta += await record_batch(inventory, self.origin, self._replicas,
-                                                listings, now, self._feed)
+                    if diff is not None:
+                        delta += await record_diff(inventory, self._replicas, diff, now,
+                                                   self._feed)
         deleted = await self._inventory.mark_missing_dirs(
             self.origin.name, self.origin.host, walk.visited, now, walk.unreadable
         )

@@ -1034,7 +1034,7 @@ async def test_a_copy_claimed_before_the_scan_saw_its_change_is_copied_in_the_ru
     write(origin / "a.dat", b"version 2, longer")
     backdate(origin, OLD + 10)
     claimed = anyio.Event()
-    claim, apply_listings = Inventory.claim, Inventory.apply_listings
+    claim, diff_listings = Inventory.claim, Inventory.diff_listings
 
     async def noting_claim(inventory: Inventory, *args: Any, **kwargs: Any) -> Any:
         result = await claim(inventory, *args, **kwargs)
@@ -1044,10 +1044,10 @@ async def test_a_copy_claimed_before_the_scan_saw_its_change_is_copied_in_the_ru
     async def after_the_claim(inventory: Inventory, *args: Any, **kwargs: Any) -> Any:
         with anyio.fail_after(10):
             await claimed.wait()
-        return await apply_listings(inventory, *args, **kwargs)
+        return await diff_listings(inventory, *args, **kwargs)
 
     monkeypatch.setattr(Inventory, "claim", noting_claim)
-    monkeypatch.setattr(Inventory, "apply_listings", after_the_claim)
+    monkeypatch.setattr(Inventory, "diff_listings", after_the_claim)
     async with Replicator(config) as rep:
         summary = await rep.sync_once()
     assert (summary.copied, summary.pending, summary.exit_code) == (1, 0, 0)

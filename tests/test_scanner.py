@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Collection, Sequence
 from contextlib import closing
@@ -38,20 +39,41 @@ def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 
 
 class Counting:
-    """Counts the tasks helper processes ran (the real ones, through their pipes)."""
+    """Counts the tasks helper processes ran (the real ones, through their pipes).
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    ``gate``: the scan's thread lists its first task, then waits until helpers finished
+    three (ten seconds at most): on a busy machine it could list the whole tree before they
+    started."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, gate: bool = False) -> None:
         self.tasks = 0
         self.kill_at: int | None = None
+        finished = 0
+        three = threading.Event()
         original = scanner_module._Helper.run
 
         async def run(helper: Any, task: Any) -> Any:
+            nonlocal finished
             self.tasks += 1
             if self.tasks == self.kill_at:
                 helper._process.kill()  # the helper dies with this task in hand
-            return await original(helper, task)
+            result = await original(helper, task)
+            finished += 1
+            if finished >= 3:
+                three.set()
+            return result
 
         monkeypatch.setattr(scanner_module._Helper, "run", run)
+        if gate:
+            list_folders, listed = _walk.list_folders, [0]
+
+            def gated(task: Any, rules: Any) -> Any:
+                listed[0] += 1
+                if listed[0] > 1:
+                    three.wait(10)
+                return list_folders(task, rules)
+
+            monkeypatch.setattr(_walk, "list_folders", gated)
 
 
 def build(origin: Path) -> set[bytes]:
@@ -109,7 +131,7 @@ async def test_scan_rescan_and_changes(tmp_path: Path, mode: str,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     origin = tmp_path / "origin"
     expected = build(origin)
-    helpers = Counting(monkeypatch)
+    helpers = Counting(monkeypatch, gate=mode == "helpers")
     first = await scan(tmp_path, origin)
     assert (first.delta.new, first.delta.changed, first.delta.deleted) == (len(expected), 0, 0)
     assert recorded(tmp_path / "inventory.db") == on_disk(origin, expected)

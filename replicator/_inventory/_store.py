@@ -11,7 +11,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -24,9 +24,9 @@ from ._schema import migrate
 from ._types import (
     CopyState,
     DirListing,
-    Entry,
     FailedCopy,
     Kind,
+    ListingsDiff,
     NewFile,
     OriginStats,
     Outcome,
@@ -59,6 +59,63 @@ _NOT_RETRIED_THIS_RUN = (
 def _chunks(items: Sequence[_T], size: int) -> Iterable[Sequence[_T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _transaction(db: aiosqlite.Connection, work: Callable[[sqlite3.Connection], _T]) -> _T:
+    """``Inventory._write_in_thread``'s part in the connection's thread."""
+    conn: sqlite3.Connection = db._conn  # (aiosqlite's own, in its own thread)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _next_file_id(conn: sqlite3.Connection) -> int:
+    """The id the next file inserted gets, while there are ids left above the largest
+    (SQLite then picks free ones at random; this is then past the largest id)."""
+    row = conn.execute("SELECT COALESCE(MAX(id), 0) FROM files").fetchone()
+    return int(row[0]) + 1
+
+
+def _reopen_copies(conn: sqlite3.Connection, file_ids: Sequence[int],
+                   replicas: Sequence[str]) -> None:
+    """Make the copies of changed files pending again, with a fresh attempt budget.
+
+    A copy being transferred is left alone: its result is checked against the new
+    version when it arrives. Ignored copies stay ignored. A replica that already holds
+    this exact version (a file that came back) stays replicated.
+    """
+    conn.executemany(
+        "UPDATE copies SET state = 'pending', attempts = 0, next_attempt = 0,"
+        " error_class = NULL, error = NULL,"
+        " src_mtime_ns = (SELECT mtime_ns FROM files WHERE id = copies.file_id)"
+        " WHERE file_id = ? AND state NOT IN ('copying', 'ignored')"
+        " AND NOT (state = 'replicated' AND (size, mtime_ns) IS"
+        " (SELECT size, mtime_ns FROM files WHERE id = copies.file_id))",
+        [(file_id,) for file_id in file_ids],
+    )
+    for replica in replicas:
+        conn.executemany(
+            "INSERT OR IGNORE INTO copies (replica, file_id, state, src_mtime_ns)"
+            " SELECT ?, id, 'pending', mtime_ns FROM files WHERE id = ?",
+            [(replica, file_id) for file_id in file_ids],
+        )
+
+
+def _mark_deleted(conn: sqlite3.Connection, file_ids: Sequence[int], now: float) -> None:
+    for chunk in _chunks(file_ids, _MAX_PARAMS):
+        marks = ",".join("?" * len(chunk))
+        conn.execute(f"UPDATE files SET deleted = ? WHERE id IN ({marks})", (now, *chunk))
+        # Dropped, not failed: there is nothing left to copy. Copies already made stay.
+        conn.execute(
+            f"DELETE FROM copies WHERE file_id IN ({marks}) AND state IN ('pending', 'failed')",
+            tuple(chunk),
+        )
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
@@ -147,6 +204,21 @@ class Inventory:
                     if self._db.in_transaction:
                         await self._db.execute("ROLLBACK")
                 raise
+
+    async def _write_in_thread(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """One short write transaction whose statements ``work`` runs in the connection's
+        thread: one hand-off from the event loop and back, where a statement awaited on
+        its own costs a hand-off each (BEGIN and COMMIT too). While the loop is busy with a
+        run's copies, a hand-off waits milliseconds for it, and a scan batch's transaction
+        made eleven. Cancellation waits for the transaction's end: once handed over it
+        commits, or rolls back if ``work`` raised."""
+        # aiosqlite runs callables in its thread with ``_execute`` (no public name); every
+        # inventory test goes through here.
+        execute: Callable[..., Awaitable[_T]] = self._db._execute
+        async with self._lock:
+            with anyio.CancelScope(shield=True):
+                result = await execute(_transaction, self._db, work)
+        return result
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         async with self._reader.execute(sql, params) as cursor:
@@ -276,24 +348,35 @@ class Inventory:
         they are recorded, the new files returned, so that the engine need not read them
         back with ``claim``. Only for replicas whose claims record no destination. The list
         is empty when nothing was claimed.
+
+        ``diff_listings`` then ``record_diff``: a scan diffs its next batch while this one
+        is recorded.
         """
+        diff = await self.diff_listings(origin, host, listings)
+        return await self.record_diff(diff, replicas, now, claim_for)
+
+    async def diff_listings(self, origin: str, host: str, listings: Sequence[DirListing]
+                            ) -> ListingsDiff:
+        """The first half of ``apply_listings``: the batch's changes, read, not written.
+
+        Nothing of these folders may be recorded between this diff and its ``record_diff``
+        but by that call: a scan's batches hold different folders, so a scan may diff a
+        batch while it records the one before."""
+        diff = ListingsDiff(origin, host)
         if not listings:
-            return ScanDelta(), []
+            return diff
         recorded = await self.fingerprints(
             origin, host, [lst.dir for lst in listings if lst.fingerprint])
-        same = [lst for lst in listings
-                if lst.fingerprint is not None and recorded.get(lst.dir) == lst.fingerprint]
+        diff.same = [lst.dir for lst in listings
+                     if lst.fingerprint is not None and recorded.get(lst.dir) == lst.fingerprint]
+        diff.skipped = sum(len(lst.entries) for lst in listings
+                           if lst.fingerprint is not None
+                           and recorded.get(lst.dir) == lst.fingerprint)
         listings = [lst for lst in listings
                     if lst.fingerprint is None or recorded.get(lst.dir) != lst.fingerprint]
-        if same:
-            async with self._write() as db:
-                await db.executemany(
-                    "UPDATE dirs SET last_seen = ? WHERE origin = ? AND host = ? AND dir = ?",
-                    [(now, origin, host, lst.dir) for lst in same],
-                )
-        skipped = sum(len(lst.entries) for lst in same)
         if not listings:
-            return ScanDelta(unchanged=skipped), []
+            return diff
+        diff.listings = listings
         dirs = [listing.dir for listing in listings]
         known: dict[bytes, dict[bytes, tuple[int, int, int, int, int, float | None]]] = {
             d: {} for d in dirs
@@ -308,11 +391,9 @@ class Inventory:
             for d, n, file_id, kind, size, mtime_ns, mode, deleted in rows:
                 known[d][n] = (file_id, kind, size, mtime_ns, mode, deleted)
 
-        inserts: list[tuple[Any, ...]] = []
-        inserted: list[tuple[bytes, Entry]] = []
-        updates: list[tuple[Any, ...]] = []
-        seen_ids: list[int] = []
-        gone_ids: list[int] = []
+        # Inserts lack their last two columns (first_seen, last_seen): the recording's time.
+        inserts, inserted = diff.inserts, diff.inserted
+        updates, seen_ids, gone_ids = diff.updates, diff.seen_ids, diff.gone_ids
         unchanged = 0
         for listing in listings:
             present: set[bytes] = set(listing.unsettled)
@@ -323,7 +404,7 @@ class Inventory:
                 if row is None:
                     inserts.append(
                         (origin, host, listing.dir, entry.name, int(entry.kind), entry.size,
-                         entry.mtime_ns, entry.mode, entry.target, now, now)
+                         entry.mtime_ns, entry.mode, entry.target)
                     )
                     inserted.append((listing.dir, entry))
                     continue
@@ -340,40 +421,62 @@ class Inventory:
                 else:
                     updates.append(
                         (int(entry.kind), entry.size, entry.mtime_ns, entry.mode, entry.target,
-                         now, file_id)
+                         file_id)
                     )
             if listing.complete:
                 gone_ids += [row[0] for n, row in in_dir.items()
                              if n not in present and row[5] is None]
+        diff.unchanged = unchanged
+        return diff
 
-        claimed: list[NewFile] = []
-        async with self._write() as db:
+    async def record_diff(self, diff: ListingsDiff, replicas: Sequence[str], now: float,
+                          claim_for: Collection[str] = ()) -> tuple[ScanDelta, list[NewFile]]:
+        """The second half of ``apply_listings``: record what ``diff_listings`` found, in
+        one transaction."""
+        origin, host = diff.origin, diff.host
+        inserts = [(*row, now, now) for row in diff.inserts]
+        inserted, listings = diff.inserted, diff.listings
+        updates = [(*row[:5], now, row[5]) for row in diff.updates]
+        seen_ids, gone_ids = diff.seen_ids, diff.gone_ids
+        delta = ScanDelta(len(inserts), len(updates), len(gone_ids),
+                          diff.unchanged + diff.skipped)
+        if not diff.same and not listings:
+            return delta, []
+        same = diff.same
+
+        def record(conn: sqlite3.Connection) -> int | None:
+            """The transaction; the id of the first file inserted if the inserts got the
+            ids after it, in order."""
+            first: int | None = None
+            if same:
+                conn.executemany(
+                    "UPDATE dirs SET last_seen = ? WHERE origin = ? AND host = ? AND dir = ?",
+                    [(now, origin, host, d) for d in same],
+                )
             if inserts:
-                first = await self._next_file_id(db)
-                await db.executemany(
+                first = _next_file_id(conn)
+                conn.executemany(
                     "INSERT INTO files (origin, host, dir, name, kind, size, mtime_ns, mode,"
                     " target, first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     inserts,
                 )
                 # This transaction alone writes: the rows from ``first`` on are these inserts,
                 # in order, unless SQLite ran out of ids at the top and picked free ones.
-                if await self._next_file_id(db) == first + len(inserts):
+                if _next_file_id(conn) == first + len(inserts):
                     for replica in replicas:
                         state = "copying" if replica in claim_for else "pending"
-                        await db.execute(
+                        conn.execute(
                             "INSERT OR IGNORE INTO copies (replica, file_id, state,"
                             " src_mtime_ns) SELECT ?, id, ?, mtime_ns FROM files WHERE id >= ?",
                             (replica, state, first),
                         )
-                    if any(replica in claim_for for replica in replicas):
-                        claimed = [NewFile(first + i, folder, entry)
-                                   for i, (folder, entry) in enumerate(inserted)]
                 else:
+                    first = None
                     # The files of these folders first seen at ``now`` (one seen at ``now`` by
                     # an earlier batch of this scan has its copies already: ignored).
                     new_dirs = list(dict.fromkeys(row[2] for row in inserts))
                     for replica in replicas:
-                        await db.executemany(
+                        conn.executemany(
                             "INSERT OR IGNORE INTO copies (replica, file_id, state,"
                             " src_mtime_ns) SELECT ?, id, 'pending', mtime_ns FROM files"
                             " WHERE origin = ? AND host = ? AND dir = ? AND first_seen = ?"
@@ -381,76 +484,34 @@ class Inventory:
                             [(replica, origin, host, d, now) for d in new_dirs],
                         )
             if updates:
-                await db.executemany(
+                conn.executemany(
                     "UPDATE files SET kind = ?, size = ?, mtime_ns = ?, mode = ?, target = ?,"
                     " last_seen = ?, deleted = NULL WHERE id = ?",
                     updates,
                 )
-                await self._reopen_copies(db, [row[-1] for row in updates], replicas)
+                _reopen_copies(conn, [row[-1] for row in updates], replicas)
             for ids in _chunks(seen_ids, _MAX_PARAMS):
                 marks = ",".join("?" * len(ids))
-                await db.execute(
-                    f"UPDATE files SET last_seen = ? WHERE id IN ({marks})", (now, *ids)
-                )
+                conn.execute(f"UPDATE files SET last_seen = ? WHERE id IN ({marks})",
+                             (now, *ids))
             if gone_ids:
-                await self._mark_deleted(db, gone_ids, now)
+                _mark_deleted(conn, gone_ids, now)
             # The rows of these folders now match their listings: record the digests.
-            await db.executemany(
-                "INSERT INTO dirs (origin, host, dir, fingerprint, last_seen)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (origin, host, dir) DO UPDATE SET"
-                " fingerprint = excluded.fingerprint, last_seen = excluded.last_seen",
-                [(origin, host, lst.dir, lst.fingerprint, now) for lst in listings],
-            )
-        return ScanDelta(len(inserts), len(updates), len(gone_ids), unchanged + skipped), claimed
+            if listings:
+                conn.executemany(
+                    "INSERT INTO dirs (origin, host, dir, fingerprint, last_seen)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (origin, host, dir) DO UPDATE SET"
+                    " fingerprint = excluded.fingerprint, last_seen = excluded.last_seen",
+                    [(origin, host, lst.dir, lst.fingerprint, now) for lst in listings],
+                )
+            return first
 
-    @staticmethod
-    async def _next_file_id(db: aiosqlite.Connection) -> int:
-        """The id the next file inserted gets, while there are ids left above the largest
-        (SQLite then picks free ones at random; this is then past the largest id)."""
-        async with db.execute("SELECT COALESCE(MAX(id), 0) FROM files") as cursor:
-            row = await cursor.fetchone()
-        assert row is not None
-        return int(row[0]) + 1
-
-    async def _reopen_copies(
-        self, db: aiosqlite.Connection, file_ids: Sequence[int], replicas: Sequence[str]
-    ) -> None:
-        """Make the copies of changed files pending again, with a fresh attempt budget.
-
-        A copy being transferred is left alone: its result is checked against the new
-        version when it arrives. Ignored copies stay ignored. A replica that already holds
-        this exact version (a file that came back) stays replicated.
-        """
-        await db.executemany(
-            "UPDATE copies SET state = 'pending', attempts = 0, next_attempt = 0,"
-            " error_class = NULL, error = NULL,"
-            " src_mtime_ns = (SELECT mtime_ns FROM files WHERE id = copies.file_id)"
-            " WHERE file_id = ? AND state NOT IN ('copying', 'ignored')"
-            " AND NOT (state = 'replicated' AND (size, mtime_ns) IS"
-            " (SELECT size, mtime_ns FROM files WHERE id = copies.file_id))",
-            [(file_id,) for file_id in file_ids],
-        )
-        for replica in replicas:
-            await db.executemany(
-                "INSERT OR IGNORE INTO copies (replica, file_id, state, src_mtime_ns)"
-                " SELECT ?, id, 'pending', mtime_ns FROM files WHERE id = ?",
-                [(replica, file_id) for file_id in file_ids],
-            )
-
-    async def _mark_deleted(
-        self, db: aiosqlite.Connection, file_ids: Sequence[int], now: float
-    ) -> None:
-        for chunk in _chunks(file_ids, _MAX_PARAMS):
-            marks = ",".join("?" * len(chunk))
-            await db.execute(
-                f"UPDATE files SET deleted = ? WHERE id IN ({marks})", (now, *chunk)
-            )
-            # Dropped, not failed: there is nothing left to copy. Copies already made stay.
-            await db.execute(
-                f"DELETE FROM copies WHERE file_id IN ({marks})"
-                " AND state IN ('pending', 'failed')",
-                tuple(chunk),
-            )
+        first = await self._write_in_thread(record)
+        claimed: list[NewFile] = []
+        if first is not None and any(replica in claim_for for replica in replicas):
+            claimed = [NewFile(first + i, folder, entry)
+                       for i, (folder, entry) in enumerate(inserted)]
+        return delta, claimed
 
     async def mark_missing_dirs(
         self,
@@ -490,13 +551,14 @@ class Inventory:
             ]
             if not ids:
                 continue  # gone at an earlier scan
-            async with self._write() as db:
-                await self._mark_deleted(db, ids, now)
+            def mark(conn: sqlite3.Connection, ids: list[int] = ids,
+                     directory: bytes = directory) -> None:
+                _mark_deleted(conn, ids, now)
                 # Its rows changed outside a diff: the next listing of it is diffed in full.
-                await db.execute(
-                    "DELETE FROM dirs WHERE origin = ? AND host = ? AND dir = ?",
-                    (origin, host, directory),
-                )
+                conn.execute("DELETE FROM dirs WHERE origin = ? AND host = ? AND dir = ?",
+                             (origin, host, directory))
+
+            await self._write_in_thread(mark)
             total += len(ids)
         return total
 
@@ -656,12 +718,12 @@ class Inventory:
                     (str(state), o.next_attempt, o.error_class, o.error, o.replica, o.file_id)
                 )
         gone = [(o.replica, o.file_id) for o in outcomes if o.kind is not OutcomeKind.REPLICATED]
-        # Statements without rows are skipped: each is a hand-off to SQLite's thread.
-        async with self._write() as db:
+
+        def record(conn: sqlite3.Connection) -> None:
             # The copy holds the version read before the transfer; if the origin moved on in
             # the meantime, the copy is still recorded but stays pending for the new version.
             if replicated:
-                await db.executemany(
+                conn.executemany(
                     "UPDATE copies SET size = ?1, mtime_ns = ?2, replicated_at = ?3,"
                     " error_class = NULL, error = NULL, attempts = 0, next_attempt = 0,"
                     " state = CASE WHEN (SELECT size = ?1 AND mtime_ns = ?2 FROM files"
@@ -670,7 +732,7 @@ class Inventory:
                     replicated,
                 )
             if released:
-                await db.executemany(
+                conn.executemany(
                     "UPDATE copies SET state = 'pending', next_attempt = ?"
                     " WHERE replica = ? AND file_id = ? AND state = 'copying'",
                     released,
@@ -678,7 +740,7 @@ class Inventory:
             if changed:
                 # The source was not the version claimed (size, mtime). If a scan recorded
                 # another version since the claim, that one is settled: due at once.
-                await db.executemany(
+                conn.executemany(
                     "UPDATE copies SET state = 'pending', next_attempt = CASE WHEN"
                     " (SELECT size = ?1 AND mtime_ns = ?2 FROM files WHERE id = ?5)"
                     " THEN ?3 ELSE 0 END"
@@ -686,7 +748,7 @@ class Inventory:
                     changed,
                 )
             if errors:
-                await db.executemany(
+                conn.executemany(
                     "UPDATE copies SET state = ?, attempts = attempts + 1, next_attempt = ?,"
                     " error_class = ?, error = ? WHERE replica = ? AND file_id = ?"
                     " AND state = 'copying'",
@@ -694,12 +756,14 @@ class Inventory:
                 )
             if gone:
                 # The scanner found the file gone while it was in flight: drop, do not fail.
-                await db.executemany(
+                conn.executemany(
                     "DELETE FROM copies WHERE replica = ? AND file_id = ?"
                     " AND state IN ('pending', 'failed')"
                     " AND file_id IN (SELECT id FROM files WHERE deleted IS NOT NULL)",
                     gone,
                 )
+
+        await self._write_in_thread(record)
 
     async def release_all(self, replicas: Sequence[str]) -> int:
         """Every ``copying`` copy of these replicas back to pending, at the end of a run.

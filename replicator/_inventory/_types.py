@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class Kind(IntEnum):
@@ -67,6 +67,28 @@ class ScanDelta:
             self.deleted + other.deleted,
             self.unchanged + other.unchanged,
         )
+
+
+@dataclass(slots=True)
+class ListingsDiff:
+    """What a batch of folder listings changes in the inventory (``Inventory.diff_listings``),
+    to be recorded by ``Inventory.record_diff``. Filled once by the diff, then only read."""
+
+    origin: str
+    host: str
+    # Folders whose digest is the recorded one, and how many entries they hold.
+    same: list[bytes] = field(default_factory=list)
+    skipped: int = 0
+    listings: list[DirListing] = field(default_factory=list)  # the others: diffed
+    # Rows of new files without their times (origin, host, dir, name, kind, size, mtime_ns,
+    # mode, target), and each one's folder and entry.
+    inserts: list[tuple[Any, ...]] = field(default_factory=list)
+    inserted: list[tuple[bytes, Entry]] = field(default_factory=list)
+    # Changed files: (kind, size, mtime_ns, mode, target, id).
+    updates: list[tuple[Any, ...]] = field(default_factory=list)
+    seen_ids: list[int] = field(default_factory=list)  # unchanged files
+    gone_ids: list[int] = field(default_factory=list)  # missing from complete listings
+    unchanged: int = 0
 
 
 class NewFile(NamedTuple):
