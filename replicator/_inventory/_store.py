@@ -221,8 +221,8 @@ class Inventory:
         return result
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        async with self._reader.execute(sql, params) as cursor:
-            return list(await cursor.fetchall())
+        # One hand-off to the reader's thread (a cursor's execute, fetch and close are three).
+        return list(await self._reader.execute_fetchall(sql, params))
 
     # -- runs ---------------------------------------------------------------------------
 
