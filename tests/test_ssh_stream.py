@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
@@ -39,7 +40,7 @@ from test_transport_conformance import request_for
 
 from replicator import load_config
 from replicator._errors import ReplicaUnavailableError
-from replicator.transports import MARKER, Progress, PutStatus, _receiver, _spares
+from replicator.transports import MARKER, Progress, PutStatus, _receiver, _spares, _ssh_options
 from replicator.transports import _ssh as ssh_transport
 from replicator.transports._ssh import SshTransport
 from replicator.transports._ssh_carriers import Carrier, OpensshCarrier, StreamLost
@@ -124,10 +125,37 @@ async def test_a_host_without_python3_falls_back_to_sftp(tmp_path: Path, carrier
         assert found is not None
         os.symlink(found, bin_dir / tool)
     monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(_ssh_options, "SYSTEM_PYTHONS", (str(tmp_path / "no-python3"),))
     logs = await _sync_through_a_shell(tmp_path, carrier)
     warnings = [e for e in logs if "did not start" in e["event"]]
     assert len(warnings) == 1
     assert "SFTP" in warnings[0]["event"]
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+async def test_the_receiver_runs_with_the_hosts_own_python3_first(
+        tmp_path: Path, carrier: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first of ``SYSTEM_PYTHONS`` the host has runs the receiver, not the PATH's
+    python3 (which may be a version manager's slow shim); none of them: the PATH's."""
+    runs = tmp_path / "runs"
+    system = tmp_path / "bin" / "system-python3"
+    system.parent.mkdir()
+    system.write_text(f'#!/bin/sh\necho system >> "{runs}"\nexec "{sys.executable}" "$@"\n')
+    system.chmod(0o755)
+    on_path = tmp_path / "path" / "python3"
+    on_path.parent.mkdir()
+    on_path.write_text(f'#!/bin/sh\necho path >> "{runs}"\nexec "{sys.executable}" "$@"\n')
+    on_path.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{on_path.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(_ssh_options, "SYSTEM_PYTHONS",
+                        (str(tmp_path / "no-python3"), str(system)))
+    logs = await _sync_through_a_shell(tmp_path / "first", carrier)
+    assert not [e for e in logs if "did not start" in e["event"]]
+    assert set(runs.read_text().split()) == {"system"}
+    runs.unlink()
+    monkeypatch.setattr(_ssh_options, "SYSTEM_PYTHONS", (str(tmp_path / "no-python3"),))
+    await _sync_through_a_shell(tmp_path / "then", carrier)
+    assert set(runs.read_text().split()) == {"path"}
 
 
 async def test_spare_sessions_go_by_their_exact_command_and_the_rest_are_killed() -> None:

@@ -133,6 +133,13 @@ def _openssh_version() -> tuple[int, int] | None:
     return None if found is None else (int(found[1]), int(found[2]))
 
 
+# The receiver's interpreter: the first of these that the host has, else the first python3
+# on the PATH. The receiver needs the standard library of Python 3.6 or later only, which any
+# of them has; a host's own interpreter starts at once, where the PATH's python3 may be a
+# version manager's shim (pyenv's costs about 70 ms of CPU and of waiting per session).
+SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
+
+
 def receiver_command(root: bytes) -> str:
     """One shell line: python3 reads the receiver's source from stdin, then serves."""
     # Read exactly the source from the descriptor (a buffered read could take frames that
@@ -141,9 +148,17 @@ def receiver_command(root: bytes) -> str:
     loader = ("import os;r=lambda n:(lambda d:d+r(n-len(d)) if 0<len(d)<n else d)"
               f"(os.read(0,n));exec(compile(r({len(RECEIVER_SOURCE)}),"
               '"replicator-receiver","exec"))')
+    args = f"{shlex.quote(loader)} {shlex.quote(os.fsdecode(root))}"
     # -I -S: the standard library only, none of the host's site-packages, .pth files or
     # PYTHON* variables (a start about 20 ms shorter, and none of them can break it).
-    return f"exec python3 -I -S -c {shlex.quote(loader)} {shlex.quote(os.fsdecode(root))}"
+    if not SYSTEM_PYTHONS:
+        return f"exec python3 -I -S -c {args}"
+    # The choice is made by sh whatever the login shell (csh and fish have no such loop):
+    # the loader and the root are its $0 and $1.
+    run = 'exec "$p" -I -S -c "$0" "$1"'
+    script = (f"for p in {' '.join(SYSTEM_PYTHONS)}; do if [ -x \"$p\" ]; then {run}; fi; "
+              f"done; p=python3; {run}")
+    return f"exec sh -c {shlex.quote(script)} {args}"
 
 
 def session_argv(o: SshOptions, root: bytes) -> list[str]:
