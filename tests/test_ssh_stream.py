@@ -1012,3 +1012,59 @@ async def test_a_garbled_answer_to_the_check_falls_back_to_sftp(
         assert await transport.read_marker() is None
         assert transport._live == 0  # both sessions dropped
         assert transport._pool is not None  # SFTP answered
+
+
+async def test_a_batch_is_sent_while_the_report_before_it_is_awaited(tmp_path: Path) -> None:
+    """A session carries the next batch's files once the batch before asked for its sync;
+    each report holds its own batch's files, read in the order asked, whoever asks first.
+    A report given up (cancelled while it waits its turn) closes the session: no report
+    can take another's line, and none waits for a turn that never comes.
+    The receiver runs in a local shell, through the OpenSSH carrier's pipes."""
+    from replicator.transports._ssh_options import receiver_command
+    from replicator.transports._ssh_stream import whole_header
+
+    root = tmp_path / "replica"
+    root.mkdir()
+
+    def batch(seqs: range) -> bytes:
+        return b"".join(whole_header(seq, 0o644, 1_600_000_000_000_000_000 + seq,
+                                     b"f%d" % seq, b".~rep-1-%d.tmp" % seq, seq) + b"x" * seq
+                        for seq in seqs)
+
+    carrier = await OpensshCarrier.open(["sh", "-c", receiver_command(os.fsencode(root))], 10)
+    session = await StreamSession.start(carrier)
+    try:
+        await session.send(batch(range(1, 4)))
+        first = await session.request_sync()
+        await session.send(batch(range(4, 6)))
+        second = await session.request_sync()
+        assert session.pending == 2
+        reports: dict[int, list[list[object]]] = {}
+
+        async def report(ticket: int) -> None:
+            reports[ticket] = await session.report(ticket, Progress())
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(report, second)  # asks first, reads second
+                await anyio.sleep(0.05)
+                tg.start_soon(report, first)
+        assert sorted(int(str(entry[0])) for entry in reports[first]) == [1, 2, 3]
+        assert sorted(int(str(entry[0])) for entry in reports[second]) == [4, 5]
+        assert session.pending == 0
+        assert sorted(p.name for p in root.iterdir()) == [f"f{i}" for i in range(1, 6)]
+
+        await session.send(batch(range(6, 7)))
+        third = await session.request_sync()
+        await session.send(batch(range(7, 8)))
+        fourth = await session.request_sync()
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(report, fourth)  # waits for the third's turn ...
+                await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()  # ... and gives up
+        assert session.broken
+        with anyio.fail_after(10), pytest.raises(StreamLost):
+            await session.report(third, Progress())
+    finally:
+        session.close()

@@ -421,7 +421,7 @@ class SshTransport:
         before the reason."""
         if not self._carriers:
             return None
-        session = self._idle_session()
+        session = self._idle_session(quiet=True)
         if session is None and not self._streamed:
             try:
                 session = await self._session()
@@ -710,9 +710,15 @@ class SshTransport:
         self._session_back.set()
         self._session_back = anyio.Event()
 
-    def _idle_session(self) -> StreamSession | None:
+    def _idle_session(self, quiet: bool = False) -> StreamSession | None:
+        """A kept session: the one with the fewest reports still to come (it sends at once),
+        the last kept of those. ``quiet``: only one with none (a question's answer must be
+        the next line it reads)."""
         while self._sessions:
-            session = self._sessions.pop()
+            session = min(reversed(self._sessions), key=lambda s: s.pending)
+            if quiet and session.pending:
+                return None
+            self._sessions.remove(session)
             if not session.broken:
                 return session
             self._drop(session)
@@ -894,8 +900,12 @@ class SshTransport:
                                 session, src, run_id, progress)
                     progress.add(len(frames), files=len(group))
             synced = time.monotonic()
-            reply = await session.sync(progress)
+            ticket = await session.request_sync()
+            # The next batch may send its files while this one's flush and report come: the
+            # receiver reads them once it reported this one, and no time is lost between.
             reusable = True
+            self._keep(session)
+            reply = await session.report(ticket, progress)
             self._log.debug("batch lane done", files=len(sent),
                             sync_seconds=round(time.monotonic() - synced, 3))
         except StreamLost as exc:
@@ -907,9 +917,7 @@ class SshTransport:
                     src.request, PutStatus.ERROR, error=error)
             return
         finally:
-            if reusable:
-                self._keep(session)
-            else:
+            if not reusable:
                 self._drop(session)
         by_index = {src.index: src for src in sent}
         for entry in reply:

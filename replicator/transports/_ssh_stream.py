@@ -17,6 +17,8 @@ import struct
 import time
 from typing import Any
 
+import anyio
+
 from .._errors import ErrorClass, FileError
 from ._base import Progress
 from ._errors import file_error
@@ -69,6 +71,16 @@ class StreamSession:
     def __init__(self, carrier: Carrier) -> None:
         self.carrier = carrier
         self.rtt = 0.0  # seconds for a frame to the receiver and its answer back
+        # Syncs asked for and reports read: a batch's files and sync may be sent while the
+        # report of the batch before is still to come (see ``request_sync``).
+        self._asked = 0
+        self._answered = 0
+        self._reported = anyio.Event()
+
+    @property
+    def pending(self) -> int:
+        """Syncs asked for whose reports were not read yet."""
+        return self._asked - self._answered
 
     @property
     def broken(self) -> bool:
@@ -109,20 +121,49 @@ class StreamSession:
         await self.carrier.write(data)
 
     async def sync(self, progress: Progress) -> list[list[object]]:
-        """Ask the receiver to flush, rename and report the files sent since the last sync.
+        """Ask the receiver to flush, rename and report the files sent since the last sync."""
+        return await self.report(await self.request_sync(), progress)
 
-        Until the receiver says it read everything, a silent peer is a stall; after that,
-        the wait is the far disk flushing (bounded by the operation timeout).
-        """
+    async def request_sync(self) -> int:
+        """Ask the receiver to flush, rename and report the files sent since the last sync;
+        the ticket for ``report``. Once asked, the session may carry the next batch's files
+        (the receiver reads them after this flush) while this report is awaited."""
         await self.carrier.write(b"S")
-        line = await self.carrier.readline()
-        if line == FLUSHING:
-            with progress.flushing():
+        self._asked += 1
+        return self._asked - 1
+
+    async def report(self, ticket: int, progress: Progress) -> list[list[object]]:
+        """The receiver's report for the sync ``ticket``, read after the reports before it.
+
+        While earlier reports are read, and once the receiver says it read everything, the
+        wait is the far disk flushing (bounded by the operation timeout); until then, a
+        silent peer is a stall.
+        """
+        try:
+            if self._answered != ticket:
+                with progress.flushing():
+                    while self._answered != ticket:
+                        if self.carrier.lost:
+                            raise StreamLost("the receiver stopped")
+                        await self._reported.wait()
+            try:
                 line = await self.carrier.readline()
-        if not line.endswith(b"\n") or line == FLUSHING:
+                if line == FLUSHING:
+                    with progress.flushing():
+                        line = await self.carrier.readline()
+                if not line.endswith(b"\n") or line == FLUSHING:
+                    raise StreamLost("the receiver stopped")
+                reply: list[list[object]] = json.loads(line)
+            finally:
+                self._answered += 1  # the next report's turn
+        except BaseException:
+            # A report left unread (cancelled, failed) would be taken for the next one's:
+            # the session is given up, and the reports waiting for their turn with it.
             self.carrier.close()
-            raise StreamLost("the receiver stopped")
-        reply: list[list[object]] = json.loads(line)
+            raise
+        finally:
+            self._reported.set()
+            self._reported = anyio.Event()
         return reply
 
     async def inspect(self, marker: bytes) -> list[Any]:
