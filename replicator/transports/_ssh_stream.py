@@ -135,17 +135,16 @@ class StreamSession:
     async def report(self, ticket: int, progress: Progress) -> list[list[object]]:
         """The receiver's report for the sync ``ticket``, read after the reports before it.
 
-        While earlier reports are read, and once the receiver says it read everything, the
-        wait is the far disk flushing (bounded by the operation timeout); until then, a
-        silent peer is a stall.
+        Once the receiver says it read everything, the wait is the far disk flushing
+        (bounded by the operation timeout); until then, a silent peer is a stall.
         """
         try:
-            if self._answered != ticket:
-                with progress.flushing():
-                    while self._answered != ticket:
-                        if self.carrier.lost:
-                            raise StreamLost("the receiver stopped")
-                        await self._reported.wait()
+            # Not a flush: the receiver may not have read the frames before ours yet. A
+            # batch on two lanes of one session shares its progress with the lane ahead.
+            while self._answered != ticket:
+                if self.carrier.lost:
+                    raise StreamLost("the receiver stopped")
+                await self._reported.wait()
             try:
                 line = await self.carrier.readline()
                 if line == FLUSHING:
