@@ -1,5 +1,6 @@
 """Garbage collector settings for the processes replicator runs itself: the command and its
-copy helpers (never a service that embeds the library: the collector is its owner's).
+copy helpers (never a service that embeds the library: the collector is its owner's). The
+SSH receiver, which runs alone on the far host, sets the same threshold itself.
 
 A run allocates a few container objects per file, nearly all acyclic and short-lived, plus
 queues of work that live until copied. With Python's default threshold (700) the collector

@@ -310,6 +310,28 @@ def test_missing_config_and_environment_variable(tmp_path: Path) -> None:
 # -- 3. sync, status, replicas, scan, dry run ---------------------------------------------------
 
 
+def test_the_command_and_its_copy_helpers_collect_garbage_less_often() -> None:
+    """``cli.run`` and the copy helper set the collector's threshold (``_gc_tuning``) before
+    their work; the library alone leaves it as its owner set it."""
+    from replicator import _gc_tuning
+
+    probe = ("import gc, sys; import replicator.cli as cli; "
+             "cli.main = lambda: print(gc.get_threshold()[0]) or 0; cli.run()")
+    command = subprocess.run([sys.executable, "-c", probe], env=cli_env(),
+                             capture_output=True, text=True, timeout=60)
+    assert command.stdout.strip() == str(_gc_tuning.YOUNGEST), command.stderr
+    library = subprocess.run(
+        [sys.executable, "-c", "import gc, replicator; print(gc.get_threshold()[0])"],
+        env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert library.stdout.strip() != str(_gc_tuning.YOUNGEST), library.stderr
+    helper = subprocess.run(
+        [sys.executable, "-c", "import gc, replicator.transports._copy_worker as w; "
+         "w._Server.run = lambda self, stdin: print(gc.get_threshold()[0], file=sys.stderr); "
+         "import sys; w.serve()"],
+        env=cli_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert helper.stderr.strip() == str(_gc_tuning.YOUNGEST), helper.stderr
+
+
 def test_the_command_exits_with_its_output_and_code(dirs: tuple[Path, Path],
                                                     tmp_path: Path) -> None:
     """The command leaves without the interpreter's teardown (``cli.run``): what it printed
