@@ -255,11 +255,9 @@ class Inventory:
         for name, url, origins in replicas:
             wanted = sorted(set(origins))
             async with self._write() as db:
-                async with db.execute(
-                    "SELECT origins FROM replicas WHERE name = ?", (name,)
-                ) as cursor:
-                    row = await cursor.fetchone()
-                known: set[str] = set(json.loads(row[0])) if row else set()
+                rows = list(await db.execute_fetchall(
+                    "SELECT origins FROM replicas WHERE name = ?", (name,)))
+                known: set[str] = set(json.loads(rows[0][0])) if rows else set()
                 await db.execute(
                     "INSERT INTO replicas (name, url, origins) VALUES (?, ?, ?)"
                     " ON CONFLICT (name) DO UPDATE SET url = excluded.url,"
@@ -589,14 +587,13 @@ class Inventory:
         claimed: list[Work] = []
         refused: list[tuple[Work, str]] = []
         async with self._write() as db:
-            async with db.execute(
+            rows = await db.execute_fetchall(  # one hand-off (a cursor's are three)
                 f"SELECT {_DUE_COLUMNS} FROM copies c JOIN files f ON f.id = c.file_id"
                 " WHERE c.replica = ?1 AND c.state = 'pending' AND c.next_attempt <= ?2"
                 f" AND {_NOT_RETRIED_THIS_RUN}"
                 " ORDER BY c.next_attempt, c.src_mtime_ns LIMIT ?3",
                 (replica, now, limit, run_started),
-            ) as cursor:
-                rows = await cursor.fetchall()
+            )
             # One Work per row, built once its destination is known.
             kinds = {int(k): k for k in Kind}
             for file_id, origin, host, folder, name, kind, size, mtime_ns, mode, target, \
@@ -646,12 +643,11 @@ class Inventory:
         owners: dict[bytes, int] = {}
         for chunk in _chunks(sorted({w.dest for w in claimed}), _MAX_PARAMS):
             marks = ",".join("?" * len(chunk))
-            async with db.execute(
+            for dest, file_id in await db.execute_fetchall(
                 f"SELECT dest, file_id FROM copies WHERE replica = ? AND dest IN ({marks})",
                 (replica, *chunk),
-            ) as cursor:
-                for dest, file_id in await cursor.fetchall():
-                    owners.setdefault(dest, file_id)
+            ):
+                owners.setdefault(dest, file_id)
         kept: list[Work] = []
         for work in claimed:
             owner = owners.setdefault(work.dest, work.file_id)
