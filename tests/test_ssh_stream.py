@@ -1041,13 +1041,16 @@ async def test_a_batch_is_sent_while_the_report_before_it_is_awaited(tmp_path: P
         assert session.pending == 2
         reports: dict[int, list[list[object]]] = {}
 
-        async def report(ticket: int) -> None:
-            reports[ticket] = await session.report(ticket, Progress())
+        async def report(ticket: int, progress: Progress | None = None) -> None:
+            reports[ticket] = await session.report(ticket, progress or Progress())
 
+        waiting = Progress()
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(report, second)  # asks first, reads second
-                await anyio.sleep(0.05)
+                tg.start_soon(report, second, waiting)  # asks first, reads second
+                await anyio.sleep(0.1)
+                # Waiting for another batch's report is waiting for the session: no stall.
+                assert waiting.idle_for() == 0.0
                 tg.start_soon(report, first)
         assert sorted(int(str(entry[0])) for entry in reports[first]) == [1, 2, 3]
         assert sorted(int(str(entry[0])) for entry in reports[second]) == [4, 5]

@@ -76,6 +76,7 @@ class StreamSession:
         self._asked = 0
         self._answered = 0
         self._reported = anyio.Event()
+        self._waiting: dict[int, Progress] = {}  # by ticket: whose report it is
 
     @property
     def pending(self) -> int:
@@ -138,13 +139,20 @@ class StreamSession:
         Once the receiver says it read everything, the wait is the far disk flushing
         (bounded by the operation timeout); until then, a silent peer is a stall.
         """
+        self._waiting[ticket] = progress
         try:
-            # Not a flush: the receiver may not have read the frames before ours yet. A
-            # batch on two lanes of one session shares its progress with the lane ahead.
             while self._answered != ticket:
                 if self.carrier.lost:
                     raise StreamLost("the receiver stopped")
-                await self._reported.wait()
+                if self._waiting.get(self._answered) is progress:
+                    # The lane ahead is this batch's other lane (they share the progress):
+                    # its silence is this batch's stall.
+                    await self._reported.wait()
+                else:
+                    # Another batch's report comes first: waiting for the session, which
+                    # is not a stall (as waiting for a free session is not).
+                    with progress.flushing():
+                        await self._reported.wait()
             try:
                 line = await self.carrier.readline()
                 if line == FLUSHING:
@@ -161,6 +169,7 @@ class StreamSession:
             self.carrier.close()
             raise
         finally:
+            del self._waiting[ticket]
             self._reported.set()
             self._reported = anyio.Event()
         return reply
