@@ -84,15 +84,15 @@ async def record_batch(inventory: Inventory, origin: OriginConfig, replicas: Seq
                        listings: Sequence[DirListing], now: float,
                        feed: ScanFeed | None) -> ScanDelta:
     """Record a batch of listings, tell ``feed``; the batch's delta."""
-    diff = await inventory.diff_listings(origin.name, origin.host, listings)
-    return await record_diff(inventory, replicas, diff, now, feed)
+    diff = await inventory.diff_listings(origin.name, origin.host, listings, now)
+    return await record_diff(inventory, replicas, diff, feed)
 
 
 async def record_diff(inventory: Inventory, replicas: Sequence[str], diff: ListingsDiff,
-                      now: float, feed: ScanFeed | None) -> ScanDelta:
+                      feed: ScanFeed | None) -> ScanDelta:
     """``record_batch`` once the batch was diffed."""
     takers = feed.takers(len(diff.inserts)) if feed is not None else ()
-    delta, claimed = await inventory.record_diff(diff, replicas, now, takers)
+    delta, claimed = await inventory.record_diff(diff, replicas, takers)
     if feed is not None and (delta.new or delta.changed):
         feed.recorded(delta, takers, claimed)
     return delta
@@ -351,7 +351,7 @@ class Scanner:
         async def diff_all() -> None:
             async with receive, send_diff:
                 async for listings, unchanged in receive:
-                    diff = await inventory.diff_listings(origin, host, listings) \
+                    diff = await inventory.diff_listings(origin, host, listings, now) \
                         if listings else None
                     await send_diff.send((diff, unchanged))
 
@@ -362,7 +362,7 @@ class Scanner:
                 async for diff, unchanged in receive_diff:
                     delta += ScanDelta(unchanged=unchanged)
                     if diff is not None:
-                        delta += await record_diff(inventory, self._replicas, diff, now,
+                        delta += await record_diff(inventory, self._replicas, diff,
                                                    self._feed)
         deleted = await self._inventory.mark_missing_dirs(
             self.origin.name, self.origin.host, walk.visited, now, walk.unreadable

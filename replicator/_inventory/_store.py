@@ -350,31 +350,31 @@ class Inventory:
         ``diff_listings`` then ``record_diff``: a scan diffs its next batch while this one
         is recorded.
         """
-        diff = await self.diff_listings(origin, host, listings)
-        return await self.record_diff(diff, replicas, now, claim_for)
+        diff = await self.diff_listings(origin, host, listings, now)
+        return await self.record_diff(diff, replicas, claim_for)
 
-    async def diff_listings(self, origin: str, host: str, listings: Sequence[DirListing]
-                            ) -> ListingsDiff:
-        """The first half of ``apply_listings``: the batch's changes, read, not written.
+    async def diff_listings(self, origin: str, host: str, listings: Sequence[DirListing],
+                            now: float) -> ListingsDiff:
+        """The first half of ``apply_listings``: the batch's changes, read, not written;
+        ``now`` is the time they are recorded at.
 
         Nothing of these folders may be recorded between this diff and its ``record_diff``
         but by that call: a scan's batches hold different folders, so a scan may diff a
         batch while it records the one before."""
-        diff = ListingsDiff(origin, host)
+        diff = ListingsDiff(origin, host, now)
         if not listings:
             return diff
         recorded = await self.fingerprints(
             origin, host, [lst.dir for lst in listings if lst.fingerprint])
-        diff.same = [lst.dir for lst in listings
-                     if lst.fingerprint is not None and recorded.get(lst.dir) == lst.fingerprint]
-        diff.skipped = sum(len(lst.entries) for lst in listings
-                           if lst.fingerprint is not None
-                           and recorded.get(lst.dir) == lst.fingerprint)
-        listings = [lst for lst in listings
-                    if lst.fingerprint is None or recorded.get(lst.dir) != lst.fingerprint]
+        for lst in listings:
+            if lst.fingerprint is not None and recorded.get(lst.dir) == lst.fingerprint:
+                diff.same.append(lst.dir)
+                diff.skipped += len(lst.entries)
+            else:
+                diff.listings.append(lst)
+        listings = diff.listings
         if not listings:
             return diff
-        diff.listings = listings
         dirs = [listing.dir for listing in listings]
         known: dict[bytes, dict[bytes, tuple[int, int, int, int, int, float | None]]] = {
             d: {} for d in dirs
@@ -389,7 +389,6 @@ class Inventory:
             for d, n, file_id, kind, size, mtime_ns, mode, deleted in rows:
                 known[d][n] = (file_id, kind, size, mtime_ns, mode, deleted)
 
-        # Inserts lack their last two columns (first_seen, last_seen): the recording's time.
         inserts, inserted = diff.inserts, diff.inserted
         updates, seen_ids, gone_ids = diff.updates, diff.seen_ids, diff.gone_ids
         unchanged = 0
@@ -402,7 +401,7 @@ class Inventory:
                 if row is None:
                     inserts.append(
                         (origin, host, listing.dir, entry.name, int(entry.kind), entry.size,
-                         entry.mtime_ns, entry.mode, entry.target)
+                         entry.mtime_ns, entry.mode, entry.target, now, now)
                     )
                     inserted.append((listing.dir, entry))
                     continue
@@ -419,7 +418,7 @@ class Inventory:
                 else:
                     updates.append(
                         (int(entry.kind), entry.size, entry.mtime_ns, entry.mode, entry.target,
-                         file_id)
+                         now, file_id)
                     )
             if listing.complete:
                 gone_ids += [row[0] for n, row in in_dir.items()
@@ -427,15 +426,13 @@ class Inventory:
         diff.unchanged = unchanged
         return diff
 
-    async def record_diff(self, diff: ListingsDiff, replicas: Sequence[str], now: float,
+    async def record_diff(self, diff: ListingsDiff, replicas: Sequence[str],
                           claim_for: Collection[str] = ()) -> tuple[ScanDelta, list[NewFile]]:
         """The second half of ``apply_listings``: record what ``diff_listings`` found, in
         one transaction."""
-        origin, host = diff.origin, diff.host
-        inserts = [(*row, now, now) for row in diff.inserts]
-        inserted, listings = diff.inserted, diff.listings
-        updates = [(*row[:5], now, row[5]) for row in diff.updates]
-        seen_ids, gone_ids = diff.seen_ids, diff.gone_ids
+        origin, host, now = diff.origin, diff.host, diff.now
+        inserts, inserted, listings = diff.inserts, diff.inserted, diff.listings
+        updates, seen_ids, gone_ids = diff.updates, diff.seen_ids, diff.gone_ids
         delta = ScanDelta(len(inserts), len(updates), len(gone_ids),
                           diff.unchanged + diff.skipped)
         if not diff.same and not listings:

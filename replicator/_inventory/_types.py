@@ -76,15 +76,16 @@ class ListingsDiff:
 
     origin: str
     host: str
+    now: float  # when the changes are recorded
     # Folders whose digest is the recorded one, and how many entries they hold.
     same: list[bytes] = field(default_factory=list)
     skipped: int = 0
     listings: list[DirListing] = field(default_factory=list)  # the others: diffed
-    # Rows of new files without their times (origin, host, dir, name, kind, size, mtime_ns,
-    # mode, target), and each one's folder and entry.
+    # Rows of new files (origin, host, dir, name, kind, size, mtime_ns, mode, target,
+    # first_seen, last_seen), and each one's folder and entry.
     inserts: list[tuple[Any, ...]] = field(default_factory=list)
     inserted: list[tuple[bytes, Entry]] = field(default_factory=list)
-    # Changed files: (kind, size, mtime_ns, mode, target, id).
+    # Changed files: (kind, size, mtime_ns, mode, target, last_seen, id).
     updates: list[tuple[Any, ...]] = field(default_factory=list)
     seen_ids: list[int] = field(default_factory=list)  # unchanged files
     gone_ids: list[int] = field(default_factory=list)  # missing from complete listings
