@@ -71,7 +71,9 @@ QUICK = Sizes(2_000, 4096, 100, 20, 5 * MiB, 64 * MiB, 20_000, 50_000, 128 * MiB
 class Case:
     name: str
     title: str
-    kind: str  # "copy": fresh destination and inventory; "nochange": all in sync; "scan"
+    # "copy": fresh destination and inventory; "start": the same with no files (ratio of
+    # times); "nochange": all in sync; "scan"
+    kind: str
     data: str  # "small", "medium", "large", "tree", "scan"
     link: str  # "local", "ssh", "wan"
     target: str  # the issue's target, as text
@@ -85,6 +87,13 @@ class Case:
 
 
 CASES = [
+    # Not in the issue: each tool on an empty origin into a fresh destination (and inventory),
+    # its fixed cost per run. The ratios of the copy cases include it; "(1) and (2) less
+    # start-up" below the table takes it out (informational, no target).
+    Case("start-local", "(0) start-up: empty origin, local", "start", "empty", "local",
+         "none (informs (1))", 10),
+    Case("start-ssh", "(0) start-up: empty origin, SSH", "start", "empty", "ssh",
+         "none (informs (2))", 20),
     Case("small-local", "(1) 4 KiB files, local", "copy", "small", "local",
          ">= 1.0x", 40, goal=1.0),
     Case("small-ssh", "(2) 4 KiB files, SSH", "copy", "small", "ssh",
@@ -164,7 +173,10 @@ class Bench:
         root = self.scratch / "data"
         started = time.monotonic()
         self.say(f"  generating data set {key} ...")
-        if key == "small":
+        if key == "empty":
+            (root / "empty").mkdir(parents=True, exist_ok=True)
+            ds = Dataset("empty", root / "empty", 0, 0)
+        elif key == "small":
             ds = datasets.small_files(root / "small", s.small_files, s.small_size,
                                       s.small_folders)
         elif key == "wansmall":
@@ -313,7 +325,7 @@ class Bench:
         ds = self.dataset(case.data)
         out.dataset = {"files": ds.files, "bytes": ds.bytes, "description": ds.describe(),
                        "generation_s": self.generation.get(case.data)}
-        if case.kind == "copy":
+        if case.kind in ("copy", "start"):
             self.copy_case(case, ds, out, todo_after, case_end)
         elif case.kind == "nochange":
             self.nochange_case(case, ds, out, todo_after, case_end)
@@ -535,7 +547,7 @@ def summarize(out: Outcome) -> dict[str, Any]:
         rows[key] = {
             "runs": len(times), "median_s": round(median, 3), "min_s": round(min(times), 3),
             "max_s": round(max(times), 3),
-            "files_per_s": round(files / median, 1) if median > 0 else None,
+            "files_per_s": round(files / median, 1) if median > 0 and files else None,
             "MB_per_s": (round(size / median / 1e6, 1)
                          if median > 0 and out.case.kind == "copy" else None),
             "peak_rss_MiB": round(max(r["rss_kib"] for r in runs) / 1024, 1),
@@ -553,8 +565,11 @@ def summarize(out: Outcome) -> dict[str, Any]:
             met = ratio < case.goal
     elif RSYNC in rows and REPLICATOR in rows:
         r, p = rows[RSYNC]["median_s"], rows[REPLICATOR]["median_s"]
-        ratio = round(p / r if case.kind == "nochange" else r / p, 3)
-        met = ratio <= case.goal if case.kind == "nochange" else ratio >= case.goal
+        ratio = round(p / r if case.kind in ("nochange", "start") else r / p, 3)
+        if case.kind == "start":
+            met = None  # informational: no target
+        else:
+            met = ratio <= case.goal if case.kind == "nochange" else ratio >= case.goal
     elif RSYNC in rows and out.status == "incomplete":
         cut = [x for x in out.runs if x["tool"] == REPLICATOR and x["timed_out"]]
         if cut and case.kind == "copy":
@@ -593,7 +608,7 @@ def render(outcomes: list[Outcome], summaries: list[dict[str, Any]]) -> str:
         case = out.case
         if summ["ratio"] is not None:
             unit = (" MB peak RSS" if case.kind == "scan"
-                    else "x time" if case.kind == "nochange" else "x throughput")
+                    else "x time" if case.kind in ("nochange", "start") else "x throughput")
             ratio = f"{summ['ratio']:.2f}{unit}"
         elif summ["ratio_bound"]:
             ratio = f"{summ['ratio_bound']}x throughput"
@@ -603,7 +618,31 @@ def render(outcomes: list[Outcome], summaries: list[dict[str, Any]]) -> str:
         status = "" if out.status == "ok" or summ["ratio"] is None else f" ({out.status})"
         lines.append(f"| {case.name} | {case.title} | {ratio}{status} | {case.target}"
                      f" | {met} |")
+    for name, value in less_start_up(outcomes, summaries).items():
+        lines.append(f"| {name} | {value['title']} | {value['ratio']:.2f}x throughput"
+                     " | informational | - |")
     return "\n".join(lines)
+
+
+def less_start_up(outcomes: list[Outcome], summaries: list[dict[str, Any]]
+                  ) -> dict[str, dict[str, Any]]:
+    """The small-file ratios without each tool's fixed cost: (rsync's median on the small
+    files less its median on an empty origin) over (the same for replicator), where both
+    start-up cases and their copy case ran. Medians of different runs: an estimate."""
+    tools = {o.case.name: s["tools"] for o, s in zip(outcomes, summaries, strict=True)}
+    derived: dict[str, dict[str, Any]] = {}
+    for copy, start, title in (("small-local", "start-local", "(1) less start-up"),
+                               ("small-ssh", "start-ssh", "(2) less start-up")):
+        full, empty = tools.get(copy, {}), tools.get(start, {})
+        if not all(t in full and t in empty for t in (RSYNC, REPLICATOR)):
+            continue
+        parts = {t: full[t]["median_s"] - empty[t]["median_s"] for t in (RSYNC, REPLICATOR)}
+        if min(parts.values()) <= 0:
+            continue
+        derived[f"{copy}-less-start"] = {
+            "title": title, "ratio": round(parts[RSYNC] / parts[REPLICATOR], 3),
+            "rsync_s": round(parts[RSYNC], 3), "replicator_s": round(parts[REPLICATOR], 3)}
+    return derived
 
 
 # --- environment ----------------------------------------------------------------------------
@@ -800,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
                    "reason": o.reason, "dataset": o.dataset, "notes": o.notes,
                    "summary": s, "runs": o.runs}
                   for o, s in zip(outcomes, summaries, strict=True)],
+        "less_start_up": less_start_up(outcomes, summaries),
         "table_markdown": table,
     }
     path = args.json or Path(__file__).resolve().parent / "results" / f"latest-{mode}.json"
