@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import tomllib
@@ -29,7 +30,7 @@ from ._config_edit import append_replica, remove_replica, render_initial_config
 from ._errors import ConfigError, EngineLockedError, InventoryError, ReplicatorError
 from ._gc_tuning import tune_gc
 from ._version import __version__
-from .transports._spares import helpers_for, spare_processes
+from .transports._spares import close_sessions, helpers_for, spare_processes, start_sessions
 from .transports._ssh_options import options_for, session_argv
 
 # The engine's modules (structlog, aiosqlite, the engine, the transports) are imported where
@@ -592,7 +593,7 @@ def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
             ssh.append(replica)
     sessions: list[list[str]] = []
     if ssh and shutil.which("ssh"):
-        from ._inventory._store import replicas_with_work
+        from ._inventory._peek import replicas_with_work
 
         busy = replicas_with_work(config.inventory, [r.name for r in ssh])
         hosts: set[str] = set()
@@ -604,8 +605,8 @@ def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
     return min(helpers, cores - 1), sessions
 
 
-async def _run_async(args: argparse.Namespace, helpers: int, sessions: list[list[str]]
-                     ) -> int:
+async def _run_async(args: argparse.Namespace, helpers: int,
+                     sessions: list[subprocess.Popen[bytes]]) -> int:
     # Spares first: they start on the other core while this one imports the engine.
     async with spare_processes(helpers, sessions):
         from . import _cli_logging
@@ -627,7 +628,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "is_async", False):
             # Decided before the event loop runs: it reads the config and the inventory.
-            code = anyio.run(_run_async, args, *_spares_wanted(args))
+            # The logins start at once, before asyncio is imported: each takes longer than
+            # anything else a run starts with.
+            helpers, argvs = _spares_wanted(args)
+            sessions = start_sessions(argvs)
+            try:
+                code = anyio.run(_run_async, args, helpers, sessions)
+            finally:
+                close_sessions(sessions)  # those no replica took (if the loop never ran)
         else:
             from . import _cli_logging
 

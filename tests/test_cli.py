@@ -498,6 +498,33 @@ def test_sync_copies_in_helpers_started_before_the_engine_is_imported(
     assert "copied 1 files" in done.stdout
 
 
+def test_sync_starts_its_ssh_logins_before_the_event_loop(tmp_path: Path) -> None:
+    """The spare receiver session of an SSH replica is started before asyncio is imported
+    (a login is the longest thing a run starts with); ``sync`` goes on when it cannot be."""
+    if shutil.which("ssh") is None:
+        pytest.skip("no ssh client")
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    (tmp_path / "kh").write_text("")
+    (tmp_path / "replicator.toml").write_text(
+        f'[inventory]\npath = "{tmp_path}/inv.db"\n'
+        f"[origins.raw]\npath = {json.dumps(str(origin))}\n"
+        '[replicas."ssh://user@127.0.0.1:1/srv/a"]\nname = "a"\n'
+        f'known_hosts = "{tmp_path}/kh"\nconnect_timeout = 5\n')
+    driver = ("import sys\n"
+              "import replicator.transports._spares as spares\n"
+              "def spawn(argv):\n"
+              "    print('asyncio imported:', 'asyncio' in sys.modules, argv[0], flush=True)\n"
+              "    raise OSError('not here')\n"
+              "spares.spawn_ssh = spawn\n"
+              "import replicator.cli\n"
+              "raise SystemExit(replicator.cli.main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", driver, "sync", "--once"], cwd=tmp_path,
+                          env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert done.stdout.startswith("asyncio imported: False ssh\n"), (done.stdout, done.stderr)
+    assert "copied 0 files" in done.stdout, (done.stdout, done.stderr)
+
+
 def test_how_many_copy_helpers_sync_starts_ahead(tmp_path: Path) -> None:
     """One per worker of each local replica with a local origin, at most one per core but
     the command's own; none for other commands, dry or continuous runs, or a config that

@@ -1,22 +1,27 @@
 """The inventory of origin files and of their copies on each replica."""
 
-from ._store import Inventory
-from ._types import (
-    CopyState,
-    DirListing,
-    Entry,
-    FailedCopy,
-    Kind,
-    ListingsDiff,
-    NewFile,
-    OriginStats,
-    Outcome,
-    OutcomeKind,
-    ReplicaStats,
-    ScanDelta,
-    Work,
-    join_path,
-)
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ._store import Inventory
+    from ._types import (
+        CopyState,
+        DirListing,
+        Entry,
+        FailedCopy,
+        Kind,
+        ListingsDiff,
+        NewFile,
+        OriginStats,
+        Outcome,
+        OutcomeKind,
+        ReplicaStats,
+        ScanDelta,
+        Work,
+        join_path,
+    )
 
 __all__ = [
     "CopyState",
@@ -35,3 +40,12 @@ __all__ = [
     "Work",
     "join_path",
 ]
+
+# Imported on first use: the command line reads the inventory (``_peek``) before it imports
+# aiosqlite and asyncio with ``_store``.
+__getattr__, __dir__ = lazy_exports(globals(), {
+    "._store": ("Inventory",),
+    "._types": ("CopyState", "DirListing", "Entry", "FailedCopy", "Kind", "ListingsDiff",
+                "NewFile", "OriginStats", "Outcome", "OutcomeKind", "ReplicaStats",
+                "ScanDelta", "Work", "join_path"),
+})

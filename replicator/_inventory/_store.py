@@ -128,29 +128,6 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     return db
 
 
-def replicas_with_work(path: Path, names: Collection[str]) -> set[str]:
-    """Of ``names``, the replicas the inventory at ``path`` does not know yet (a first run
-    copies everything there) or holds copies for that wait or were being made; read only,
-    without the engine (the command line asks before it imports it). An inventory that
-    cannot be read answers none."""
-    if not path.exists():
-        return set(names)
-    try:
-        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=1.0)
-    except sqlite3.Error:
-        return set()
-    try:
-        known = {name for (name,) in db.execute("SELECT name FROM replicas")}
-        busy = {name for name in names if name in known and db.execute(
-            "SELECT 1 FROM copies INDEXED BY copies_due WHERE replica = ?"
-            " AND state IN ('pending', 'copying') LIMIT 1", (name,)).fetchone()}
-    except sqlite3.Error:
-        return set()
-    finally:
-        db.close()
-    return {name for name in names if name not in known} | busy
-
-
 class Inventory:
     """Async access to one inventory file. Use ``async with await Inventory.open(path)``."""
 

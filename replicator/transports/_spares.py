@@ -116,24 +116,40 @@ def _close_session(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(REAP_SECONDS)
 
 
+def start_sessions(sessions: Sequence[Sequence[str]]) -> list[subprocess.Popen[bytes]]:
+    """Start an ``ssh`` process for each of ``sessions`` (a ``session_argv``) for this
+    process's replicas to take (``take_spare_session``); the first that cannot start ends
+    the list. Blocking: called before the event loop runs, so that the logins start before
+    the command imports asyncio and anyio's back end (some 50 ms). Pass what it returns to
+    ``spare_processes`` (or ``close_sessions``), which stops those not taken."""
+    started: list[subprocess.Popen[bytes]] = []
+    for argv in sessions:
+        try:
+            proc = spawn_ssh(list(argv))
+        except OSError:
+            break
+        started.append(proc)
+        _sessions.append((tuple(argv), proc))
+    return started
+
+
+def close_sessions(started: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Stop the sessions of ``started`` that no replica took. Idempotent."""
+    unused = [proc for _argv, proc in _sessions if proc in started]
+    _sessions[:] = [(argv, proc) for argv, proc in _sessions if proc not in started]
+    for proc in unused:
+        _close_session(proc)
+
+
 @contextlib.asynccontextmanager
-async def spare_processes(helpers: int, sessions: Sequence[Sequence[str]] = ()
+async def spare_processes(helpers: int, sessions: Sequence[subprocess.Popen[bytes]] = ()
                           ) -> AsyncIterator[None]:
-    """Start ``helpers`` copy helpers and an ``ssh`` process for each of ``sessions`` (a
-    ``session_argv``) for this process's replicas to take; those not taken are killed on
-    exit. One that cannot start is no error here: a replica that needs it starts its own as
-    usual (and says so if it cannot)."""
+    """Start ``helpers`` copy helpers for this process's replicas to take; those not taken,
+    and the ``sessions`` (``start_sessions``) not taken, are stopped on exit. One that cannot
+    start is no error here: a replica that needs it starts its own as usual (and says so
+    if it cannot)."""
     mine: list[Process] = []
-    ssh: list[subprocess.Popen[bytes]] = []
     try:
-        for argv in sessions:
-            try:
-                with anyio.CancelScope(shield=True):  # a process started is never lost
-                    proc = await anyio.to_thread.run_sync(spawn_ssh, list(argv))
-            except OSError:
-                break
-            ssh.append(proc)
-            _sessions.append((tuple(argv), proc))
         for _ in range(helpers):
             try:
                 process = await start_helper()
@@ -152,7 +168,4 @@ async def spare_processes(helpers: int, sessions: Sequence[Sequence[str]] = ()
             for process in [*left, *_dead]:
                 await stop_helper(process)
             _dead.clear()
-            unused = [proc for argv, proc in _sessions if proc in ssh]
-            _sessions[:] = [(argv, proc) for argv, proc in _sessions if proc not in ssh]
-            for proc in unused:
-                await anyio.to_thread.run_sync(_close_session, proc)
+            await anyio.to_thread.run_sync(close_sessions, sessions)
