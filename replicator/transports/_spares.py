@@ -2,9 +2,10 @@
 
 A copy helper is a Python interpreter (``_copy_worker``) that takes about 0.05 s of CPU to
 start; a receiver session through the OpenSSH client is a login and a ``python3`` on the
-host, half a second or more. ``replicator sync`` starts them first thing, and only then
-imports the engine's modules: that takes its process about 0.1 s on one core, while the
-helper starts on the other and the login goes on. A local replica takes a spare helper
+host, half a second or more. ``replicator sync`` starts them first thing (the sessions
+even before its event loop, which imports asyncio), and only then imports the engine's
+modules: that takes its process about 0.1 s on one core, while the helper starts on the
+other and the login goes on. A local replica takes a spare helper
 before it starts one itself (``CopyHelper.start``); an SSH replica takes a spare session
 only where it would start the same ``ssh`` command itself (``SshTransport``), which checks
 the host key as every one of its logins does. Spares not taken are stopped when the run ends: they
