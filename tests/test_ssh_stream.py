@@ -422,8 +422,8 @@ def count_session_starts(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) ->
             await anyio.sleep(delay)
         except BaseException:
             # Cancelled before the real start (a session still starting when the run
-            # ends): close the carrier as that start would. An ssh left running here was
-            # found by the garbage collector during a later test, failing it.
+            # ends): close the carrier as that start would. An ssh left running here
+            # would be found by the garbage collector during a later test, failing it.
             carrier.close()
             raise
         session: StreamSession = await start(cls, carrier)
