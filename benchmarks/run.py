@@ -553,6 +553,7 @@ def summarize(out: Outcome) -> dict[str, Any]:
             "peak_rss_MiB": round(max(r["rss_kib"] for r in runs) / 1024, 1),
         }
     ratio: float | None = None
+    paired = _paired_ratio(out)
     bound = ""
     met: bool | None = None
     case = out.case
@@ -566,21 +567,20 @@ def summarize(out: Outcome) -> dict[str, Any]:
     elif RSYNC in rows and REPLICATOR in rows:
         r, p = rows[RSYNC]["median_s"], rows[REPLICATOR]["median_s"]
         ratio = round(p / r if case.kind in ("nochange", "start") else r / p, 3)
-        paired = _paired_ratio(out)
         if case.kind == "start":
             met = None  # informational: no target
         else:
             # Met only when the pairs agree: a ratio of medians taken across a change of
             # the disk's speed within the case (seen in runs P and Q) is not a result.
-            met = all(r <= case.goal if case.kind == "nochange" else r >= case.goal
-                      for r in (ratio, paired) if r is not None)
+            met = all(x <= case.goal if case.kind == "nochange" else x >= case.goal
+                      for x in (ratio, paired) if x is not None)
     elif RSYNC in rows and out.status == "incomplete":
         cut = [x for x in out.runs if x["tool"] == REPLICATOR and x["timed_out"]]
         if cut and case.kind == "copy":
             bound = f"< {rows[RSYNC]['median_s'] / cut[0]['seconds']:.3f}"
             met = False
     return {"tools": rows, "ratio": ratio, "ratio_bound": bound, "target_met": met,
-            "ratio_paired": _paired_ratio(out)}
+            "ratio_paired": paired}
 
 
 def _paired_ratio(out: Outcome) -> float | None:
