@@ -169,4 +169,5 @@ async def spare_processes(helpers: int, sessions: Sequence[subprocess.Popen[byte
             for process in [*left, *_dead]:
                 await stop_helper(process)
             _dead.clear()
-            await anyio.to_thread.run_sync(close_sessions, sessions)
+            if sessions:  # no thread hand-off at the end of every run without
+                await anyio.to_thread.run_sync(close_sessions, sessions)
