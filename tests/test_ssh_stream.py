@@ -621,6 +621,74 @@ def test_the_receiver_takes_content_from_its_input_spliced_or_read(
     assert len(big) - (1 << 20) < sum(count for _, count in pushed) <= len(big)
 
 
+@pytest.mark.parametrize("dribble", [1, 7, 4096, 1 << 20])
+def test_the_receiver_takes_frames_split_anywhere_by_its_reads(tmp_path: Path,
+                                                               dribble: int) -> None:
+    """Small files sent whole (W frames, parsed in place in the receiver's buffer), a
+    file in parts and a symlink, fed through a pipe ``dribble`` bytes at a time: a frame
+    split by the reads anywhere (header, names, content) arrives whole, as does a W frame
+    larger than one read."""
+    import io
+    import json
+    import threading
+
+    from replicator.transports import _receiver
+    from replicator.transports._ssh_stream import (
+        COMMIT,
+        data_header,
+        file_frame,
+        link_frame,
+        whole_header,
+    )
+
+    root = tmp_path / "replica"
+    root.mkdir()
+    contents = [b"", b"x", os.urandom(4096), os.urandom(3 << 20), b"last"]
+    frames = b""
+    for i, content in enumerate(contents):
+        frames += whole_header(i, 0o640 + i, 1_600_000_000_000_000_000 + i,
+                               f"d{i % 2}/f{i}".encode(), f".~rep-1-{i}.tmp".encode(),
+                               len(content)) + content
+        if i == 2:
+            frames += (file_frame(10, 0o600, 1_700_000_000_000_000_000, b"parts",
+                                  b".~rep-1-p.tmp") + data_header(3) + b"abc" + COMMIT
+                       + link_frame(11, 1_700_000_000_000_000_001, b"d0/link",
+                                    b".~rep-1-l.tmp", b"f0"))
+    frames += b"S" + b"Q"
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        with open(write_fd, "wb", buffering=0) as pipe:
+            for start in range(0, len(frames), dribble):
+                pipe.write(frames[start:start + dribble])
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    out = io.BytesIO()
+    old_umask = os.umask(0)
+    try:
+        _receiver.serve(os.fsencode(root), read_fd, out)
+    finally:
+        os.umask(old_umask)
+        feeder.join()
+        os.close(read_fd)
+    report = sorted(json.loads(out.getvalue().splitlines()[2]))
+    link_size = len(b"f0")
+    assert report == [[i, 0, len(c), 1_600_000_000_000_000_000 + i, 1]
+                      for i, c in enumerate(contents)] + [
+        [10, 0, 3, 1_700_000_000_000_000_000, 1],
+        [11, 0, link_size, 1_700_000_000_000_000_001, 1]]
+    for i, content in enumerate(contents):
+        path = root / f"d{i % 2}" / f"f{i}"
+        assert path.read_bytes() == content
+        st = path.stat()
+        assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o640 + i,
+                                                         1_600_000_000_000_000_000 + i)
+    assert (root / "parts").read_bytes() == b"abc"
+    assert os.readlink(root / "d0" / "link") == "f0"
+    assert temp_files(root) == []
+
+
 @pytest.mark.parametrize("long_link", [False, True])
 async def test_prepare_starts_one_session_per_lane_on_a_long_link(
         tmp_path: Path, long_link: bool, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,7 +53,8 @@ LINK = struct.Struct("!IqHHH")
 LENGTH = struct.Struct("!I")
 NAME = struct.Struct("!H")
 SPLICE = getattr(os, "splice", None)  # Python 3.10+, Linux
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | O_CLOEXEC
 ROOT_FLAGS = DIR_FLAGS & ~os.O_NOFOLLOW  # the root may be a symlink; nothing below it
 TEMP_PREFIX = b".~rep-"
 
@@ -160,7 +161,7 @@ class Receiver:
             what = "write"
             # Created with its final mode (umask 0, set in serve): no chmod per file.
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | getattr(os, "O_CLOEXEC", 0), self.mode, dir_fd=dir_fd)
+                         | O_CLOEXEC, self.mode, dir_fd=dir_fd)
         except OSError as exc:
             self.fail(seq, exc, what)
         self.current = (seq, dir_fd, tmp, name, fd)
@@ -231,6 +232,38 @@ class Receiver:
             st = os.fstat(fd)  # what the copy holds, reported once it is in place
         except OSError as exc:
             self.drop(cur)
+            self.fail(seq, exc, "write")
+            return
+        os.close(fd)
+        self.staged.append((seq, dir_fd, tmp, name, [st.st_size, st.st_mtime_ns, 1]))
+
+    def whole(self, seq: int, mode: int, mtime_ns: int, dest: bytes, tmp: bytes,
+              content: memoryview) -> None:
+        """``begin``, ``data`` and ``end(True)`` of a small file sent whole, in one call."""
+        reldir, name = self.split(dest, tmp)
+        mode &= 0o1777
+        what = "mkdir"
+        try:
+            dir_fd = self.dirs.get(reldir)
+            if dir_fd is None:
+                dir_fd = self.folder(reldir)
+            what = "write"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | O_CLOEXEC, mode, dir_fd=dir_fd)
+        except OSError as exc:
+            self.fail(seq, exc, what)
+            return
+        try:
+            view = content
+            while view:
+                view = view[os.write(fd, view):]
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+            if self.syncfs is None:
+                os.fsync(fd)
+            st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            self.unlink(dir_fd, tmp)
             self.fail(seq, exc, "write")
             return
         os.close(fd)
@@ -410,33 +443,44 @@ def write_whole(root: bytes, name: bytes, content: bytes) -> Optional[List[objec
 class Stream:
     """Frames from the input file descriptor, read in large blocks. The loader read this
     source from the same descriptor byte by byte exactly, so nothing that follows is
-    buffered elsewhere, and content can go from the descriptor straight to a file."""
+    buffered elsewhere, and content can go from the descriptor straight to a file.
+
+    ``buf[pos:]`` is read and not yet taken. ``buf`` is bytes, never resized in place: a
+    frame's parts are sliced out of it or viewed, with no copy of the buffer per frame."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.buf = bytearray()
+        self.buf = b""
         self.pos = 0
 
-    def take(self, n: int) -> memoryview:
-        """The next ``n`` bytes (headers and names: small)."""
-        while len(self.buf) - self.pos < n:
-            if self.pos:
-                del self.buf[:self.pos]
-                self.pos = 0
-            block = os.read(self.fd, 1 << 20)
+    def need(self, n: int) -> None:
+        """At least ``n`` bytes from ``pos`` on in ``buf`` (EOFError if the input ends)."""
+        have = len(self.buf) - self.pos
+        if have >= n:
+            return
+        parts = [self.buf[self.pos:]]
+        while have < n:
+            block = os.read(self.fd, max(1 << 20, n - have))
             if not block:
                 raise EOFError
-            self.buf += block
-        view = memoryview(self.buf)[self.pos:self.pos + n]
-        self.pos += n
-        return view
+            parts.append(block)
+            have += len(block)
+        self.buf = b"".join(parts)
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        """The next ``n`` bytes (headers and names: small)."""
+        self.need(n)
+        start = self.pos
+        self.pos = start + n
+        return self.buf[start:self.pos]
 
     def buffered(self, n: int) -> bytes:
         """Up to ``n`` bytes already read (the rest of them is still in the input)."""
         count = min(len(self.buf) - self.pos, n)
-        data = bytes(self.buf[self.pos:self.pos + count])
-        self.pos += count
-        return data
+        start = self.pos
+        self.pos = start + count
+        return self.buf[start:self.pos]
 
 
 def serve(root: bytes, inp: int, out: BinaryIO) -> None:
@@ -447,9 +491,25 @@ def serve(root: bytes, inp: int, out: BinaryIO) -> None:
     out.flush()
     stream = Stream(inp)
     receiver: Optional[Receiver] = None
+    whole = WHOLE.size + 1
     try:
         while True:
-            kind = bytes(stream.take(1))
+            # A small file whole (W), the usual frame, in one piece: its header parsed in
+            # place, its names sliced, its content viewed in the buffer and written.
+            buf, pos = stream.buf, stream.pos
+            if len(buf) - pos > whole and buf[pos] == 87 and receiver is not None:  # W
+                seq, mode, mtime_ns, dlen, tlen, n = WHOLE.unpack_from(buf, pos + 1)
+                start = pos + whole
+                end = start + dlen + tlen + n
+                if end > len(buf):
+                    stream.need(end - pos)
+                    buf, start, end = stream.buf, whole, end - pos
+                names = start + dlen
+                stream.pos = end
+                receiver.whole(seq, mode, mtime_ns, buf[start:names],
+                               buf[names:names + tlen], memoryview(buf)[names + tlen:end])
+                continue
+            kind = stream.take(1)
             if kind == b"P":
                 out.write(PONG)
                 out.flush()
@@ -459,7 +519,7 @@ def serve(root: bytes, inp: int, out: BinaryIO) -> None:
             if kind in (b"I", b"K"):
                 (nlen,) = NAME.unpack(stream.take(NAME.size))
                 (length,) = LENGTH.unpack(stream.take(LENGTH.size)) if kind == b"K" else (0,)
-                named = bytes(stream.take(nlen + length))
+                named = stream.take(nlen + length)
                 name = _root_name(named[:nlen])
                 answer = (inspect(root, name) if kind == b"I"
                           else write_whole(root, name, named[nlen:]))
@@ -471,17 +531,11 @@ def serve(root: bytes, inp: int, out: BinaryIO) -> None:
             if kind == b"W":
                 seq, mode, mtime_ns, dlen, tlen, n = WHOLE.unpack(stream.take(WHOLE.size))
                 body = stream.take(dlen + tlen + n)  # names and content in one take
-                try:
-                    names = bytes(body[:dlen + tlen])
-                    receiver.begin(seq, mode, mtime_ns, names[:dlen], names[dlen:])
-                    with body[dlen + tlen:] as content:
-                        receiver.data(content)
-                finally:
-                    body.release()  # the buffer cannot shrink while it is exported
-                receiver.end(True)
+                receiver.whole(seq, mode, mtime_ns, body[:dlen], body[dlen:dlen + tlen],
+                               memoryview(body)[dlen + tlen:])
             elif kind == b"F":
                 seq, mode, mtime_ns, dlen, tlen = FILE.unpack(stream.take(FILE.size))
-                names = bytes(stream.take(dlen + tlen))
+                names = stream.take(dlen + tlen)
                 receiver.begin(seq, mode, mtime_ns, names[:dlen], names[dlen:])
             elif kind == b"D":
                 (n,) = LENGTH.unpack(stream.take(LENGTH.size))
@@ -494,7 +548,7 @@ def serve(root: bytes, inp: int, out: BinaryIO) -> None:
                 receiver.end(kind == b"C")
             elif kind == b"L":
                 seq, mtime_ns, dlen, tlen, glen = LINK.unpack(stream.take(LINK.size))
-                names = bytes(stream.take(dlen + tlen + glen))
+                names = stream.take(dlen + tlen + glen)
                 receiver.link(seq, mtime_ns, names[:dlen], names[dlen:dlen + tlen],
                               names[dlen + tlen:])
             elif kind == b"S":
