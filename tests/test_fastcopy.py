@@ -100,6 +100,34 @@ def test_same_results_as_the_python_path(tmp_path: Path,
         == "0o755"
 
 
+@pytest.mark.parametrize("pure", ["", "1"])
+def test_copies_get_their_sources_mode_whatever_the_umask(
+        tmp_path: Path, pure: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accelerator creates a temp file with its final mode where the umask leaves that
+    mode whole (no chmod), else chmods it, as the Python path always does: a copy has its
+    source's permission bits but set-user-ID and set-group-ID, under any umask, also one
+    changed between two batches of one process."""
+    monkeypatch.setenv(PURE_PYTHON_ENV, pure)
+    modes = [0o644, 0o664, 0o600, 0o755, 0o444, 0o000, 0o1777, 0o6755, 0o777]
+    src = tmp_path / "src"
+    for umask in (0o022, 0o077, 0o000, 0o002):
+        root = tmp_path / f"replica-{umask:o}"
+        root.mkdir()
+        requests = []
+        for mode in modes:
+            path = write(src / f"{umask:o}-{mode:o}.dat", b"m" * 10)
+            os.chmod(path, mode)
+            requests.append(request_for(path, path.name.encode()))
+        old = os.umask(umask)
+        try:
+            results = run_batch(root, requests)
+        finally:
+            os.umask(old)
+        assert [r.status for r in results] == [PutStatus.COPIED] * len(modes)
+        assert [oct((root / r.request.dest.decode()).stat().st_mode & 0o7777)
+                for r in results] == [oct(m & 0o1777) for m in modes]
+
+
 def test_copies_between_filesystems(tmp_path: Path) -> None:
     """Sources on one filesystem (tmpfs), the replica on another: copy_file_range cannot
     copy between them, so the accelerator reads and writes (and, after the first file of a

@@ -142,6 +142,31 @@ done:
 
 /* -- stage: a source to a temp file next to its destination ---------------------------- */
 
+/* The process's umask for this thread's stage() call, -1 where unknown. */
+static __thread int stage_umask;
+
+/* The umask, read from /proc/self/status (Linux 4.7+): umask(2) cannot read it without
+ * setting it, which would race other threads creating files. -1 where it is not there. */
+static int
+current_umask(void)
+{
+    char buffer[4096];
+    int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buffer, sizeof buffer - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buffer[n] = '\0';
+    const char *line = strstr(buffer, "\nUmask:");
+    if (line == NULL)
+        return -1;
+    char *end;
+    long value = strtol(line + 8, &end, 8);
+    return end == line + 8 || value < 0 || value > 0777 ? -1 : (int)value;
+}
+
 typedef struct {
     int dir_fd;
     const char *source, *tmp;
@@ -180,8 +205,13 @@ stage_work(void *slot, int fsync_each)
         close(src);
         return;
     }
+    /* Never set-user-ID or set-group-ID (_paths.copy_mode). Created with that mode where
+     * the umask leaves it whole, as rsync creates its temp files: no fchmod per file. The
+     * temp file is then no more open to others than its copy will be. */
+    mode_t mode = it->before.st_mode & 01777;
+    int exact = stage_umask >= 0 && (mode & ~(mode_t)stage_umask) == mode;
     int dst = openat(it->dir_fd, it->tmp,
-                     O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+                     O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, exact ? mode : 0600);
     if (dst < 0) {
         it->error = errno;
         it->code = WRITE_ERROR;
@@ -189,8 +219,7 @@ stage_work(void *slot, int fsync_each)
         return;
     }
     int error = copy_data(src, dst, it->before.st_size);
-    /* Never set-user-ID or set-group-ID (_paths.copy_mode). */
-    if (!error && fchmod(dst, it->before.st_mode & 01777) != 0)
+    if (!error && !exact && fchmod(dst, mode) != 0)
         error = errno;
     if (!error) {
         struct timespec times[2] = {it->before.st_atim, it->before.st_mtim};
@@ -232,6 +261,7 @@ fastcopy_stage(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!p", &PyList_Type, &list, &fsync_each))
         return NULL;
     range_failed = 0;
+    stage_umask = current_umask();
     return for_each(list, &STAGE, fsync_each);
 }
 
