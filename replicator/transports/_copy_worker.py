@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 from .._gc_tuning import tune_gc
 from .._inventory._types import Kind
-from ._base import Progress, PutRequest, PutResult
+from ._base import Progress, PutRequest, PutResult, PutStatus
 from ._local_batch import BatchWriter, StagedBatch
 
 _LENGTH = struct.Struct(">I")  # each frame: its length, then the pickled value
@@ -37,6 +37,7 @@ Row = tuple[int, str, int, int, str | None, str | None]
 
 
 _KINDS = {int(kind): kind for kind in Kind}  # a dict lookup per file, not an enum's call
+_STATUS_VALUES = {status: status.value for status in PutStatus}  # (Enum.value is a property)
 
 
 def frame(value: object) -> bytes:
@@ -96,7 +97,7 @@ class _Batch:
 
     def rows(self) -> list[Row]:
         index = {id(request): i for i, request in enumerate(self.requests)}
-        return [(index[id(r.request)], r.status.value, r.size, r.mtime_ns,
+        return [(index[id(r.request)], _STATUS_VALUES[r.status], r.size, r.mtime_ns,
                  None if r.error is None else str(r.error),
                  None if r.error is None else r.error.error_class.value)
                 for r in self.results]

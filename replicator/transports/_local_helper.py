@@ -178,7 +178,7 @@ class CopyHelper:
                     session.pending[seq] = entry
                     # Plain tuples: pickling dataclasses goes through fields() per object.
                     await session.stdin.send(frame((self._root, self._fsync, run_id, [
-                        (r.source, r.dest, r.kind.value, r.size, r.mtime_ns, r.mode, r.target)
+                        (r.source, r.dest, int(r.kind), r.size, r.mtime_ns, r.mode, r.target)
                         for r in requests])))
                 while entry.done is None:
                     async with session.read_lock:
