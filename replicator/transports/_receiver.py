@@ -39,10 +39,14 @@ Written for Python 3.6 and later, standard library only: it runs on whatever the
 import errno
 import json
 import os
+import queue
+import select
 import stat
 import struct
 import sys
-from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+import threading
+from collections import deque
+from typing import BinaryIO, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 GREETING = b"replicator-receiver 3\n"
 FLUSHING = b"flushing\n"
@@ -116,6 +120,9 @@ class Receiver:
         self.current: Optional[Tuple[int, int, bytes, bytes, int]] = None
         self.mode = 0
         self.mtime_ns = 0
+        # Batches whose sync was asked and whose report is not written yet, in order.
+        self.inflight: Deque[Pending] = deque()
+        self.flusher: Optional[Flusher] = None  # started at the first sync
 
     # -- paths --
 
@@ -196,6 +203,8 @@ class Receiver:
         if cur is None:
             raise Refused("content outside a file")
         while n > 0 and SPLICE is not None and cur[4] >= 0:
+            if self.inflight:  # never block on the input while a report is due
+                self.wait_input(src)
             try:
                 moved = SPLICE(src, cur[4], n)
             except OSError as exc:
@@ -208,6 +217,8 @@ class Receiver:
             n -= moved
             self.wrote(cur[4], moved)
         while n > 0:
+            if self.inflight:
+                self.wait_input(src)
             block = os.read(src, min(n, 1 << 20))
             if not block:
                 raise EOFError
@@ -286,39 +297,88 @@ class Receiver:
         self.staged.append((seq, dir_fd, tmp, name, [st.st_size, st.st_mtime_ns, ok]))
 
     def sync(self) -> None:
-        """Flush the staged files, rename them into place, flush the renames, report."""
-        # Everything sent was read: a client waiting from now on waits for the disk.
+        """Ask for the files since the last sync to be made durable; the renames into place
+        and the report follow once the disk is done (``advance``), and the next batch's
+        frames are read meanwhile: one session streams on while the disk flushes."""
+        batch = Pending(self.staged, self.dirs, self.made, self.results)
+        self.staged, self.dirs, self.made, self.results = [], {b"": self.root_fd}, set(), []
+        if not self.inflight:
+            self.announce(batch)
+        self.inflight.append(batch)
+        if self.flusher is None:
+            self.flusher = Flusher(self.flush)
+        self.flusher.ask(batch, {dir_fd for _, dir_fd, _, _, _ in batch.staged})
+        while len(self.inflight) > MAX_INFLIGHT:
+            self.advance(True)
+
+    def announce(self, batch: "Pending") -> None:
+        """Tell the client the batch was read whole (its wait is the disk's from now on),
+        in the order of the reports: after the report of the batch before it."""
+        batch.announced = True
         self.out.write(FLUSHING)
         self.out.flush()
-        staged, self.staged = self.staged, []
-        folders = {dir_fd for _, dir_fd, _, _, _ in staged}
-        try:
-            self.flush(folders)
-        except OSError as exc:
+
+    def advance(self, block: bool) -> None:
+        """Take the flushes the flusher finished: a batch whose files are durable is
+        renamed into place and its renames flushed; a batch whose renames are durable is
+        reported, in order. ``block``: wait for one flush first."""
+        assert self.flusher is not None
+        for batch in self.flusher.finished(block):
+            if batch.placed is None:
+                self.rename(batch)
+            else:
+                if batch.error is not None:
+                    for entry in batch.placed:
+                        batch.results.append(_failed(entry[0], batch.error, "flush"))
+                    batch.placed = []
+                batch.results.extend(batch.placed)
+                batch.done = True
+        while self.inflight and self.inflight[0].done:
+            batch = self.inflight.popleft()
+            for rel, fd in batch.dirs.items():
+                if rel:
+                    os.close(fd)
+            self.out.write(json.dumps(batch.results).encode() + b"\n")
+            self.out.flush()
+            if self.inflight and not self.inflight[0].announced:
+                self.announce(self.inflight[0])
+
+    def rename(self, batch: "Pending") -> None:
+        """A batch whose files are durable (or failed to be): into place, then the renames'
+        flush asked for."""
+        staged, batch.staged = batch.staged, []
+        if batch.error is not None:
             for seq, dir_fd, tmp, _, _ in staged:
                 self.unlink(dir_fd, tmp)
-                self.fail(seq, exc, "flush")
-            staged = []
+                batch.results.append(_failed(seq, batch.error, "flush"))
+            staged, batch.error = [], None
         placed: List[List[int]] = []
         for seq, dir_fd, tmp, name, held in staged:
             try:
                 os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             except OSError as exc:
                 self.unlink(dir_fd, tmp)
-                self.fail(seq, exc, "rename into")
+                batch.results.append(_failed(seq, exc, "rename into"))
                 continue
             placed.append([seq, 0, *held])
-        try:
-            self.flush(folders | self.made)
-        except OSError as exc:
-            for entry in placed:
-                self.fail(entry[0], exc, "flush")
-            placed = []
-        self.results.extend(placed)
-        self.close_folders()
-        self.out.write(json.dumps(self.results).encode() + b"\n")
-        self.out.flush()
-        self.results = []
+        batch.placed = placed
+        assert self.flusher is not None
+        self.flusher.ask(batch, {dir_fd for _, dir_fd, _, _, _ in staged} | batch.made)
+
+    def drain(self) -> None:
+        """Every batch whose sync was asked renamed and reported."""
+        while self.inflight:
+            self.advance(True)
+
+    def wait_input(self, fd: int) -> None:
+        """Until ``fd`` has input, finishing what the flusher finished meanwhile."""
+        while self.inflight:
+            assert self.flusher is not None
+            ready = select.select([fd, self.flusher.wake], [], [])[0]
+            if self.flusher.wake in ready:
+                self.advance(False)
+            if fd in ready:
+                return
 
     def flush(self, folders: Set[int]) -> None:
         if self.syncfs is not None:
@@ -334,7 +394,7 @@ class Receiver:
     # -- helpers --
 
     def fail(self, seq: int, exc: OSError, what: str) -> None:
-        self.results.append([seq, exc.errno or errno.EIO, what, exc.strerror or str(exc)])
+        self.results.append(_failed(seq, exc, what))
 
     def drop(self, cur: Tuple[int, int, bytes, bytes, int]) -> None:
         if cur[4] >= 0:
@@ -349,20 +409,96 @@ class Receiver:
         except OSError:
             pass
 
-    def close_folders(self) -> None:
-        for rel, fd in list(self.dirs.items()):
-            if rel:
-                os.close(fd)
-        self.dirs = {b"": self.root_fd}
-        self.made = set()
+    def close(self) -> None:
+        """The batches whose sync was asked finished; nothing of the unfinished one stays
+        behind (the stream ended without its sync); the flusher stopped."""
+        try:
+            self.drain()
+        finally:
+            if self.current is not None:
+                self.drop(self.current)
+            for _, dir_fd, tmp, _, _ in self.staged:
+                self.unlink(dir_fd, tmp)
+            self.staged = []
+            if self.flusher is not None:
+                self.flusher.stop()
 
-    def abandon(self) -> None:
-        """The stream ended without a sync: nothing of the unfinished batch stays behind."""
-        if self.current is not None:
-            self.drop(self.current)
-        for _, dir_fd, tmp, _, _ in self.staged:
-            self.unlink(dir_fd, tmp)
-        self.staged = []
+
+# Batches whose sync was asked and whose report is not written: beyond this many, reading
+# waits for the disk (bounds the open folders and temp files of a session).
+MAX_INFLIGHT = 2
+
+
+def _failed(seq: int, exc: OSError, what: str) -> List[object]:
+    return [seq, exc.errno or errno.EIO, what, exc.strerror or str(exc)]
+
+
+class Pending:
+    """A batch whose sync was asked: its files staged, then renamed (``placed``), then
+    reported (``done``). ``error``: what the last flush of it raised."""
+
+    def __init__(self, staged: List[Tuple[int, int, bytes, bytes, List[int]]],
+                 dirs: Dict[bytes, int], made: Set[int], results: List[Sequence[object]]):
+        self.staged = staged
+        self.dirs = dirs
+        self.made = made
+        self.results = results
+        self.placed = None  # type: Optional[List[List[int]]]
+        self.error = None  # type: Optional[OSError]
+        self.announced = False
+        self.done = False
+
+
+class Flusher:
+    """A thread that only waits for the disk: it flushes (``Receiver.flush``) the folders
+    it is asked to, in order, and says so through a pipe the main thread selects on. The
+    renames and reports stay on the main thread: two threads making system calls would hand
+    the interpreter's lock back and forth at each one."""
+
+    def __init__(self, flush: Callable[[Set[int]], None]) -> None:
+        self.flush = flush
+        self.todo = queue.Queue()  # type: queue.Queue[Optional[Tuple[Pending, Set[int]]]]
+        self.done = queue.Queue()  # type: queue.Queue[Pending]
+        self.wake, self._signal = os.pipe()
+        os.set_blocking(self.wake, False)
+        self.thread = threading.Thread(target=self.run, name="flush", daemon=True)
+        self.thread.start()
+
+    def ask(self, batch: Pending, folders: Set[int]) -> None:
+        self.todo.put((batch, folders))
+
+    def run(self) -> None:
+        while True:
+            item = self.todo.get()
+            if item is None:
+                return
+            batch, folders = item
+            try:
+                self.flush(folders)
+            except OSError as exc:
+                batch.error = exc
+            self.done.put(batch)
+            os.write(self._signal, b"x")
+
+    def finished(self, block: bool) -> List[Pending]:
+        """The batches flushed since last asked (at least one if ``block``)."""
+        try:
+            while os.read(self.wake, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        batches = [self.done.get()] if block else []
+        while True:
+            try:
+                batches.append(self.done.get_nowait())
+            except queue.Empty:
+                return batches
+
+    def stop(self) -> None:
+        self.todo.put(None)
+        self.thread.join()
+        os.close(self.wake)
+        os.close(self._signal)
 
 
 def _error(exc: OSError) -> List[object]:
@@ -452,6 +588,7 @@ class Stream:
         self.fd = fd
         self.buf = b""
         self.pos = 0
+        self.receiver: Optional[Receiver] = None  # finishes flushed batches while we wait
 
     def need(self, n: int) -> None:
         """At least ``n`` bytes from ``pos`` on in ``buf`` (EOFError if the input ends)."""
@@ -460,6 +597,8 @@ class Stream:
             return
         parts = [self.buf[self.pos:]]
         while have < n:
+            if self.receiver is not None and self.receiver.inflight:
+                self.receiver.wait_input(self.fd)
             block = os.read(self.fd, max(1 << 20, n - have))
             if not block:
                 raise EOFError
@@ -510,6 +649,8 @@ def serve(root: bytes, inp: int, out: BinaryIO) -> None:
                                buf[names:names + tlen], memoryview(buf)[names + tlen:end])
                 continue
             kind = stream.take(1)
+            if receiver is not None and kind in (b"P", b"Q", b"I", b"K"):
+                receiver.drain()  # the reports due first: the replies keep their order
             if kind == b"P":
                 out.write(PONG)
                 out.flush()
@@ -527,7 +668,7 @@ def serve(root: bytes, inp: int, out: BinaryIO) -> None:
                 out.flush()
                 continue
             if receiver is None:
-                receiver = Receiver(root, out)
+                receiver = stream.receiver = Receiver(root, out)
             if kind == b"W":
                 seq, mode, mtime_ns, dlen, tlen, n = WHOLE.unpack(stream.take(WHOLE.size))
                 body = stream.take(dlen + tlen + n)  # names and content in one take
@@ -559,7 +700,7 @@ def serve(root: bytes, inp: int, out: BinaryIO) -> None:
         pass
     finally:
         if receiver is not None:
-            receiver.abandon()
+            receiver.close()
 
 
 def main() -> int:
