@@ -40,7 +40,15 @@ from test_transport_conformance import request_for
 
 from replicator import load_config
 from replicator._errors import ReplicaUnavailableError
-from replicator.transports import MARKER, Progress, PutStatus, _receiver, _spares, _ssh_options
+from replicator.transports import (
+    MARKER,
+    Progress,
+    PutResult,
+    PutStatus,
+    _receiver,
+    _spares,
+    _ssh_options,
+)
 from replicator.transports import _ssh as ssh_transport
 from replicator.transports._ssh import SshTransport
 from replicator.transports._ssh_carriers import Carrier, OpensshCarrier, StreamLost
@@ -1201,6 +1209,35 @@ async def test_a_check_while_batches_hold_every_session_does_not_wait(
         finally:
             for session in held:
                 transport._keep(session)
+
+
+@pytest.mark.parametrize("bulky", [False, True])
+async def test_on_a_short_link_only_batches_of_large_files_start_a_second_session(
+        tmp_path: Path, bulky: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a short link two batches of small files at once share one receiver session (the
+    second waits for it: a login costs more CPU than the wait), while two batches with large
+    files take a session each: their bytes go through two ssh processes at once."""
+    from replicator.transports._ssh_files import SMALL_FILE
+
+    started = count_session_starts(monkeypatch)
+    size = SMALL_FILE + 1 if bulky else 100
+    sources = [write(tmp_path / "src" / f"{i}.dat", os.urandom(size)) for i in range(4)]
+    async with sshd_transport(tmp_path, lanes=2) as (transport, replica):
+        await transport.prepare()
+        assert len(started) == 1
+        results: list[list[PutResult]] = []
+
+        async def put(pair: list[Path]) -> None:
+            results.append(await transport.put(
+                [request_for(p, p.name.encode()) for p in pair], "1x1", Progress()))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(put, sources[:2])
+            tg.start_soon(put, sources[2:])
+        assert len(started) == (2 if bulky else 1)
+        assert [r.status for batch in results for r in batch] == [PutStatus.COPIED] * 4
+        for source in sources:
+            assert (replica / source.name).read_bytes() == source.read_bytes()
 
 
 async def test_a_root_that_is_a_symlink_takes_streamed_files(tmp_path: Path) -> None:
