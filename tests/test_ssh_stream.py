@@ -16,9 +16,9 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 import asyncssh
@@ -552,15 +552,41 @@ async def test_a_large_file_changing_while_it_streams_is_not_copied(
     assert temp_files(replica) == []
 
 
+def serve_fed(root: Path, frames: bytes, dribble: int) -> bytes:
+    """The receiver itself, in this process, fed ``frames`` through a pipe ``dribble`` bytes
+    at a time (as sshd feeds it); what it wrote."""
+    import io
+    import threading
+
+    from replicator.transports import _receiver
+
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        with open(write_fd, "wb", buffering=0) as pipe:
+            for start in range(0, len(frames), dribble):
+                pipe.write(frames[start:start + dribble])
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    out = io.BytesIO()
+    old_umask = os.umask(0)
+    try:
+        _receiver.serve(os.fsencode(root), read_fd, out)
+    finally:
+        os.umask(old_umask)
+        feeder.join()
+        os.close(read_fd)
+    return out.getvalue()
+
+
 @pytest.mark.parametrize("splice", [True, False])
 def test_the_receiver_takes_content_from_its_input_spliced_or_read(
         tmp_path: Path, splice: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The receiver itself, in this process, fed through a pipe as sshd feeds it: content
     beyond what it has buffered goes from the pipe into the file with splice (Python 3.10+),
     or is read and written (older Pythons, or an input that is not a pipe)."""
-    import io
     import json
-    import threading
 
     from replicator.transports import _receiver
     from replicator.transports._ssh_stream import COMMIT, data_header, file_frame
@@ -597,23 +623,7 @@ def test_the_receiver_takes_content_from_its_input_spliced_or_read(
               + data_header(len(big)) + big + COMMIT
               + file_frame(2, 0o600, 1_600_000_000_000_000_000, b"a/small", b".~rep-1-b.tmp")
               + data_header(len(small)) + small + COMMIT + b"S" + b"Q")
-    read_fd, write_fd = os.pipe()
-
-    def feed() -> None:
-        with open(write_fd, "wb") as pipe:
-            pipe.write(frames)
-
-    feeder = threading.Thread(target=feed)
-    feeder.start()
-    out = io.BytesIO()
-    old_umask = os.umask(0)
-    try:
-        _receiver.serve(os.fsencode(root), read_fd, out)
-    finally:
-        os.umask(old_umask)
-        feeder.join()
-        os.close(read_fd)
-    greeting, flushing, report = out.getvalue().splitlines()
+    greeting, flushing, report = serve_fed(root, frames, len(frames)).splitlines()
     assert (greeting + b"\n", flushing + b"\n") == (_receiver.GREETING, _receiver.FLUSHING)
     assert sorted(json.loads(report)) == [[1, 0, len(big), 1_600_000_000_123_456_789, 1],
                                           [2, 0, len(small), 1_600_000_000_000_000_000, 1]]
@@ -636,11 +646,8 @@ def test_the_receiver_takes_frames_split_anywhere_by_its_reads(tmp_path: Path,
     file in parts and a symlink, fed through a pipe ``dribble`` bytes at a time: a frame
     split by the reads anywhere (header, names, content) arrives whole, as does a W frame
     larger than one read."""
-    import io
     import json
-    import threading
 
-    from replicator.transports import _receiver
     from replicator.transports._ssh_stream import (
         COMMIT,
         data_header,
@@ -663,24 +670,7 @@ def test_the_receiver_takes_frames_split_anywhere_by_its_reads(tmp_path: Path,
                        + link_frame(11, 1_700_000_000_000_000_001, b"d0/link",
                                     b".~rep-1-l.tmp", b"f0"))
     frames += b"S" + b"Q"
-    read_fd, write_fd = os.pipe()
-
-    def feed() -> None:
-        with open(write_fd, "wb", buffering=0) as pipe:
-            for start in range(0, len(frames), dribble):
-                pipe.write(frames[start:start + dribble])
-
-    feeder = threading.Thread(target=feed)
-    feeder.start()
-    out = io.BytesIO()
-    old_umask = os.umask(0)
-    try:
-        _receiver.serve(os.fsencode(root), read_fd, out)
-    finally:
-        os.umask(old_umask)
-        feeder.join()
-        os.close(read_fd)
-    report = sorted(json.loads(out.getvalue().splitlines()[2]))
+    report = sorted(json.loads(serve_fed(root, frames, dribble).splitlines()[2]))
     link_size = len(b"f0")
     assert report == [[i, 0, len(c), 1_600_000_000_000_000_000 + i, 1]
                       for i, c in enumerate(contents)] + [
@@ -725,13 +715,39 @@ class _Replies:
         self._thread.join(20)
 
 
+@contextmanager
+def live_receiver(root: Path) -> Iterator[tuple[BinaryIO, _Replies]]:
+    """The receiver serving ``root`` in a thread, fed through one pipe and answering through
+    another: the feed (closed at the end, and the receiver must then end) and its replies."""
+    import threading
+
+    from replicator.transports import _receiver
+
+    in_read, in_write = os.pipe()
+    out_read, out_write = os.pipe()
+    replies = _Replies(out_read)
+    old_umask = os.umask(0)
+    try:
+        with open(out_write, "wb") as out:
+            server = threading.Thread(target=_receiver.serve,
+                                      args=(os.fsencode(root), in_read, out))
+            server.start()
+            with open(in_write, "wb", buffering=0) as feed:
+                yield feed, replies
+            server.join(20)
+            assert not server.is_alive()
+    finally:
+        os.umask(old_umask)
+        replies.join()
+        os.close(in_read)
+
+
 def test_the_receiver_reports_a_batch_while_the_next_is_read(tmp_path: Path) -> None:
     """The receiver reads on while a batch's flush is under way, and reports each batch
     once its files are in place, without waiting for more input (a client may send nothing
     until it has a report); its replies keep the order of the requests: ``flushing`` and
     the report of each sync, in turn, then the answer to a ping sent behind them."""
     import json
-    import threading
 
     from replicator.transports import _receiver
     from replicator.transports._ssh_stream import whole_header
@@ -744,28 +760,13 @@ def test_the_receiver_reports_a_batch_while_the_next_is_read(tmp_path: Path) -> 
                                      f"b{first}/f{i}".encode(), f".~rep-1-{i}.tmp".encode(),
                                      3) + b"abc" for i in range(first, first + count)) + b"S"
 
-    in_read, in_write = os.pipe()
-    out_read, out_write = os.pipe()
-    replies = _Replies(out_read)
-    old_umask = os.umask(0)
-    try:
-        with open(out_write, "wb") as out:
-            server = threading.Thread(target=_receiver.serve,
-                                      args=(os.fsencode(root), in_read, out))
-            server.start()
-            with open(in_write, "wb", buffering=0) as feed:
-                feed.write(batch(0, 5))
-                # Nothing more is sent until the report: it comes from the flush alone.
-                assert len(replies.wait_for(3)) == 3, replies.lines
-                feed.write(batch(5, 3) + batch(8, 4) + b"P")
-                assert len(replies.wait_for(8)) == 8, replies.lines
-                feed.write(b"Q")
-            server.join(20)
-            assert not server.is_alive()
-    finally:
-        os.umask(old_umask)
-        replies.join()
-        os.close(in_read)
+    with live_receiver(root) as (feed, replies):
+        feed.write(batch(0, 5))
+        # Nothing more is sent until the report: it comes from the flush alone.
+        assert len(replies.wait_for(3)) == 3, replies.lines
+        feed.write(batch(5, 3) + batch(8, 4) + b"P")
+        assert len(replies.wait_for(8)) == 8, replies.lines
+        feed.write(b"Q")
     lines = [line.rstrip(b"\n") for line in replies.lines]
     greeting, *rest = lines
     assert greeting + b"\n" == _receiver.GREETING
@@ -788,7 +789,6 @@ def test_the_receiver_reports_a_batch_while_a_large_file_waits_for_content(
     wait for that report before it sends more, and a stream that stopped moving (a stalled
     server) must not hold the report of a batch already sent."""
     import json
-    import threading
 
     from replicator.transports import _receiver
     from replicator.transports._ssh_stream import (
@@ -808,35 +808,20 @@ def test_the_receiver_reports_a_batch_while_a_large_file_waits_for_content(
     head = (file_frame(1, 0o644, 1_600_000_000_000_000_001, b"big", b".~rep-1-b.tmp")
             + data_header(len(big)) + big[:1 << 20])
     rest = big[1 << 20:] + COMMIT + b"S" + b"Q"
-    in_read, in_write = os.pipe()
-    out_read, out_write = os.pipe()
-    replies = _Replies(out_read)
-    old_umask = os.umask(0)
-    try:
-        with open(out_write, "wb") as out:
-            server = threading.Thread(target=_receiver.serve,
-                                      args=(os.fsencode(root), in_read, out))
-            server.start()
-            with open(in_write, "wb", buffering=0) as feed:
-                feed.write(first)
-                feed.write(head)  # the large file begins; its rest waits for the report
-                got = replies.wait_for(3)
-                assert len(got) == 3, got
-                greeting, flushing, report = got
-                assert (greeting, flushing) == (_receiver.GREETING, _receiver.FLUSHING)
-                assert [entry[:2] for entry in json.loads(report)] == [[0, 0]]
-                feed.write(rest)
-                got = replies.wait_for(5)
-                assert len(got) == 5, got
-                flushing, report = got[3:]
-                assert flushing == _receiver.FLUSHING
-                assert [entry[:3] for entry in json.loads(report)] == [[1, 0, len(big)]]
-            server.join(20)
-            assert not server.is_alive()
-    finally:
-        os.umask(old_umask)
-        replies.join()
-        os.close(in_read)
+    with live_receiver(root) as (feed, replies):
+        feed.write(first)
+        feed.write(head)  # the large file begins; its rest waits for the report
+        got = replies.wait_for(3)
+        assert len(got) == 3, got
+        greeting, flushing, report = got
+        assert (greeting, flushing) == (_receiver.GREETING, _receiver.FLUSHING)
+        assert [entry[:2] for entry in json.loads(report)] == [[0, 0]]
+        feed.write(rest)
+        got = replies.wait_for(5)
+        assert len(got) == 5, got
+        flushing, report = got[3:]
+        assert flushing == _receiver.FLUSHING
+        assert [entry[:3] for entry in json.loads(report)] == [[1, 0, len(big)]]
     assert (root / "big").read_bytes() == big
     assert temp_files(root) == []
 
