@@ -1319,3 +1319,34 @@ async def test_a_batch_is_sent_while_the_report_before_it_is_awaited(tmp_path: P
             await session.report(third, Progress())
     finally:
         session.close()
+
+
+def test_the_receiver_takes_a_batch_of_more_than_1024_folders(tmp_path: Path) -> None:
+    """A batch keeps its folders open until its renames: with more than 1,024 of them, the
+    receiver's own descriptors are past what ``select`` takes, and it waits with ``poll``."""
+    import json
+    import resource
+
+    from replicator.transports._ssh_stream import whole_header
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"at most {hard} open files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+    root = tmp_path / "replica"
+    root.mkdir()
+    count = 1100
+    frames = b"".join(whole_header(i, 0o644, 1_600_000_000_000_000_000,
+                                   f"d{i}/f".encode(), f".~rep-1-{i}.tmp".encode(), 1) + b"x"
+                      for i in range(count))
+    try:
+        with live_receiver(root) as (feed, replies):
+            feed.write(frames + b"S")
+            # The report comes while the receiver waits for input with a flush under way.
+            got = replies.wait_for(3)
+            assert len(got) == 3, got
+            feed.write(b"Q")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [entry[:2] for entry in json.loads(got[2])] == [[i, 0] for i in range(count)]
+    assert len(list(root.glob("d*/f"))) == count

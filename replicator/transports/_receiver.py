@@ -372,10 +372,15 @@ class Receiver:
 
     def wait_input(self, fd: int) -> None:
         """Until ``fd`` has input, finishing what the flusher finished meanwhile."""
+        assert self.flusher is not None
+        wake = self.flusher.wake
+        # poll, not select: a batch may hold more than 1,024 folders open.
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(wake, select.POLLIN)
         while self.inflight:
-            assert self.flusher is not None
-            ready = select.select([fd, self.flusher.wake], [], [])[0]
-            if self.flusher.wake in ready:
+            ready = [ready_fd for ready_fd, _ in poller.poll()]
+            if wake in ready:
                 self.advance(False)
             if fd in ready:
                 return
@@ -415,13 +420,16 @@ class Receiver:
         try:
             self.drain()
         finally:
-            if self.current is not None:
-                self.drop(self.current)
-            for _, dir_fd, tmp, _, _ in self.staged:
-                self.unlink(dir_fd, tmp)
-            self.staged = []
             if self.flusher is not None:
                 self.flusher.stop()
+            if self.current is not None:
+                self.drop(self.current)
+            # The unfinished batch, and any a failed report left unrenamed.
+            for batch in [*self.inflight, Pending(self.staged, {}, set(), [])]:
+                for _, dir_fd, tmp, _, _ in batch.staged:
+                    self.unlink(dir_fd, tmp)
+                batch.staged = []
+            self.staged = []
 
 
 # Batches whose sync was asked and whose report is not written: beyond this many, reading
@@ -475,8 +483,9 @@ class Flusher:
             batch, folders = item
             try:
                 self.flush(folders)
-            except OSError as exc:
-                batch.error = exc
+            except Exception as exc:  # the main thread must hear back whatever happened
+                batch.error = (exc if isinstance(exc, OSError)
+                               else OSError(errno.EIO, "flush: %r" % exc))
             self.done.put(batch)
             os.write(self._signal, b"x")
 
