@@ -8,7 +8,10 @@ said the source did not change during the read (``C``, else ``A`` discards it) a
 batch was made durable (one ``syncfs`` per filesystem, else an fsync per file). Paths are
 confined to the root: no absolute paths, no ``..``, folders opened one by one without
 following symlinks. When the stream ends without a final sync (dropped connection, killed
-client) the temp files of the unfinished batch are removed.
+client) the temp files of the unfinished batch are removed. The stream does not pause for
+the disk: a second thread only waits for each batch's flush while the main thread reads and
+writes the next batch, then renames the flushed one into place and reports it, in order
+(one thread making the system calls: two would pass the interpreter's lock at each one).
 
 Frames from the client, each one byte of kind then a fixed header (network order):
   W seq:I mode:I mtime_ns:q dest_len:H tmp_len:H length:I, dest, tmp, content
@@ -25,7 +28,9 @@ Frames from the client, each one byte of kind then a fixed header (network order
   Q                                                            quit
 Replies, one line each: the greeting ``replicator-receiver 3``, and for each ``S`` the line
 ``flushing`` (all frames were read) then a JSON list of ``[seq, 0, size, mtime_ns, kind_ok]``
-(in place) or ``[seq, errno, what, strerror]``. ``I`` answers ``[root, probe, marker]``:
+(in place) or ``[seq, errno, what, strerror]``, in the order of the syncs (a sync's
+``flushing`` comes after the report before it; ``P``, ``I`` and ``K`` are answered after the
+reports due). ``I`` answers ``[root, probe, marker]``:
 ``root`` null when the root is a folder, ``probe`` null when a file can be created in it
 (and removed), ``marker`` the text of the root's file ``name`` (null: none), each else
 ``[errno, strerror]``. ``K`` writes the root's file ``name`` whole (a temp file, fsync,
