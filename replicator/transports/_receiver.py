@@ -260,9 +260,7 @@ class Receiver:
         mode &= 0o1777
         what = "mkdir"
         try:
-            dir_fd = self.dirs.get(reldir)
-            if dir_fd is None:
-                dir_fd = self.folder(reldir)
+            dir_fd = self.folder(reldir)
             what = "write"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | O_CLOEXEC, mode, dir_fd=dir_fd)
