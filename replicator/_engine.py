@@ -329,19 +329,31 @@ class ReplicaRunner:
             if self.unavailable is None or once:
                 return
 
-    async def _checked(self) -> bool:
-        """Check the replica and record the verdict: whether it is available."""
+    async def _checked(self, passed: Callable[[], None] | None = None) -> bool:
+        """Check the replica and record the verdict: whether it is available.
+
+        ``passed`` is called once the replica itself passed, before the inventory records
+        it: the workers need not wait for SQLite's writer, which a scan's inserts keep busy
+        (an SSH run's first copies waited 40 ms for it). Copies recorded before the marker
+        are harmless: a run that finds the marker file but no record adopts it.
+        """
         try:
-            await self._check_replica()
+            new_marker = await self._check_replica()
         except (ReplicaUnavailableError, FileError, TimeoutError) as exc:
             reason = str(exc) or f"no answer within {self.config.op_timeout} s"
             await self._set_unavailable(reason)
             return False
-        await self._set_available()
+        self._became_available()
+        if passed is not None:
+            passed()
+        if new_marker is not None:
+            await self.engine.inventory.set_replica_marker(self.name, new_marker)
+        await self.engine.inventory.set_condition(self.name, "ok", None)
         return True
 
-    async def _check_replica(self) -> None:
-        """Probe, check the marker, remove dead runs' temp files."""
+    async def _check_replica(self) -> str | None:
+        """Probe, check the marker, remove dead runs' temp files. The marker the inventory
+        is to record, if the replica has none recorded yet."""
         with anyio.fail_after(self.config.op_timeout):
             # The marker is read while the root is probed: on a long link each is a round
             # trip or more. The probe's verdict comes first, the marker's after.
@@ -352,13 +364,14 @@ class ReplicaRunner:
                 if isinstance(outcome, Exception):
                     raise outcome
             assert found is None or isinstance(found, str)
-            await self._check_marker(found)
+            new_marker = await self._check_marker(found)
             if self._stale_dirs:
                 dirs = {os.path.dirname(d) for d in self._stale_dirs}
                 removed = await self.transport.remove_stale_temps(dirs, self.engine.run_id)
                 self._stale_dirs = []
                 if removed:
                     self._log.info("removed temp files of dead runs", count=removed)
+            return new_marker
 
     async def _prepare(self) -> None:
         # Only once there is something to copy: a run that finds nothing to do starts no
@@ -376,27 +389,28 @@ class ReplicaRunner:
         with anyio.move_on_after(self.config.op_timeout):
             await self.transport.prepare()
 
-    async def _check_marker(self, found: str | None) -> None:
+    async def _check_marker(self, found: str | None) -> str | None:
         """The root must hold this replica's marker (``found`` in it) once the replica has
-        been used.
+        been used. Returns the marker for the inventory to record where it has none yet
+        (the root's, or one written now).
 
         An unmounted disk leaves an empty, writable mount point: copies made there would be
         recorded as replicated and then hidden when the disk comes back.
         """
-        inventory = self.engine.inventory
-        expected = await inventory.replica_marker(self.name)
+        expected = await self.engine.inventory.replica_marker(self.name)
         if expected is None:
             if found is None:
                 found = f"replicator {self.name} {uuid.uuid4()}"
                 await self.transport.write_marker(found)
-            await inventory.set_replica_marker(self.name, found)
-        elif found != expected:
+            return found
+        if found != expected:
             what = "has no" if found is None else "has another replica's"
             raise ReplicaUnavailableError(
                 f"replica root {self.config.url} {what} identity marker"
                 f" ({MARKER.decode()}): is the right disk mounted? If this folder really is"
                 f" this replica, write {expected!r} into that file"
             )
+        return None
 
     async def _set_unavailable(self, reason: str) -> None:
         self.unavailable = reason
@@ -405,12 +419,11 @@ class ReplicaRunner:
         await self.engine.inventory.set_condition(self.name, "unavailable", reason)
         self.engine.bus.publish(ReplicaUnavailable(replica=self.name, error=reason))
 
-    async def _set_available(self) -> None:
+    def _became_available(self) -> None:
         if self.unavailable is not None or self.name in self.engine.state.unavailable:
             self.engine.bus.publish(ReplicaAvailable(replica=self.name))
         self.unavailable = None
         self.engine.state.unavailable.pop(self.name, None)
-        await self.engine.inventory.set_condition(self.name, "ok", None)
 
     async def _serve(self, once: bool, check: bool = False) -> bool:
         """Feed the workers until the run's end or the replica's; with ``check``, check
@@ -422,7 +435,7 @@ class ReplicaRunner:
         async def checking() -> None:
             nonlocal passed
             try:
-                passed = await self._checked()
+                passed = await self._checked(verdict.set)
             finally:
                 verdict.set()
                 self.wake.set()  # a feeder waiting for work sees an unavailable replica

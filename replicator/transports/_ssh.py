@@ -96,7 +96,7 @@ if TYPE_CHECKING:
 else:
     # asyncssh (a tenth of a second of CPU to import) and the SFTP pool only where they are
     # used: a run whose stream goes through the OpenSSH client uses neither.
-    asyncssh = LazyModule("asyncssh")
+    asyncssh = LazyModule("replicator.transports._asyncssh")
 
 log = structlog.get_logger("replicator.transports.ssh")
 

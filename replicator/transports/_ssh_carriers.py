@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from ._base import Progress
 else:
-    asyncssh = LazyModule("asyncssh")  # for the asyncssh carrier only
+    asyncssh = LazyModule("replicator.transports._asyncssh")  # for the asyncssh carrier only
 
 # Channel window and packet size for asyncssh: the 2 MiB default window caps one channel at
 # 2 MiB per round trip (20 MB/s at 100 ms), and large packets cut per-packet work.

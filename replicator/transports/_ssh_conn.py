@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import anyio
-import asyncssh
 import structlog
 
 from .._errors import ErrorClass, FileError, ReplicaUnavailableError
+from ._asyncssh import asyncssh
 from ._ssh_options import GCM_FIRST, SshOptions, refusal, refuse
 
 log = structlog.get_logger("replicator.transports.ssh")

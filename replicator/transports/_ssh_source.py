@@ -22,12 +22,12 @@ from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 
 import anyio
-import asyncssh
 import structlog
 
 from .._config import OriginConfig
 from .._errors import FileError, OriginUnavailableError, ReplicaUnavailableError
 from .._inventory import Kind
+from ._asyncssh import asyncssh
 from ._base import Progress, SourceStat
 from ._ssh_conn import _acquire_pool, _Conn, _Pool, _release_pool, sftp_op
 from ._ssh_options import CLEANUP_TIMEOUT, WHOLE_SECOND, SshOptions, options_for
