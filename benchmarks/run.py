@@ -766,17 +766,74 @@ def _find_replicator(given: str | None) -> str:
     return found
 
 
+_PLAIN_INSTALL = """\
+import json, os, sysconfig
+import replicator
+paths = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+package = os.path.dirname(os.path.realpath(replicator.__file__))
+print(json.dumps({"editable": not any(package.startswith(os.path.realpath(p) + os.sep)
+                                      for p in paths),
+                  "source": os.path.dirname(package), "site": paths}))
+"""
+
+_SCRIPT = """#!{python}
+import re
+import sys
+from replicator.cli import run
+if __name__ == "__main__":
+    sys.argv[0] = re.sub(r"(-script\\.pyw|\\.exe)?$", "", sys.argv[0])
+    sys.exit(run())
+"""
+
+
+def plain_install(replicator: str, folder: Path) -> tuple[str, str]:
+    """The ``replicator`` command as a wheel installs it, for an editable install: a
+    private venv in ``folder`` whose site-packages lists the checkout and the installed
+    dependencies, and a console script as pip writes it. An editable install's import
+    finder (a .pth file that imports it) costs every Python start about 11 ms, the command
+    and each copy helper, which no user who installs the package pays. The same files run:
+    the checkout's package, with its extension built in place. Returns (command, what was
+    done); the given command if it is not an editable install or anything fails."""
+    try:
+        python = _script_python(replicator)
+        found = subprocess.run([*python, "-c", _PLAIN_INSTALL], capture_output=True,
+                               text=True, timeout=60, check=True, cwd=folder.parent)
+        info = json.loads(found.stdout)
+        if not info["editable"]:
+            return replicator, "as installed (not editable)"
+        subprocess.run([*python, "-m", "venv", "--without-pip", str(folder)],
+                       capture_output=True, timeout=120, check=True)
+        venv_python = folder / "bin" / "python"
+        purelib = subprocess.run(
+            [str(venv_python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+        # Directories named in a .pth file are added to the path, but the .pth files in
+        # them are not run: the editable finder stays out.
+        Path(purelib, "replicator-bench.pth").write_text(
+            "\n".join([info["source"], *info["site"]]) + "\n")
+        script = folder / "bin" / "replicator"
+        script.write_text(_SCRIPT.format(python=venv_python))
+        script.chmod(0o755)
+    except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+        return replicator, f"editable install as it is (no plain layout: {exc})"
+    return str(script), f"plain layout of the editable install in {folder}"
+
+
+def _script_python(replicator: str) -> list[str]:
+    """The interpreter a console script runs with (its "#!" line), else this Python."""
+    with open(shutil.which(replicator) or replicator, "rb") as script:
+        first = script.readline()
+    # "#!/path/python" or "#!/usr/bin/env python3"; anything else: this Python.
+    return shlex.split(first[2:].decode()) if first.startswith(b"#!") else [sys.executable]
+
+
 def _byte_compile(replicator: str) -> str:
     """Byte-compile the package the ``replicator`` script imports, as pip does when it
     installs a wheel. Under PYTHONDONTWRITEBYTECODE (set on these machines) an editable
     install is otherwise compiled from source at every start: 29 modules, about 70 ms of
     each run. Returns what was done, for the results' metadata."""
     try:
-        with open(shutil.which(replicator) or replicator, "rb") as script:
-            first = script.readline()
-        # "#!/path/python" or "#!/usr/bin/env python3"; anything else: this Python.
-        python = (shlex.split(first[2:].decode()) if first.startswith(b"#!")
-                  else [sys.executable])
+        python = _script_python(replicator)
         done = subprocess.run(
             [*python, "-c", "import compileall, os, replicator; print(compileall.compile_dir("
              "os.path.dirname(replicator.__file__), quiet=1))"],
@@ -800,10 +857,12 @@ def main(argv: list[str] | None = None) -> int:
     parent = args.scratch or Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="replicator-bench-", dir=parent))
+    replicator, installed = plain_install(replicator, scratch / "install")
     bench = Bench(args, sizes, scratch, started + args.budget, replicator,
                   reserve=15.0 if args.quick else 90.0)
     mode = "quick" if args.quick else "full"
     meta = environment(replicator)
+    meta["install"] = installed
     meta["byte_compiled"] = _byte_compile(replicator)
     meta.update({"mode": mode, "repeat": args.repeat, "budget_s": args.budget,
                  "command": " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])]),
