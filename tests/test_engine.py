@@ -966,6 +966,39 @@ async def test_the_feeder_claims_while_the_replica_is_checked(
     assert (summary.copied, summary.exit_code) == (30, 0)
 
 
+async def test_copies_start_before_the_inventory_records_the_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the replica itself passed its check, copies need not wait for the inventory to
+    record the marker and the condition (its writer may be busy with a scan's inserts);
+    both are recorded by the end of the run."""
+    origin, r1 = tmp_path / "o", tmp_path / "r1"
+    r1.mkdir()
+    for i in range(30):
+        write(origin / f"d{i % 3}" / f"f{i}.dat", b"x" * i)
+    backdate(origin)
+    put, set_marker = LocalTransport.put, Inventory.set_replica_marker
+    copying = anyio.Event()
+
+    async def noted_put(transport: LocalTransport, *args: Any) -> Any:
+        copying.set()
+        return await put(transport, *args)
+
+    async def held_marker(inventory: Inventory, replica: str, marker: str) -> None:
+        with anyio.fail_after(10):  # a copy starts meanwhile
+            await copying.wait()
+        await set_marker(inventory, replica, marker)
+
+    monkeypatch.setattr(LocalTransport, "put", noted_put)
+    monkeypatch.setattr(Inventory, "set_replica_marker", held_marker)
+    async with Replicator(make_config(tmp_path, origin, [r1])) as rep:
+        summary = await rep.sync_once()
+    assert (summary.copied, summary.exit_code) == (30, 0)
+    written = (r1 / ".replicator-replica").read_text().strip()
+    with closing(sqlite3.connect(tmp_path / "inventory.db")) as conn:
+        assert conn.execute("SELECT marker, condition FROM replicas").fetchall() == [
+            (written, "ok")]
+
+
 async def test_an_unavailable_replica_claims_nothing_until_it_is_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Continuous mode: the copies claimed, or taken from scan batches, while a replica was
