@@ -567,10 +567,16 @@ def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
 
     Copy helpers for its local replicas with a local origin: one per worker, at most one
     per core but this process's (more would only compete with its imports; a replica starts
-    the others when it needs them). And the first receiver session of each SSH replica that
-    may use the OpenSSH client with host keys checked, and that the inventory says has work
-    (new to it, or copies waiting): a login on the host is not spent on a run that may have
-    nothing to copy there; one per host, user and port (sshd limits logins in progress).
+    the others when it needs them), or one per core where such a replica has work the
+    inventory knows of (new to it, or copies waiting): a first copy to a new replica keeps
+    every helper busy from its first batches on, and a helper started when a batch finds
+    the others busy spends its 0.06 s of start-up while the copies wait (small-local 5% to
+    9% faster in three series). An empty run pays for a helper it does not use (0.19 to
+    0.25 s with an empty origin), so only where the inventory says so.
+    And the first receiver session of each SSH replica that may use the OpenSSH client with
+    host keys checked, and that the inventory says has work: a login on the host is not
+    spent on a run that may have nothing to copy there; one per host, user and port (sshd
+    limits logins in progress).
     Nothing for other commands, a dry run, a continuous run (spares would wait for work as
     long as it runs), or a config that does not load (``sync`` says why)."""
     if args.func is not cmd_sync or args.dry_run or args.continuous:
@@ -580,29 +586,34 @@ def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
     except (ConfigError, OSError):
         return 0, []
     cores = os.cpu_count() or 1
-    helpers = 0
+    local: list[ReplicaConfig] = []
     ssh: list[ReplicaConfig] = []
     for replica in config.replicas:
         if args.replica and replica.name not in args.replica:
             continue
         if replica.scheme == "file":
             if any(not origin.remote for origin in config.origins_for(replica)):
-                helpers += helpers_for(replica.workers)
+                local.append(replica)
         elif (replica.scheme == "ssh" and replica.transfer in ("auto", "openssh")
               and not replica.insecure_skip_host_key_check):
             ssh.append(replica)
-    sessions: list[list[str]] = []
-    if ssh and shutil.which("ssh"):
+    if ssh and not shutil.which("ssh"):
+        ssh = []
+    busy: set[str] = set()
+    if local or ssh:
         from ._inventory._peek import replicas_with_work
 
-        busy = replicas_with_work(config.inventory, [r.name for r in ssh])
-        hosts: set[str] = set()
-        for replica in ssh:
-            options = options_for(replica)
-            if replica.name in busy and options.where not in hosts:
-                hosts.add(options.where)
-                sessions.append(session_argv(options, os.fsencode(replica.remote_path)))
-    return min(helpers, cores - 1), sessions
+        busy = replicas_with_work(config.inventory, [r.name for r in [*local, *ssh]])
+    sessions: list[list[str]] = []
+    hosts: set[str] = set()
+    for replica in ssh:
+        options = options_for(replica)
+        if replica.name in busy and options.where not in hosts:
+            hosts.add(options.where)
+            sessions.append(session_argv(options, os.fsencode(replica.remote_path)))
+    helpers = sum(helpers_for(replica.workers) for replica in local)
+    room = cores if any(replica.name in busy for replica in local) else cores - 1
+    return min(helpers, room), sessions
 
 
 async def _run_async(args: argparse.Namespace, helpers: int,
