@@ -518,3 +518,22 @@ def test_staged_batches_are_finished_together(tmp_path: Path,
     assert sorted(p.name for p in (root / "a").iterdir()) == [f"{i:04}.dat" for i in range(5)]
     assert leftovers(root) == []
     assert all(progress.idle_for() > 0.0 for progress in progresses)  # flushes ended
+
+
+def test_a_helper_starts_without_the_engines_types() -> None:
+    """A copy helper imports what copies need, not ``dataclasses`` (with ``inspect``) nor
+    the inventory's types: they were 25 to 30 ms of each helper's start-up, and a run
+    starts its helpers while its own imports want the cores."""
+    import subprocess
+    import sys
+
+    from replicator.transports._spares import _BOOTSTRAP
+
+    heavy = ("dataclasses", "inspect", "traceback", "replicator._inventory._types",
+             "replicator._inventory._store", "anyio", "structlog")
+    assert _BOOTSTRAP.rstrip().endswith("serve()")
+    code = _BOOTSTRAP.rstrip()[:-len("serve()")] + (
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False, stdin=subprocess.DEVNULL)
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr

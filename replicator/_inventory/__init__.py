@@ -5,13 +5,13 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from ._kind import Kind
     from ._store import Inventory
     from ._types import (
         CopyState,
         DirListing,
         Entry,
         FailedCopy,
-        Kind,
         ListingsDiff,
         NewFile,
         OriginStats,
@@ -44,8 +44,9 @@ __all__ = [
 # Imported on first use: the command line reads the inventory (``_peek``) before it imports
 # aiosqlite and asyncio with ``_store``.
 __getattr__, __dir__ = lazy_exports(globals(), {
+    "._kind": ("Kind",),
     "._store": ("Inventory",),
-    "._types": ("CopyState", "DirListing", "Entry", "FailedCopy", "Kind", "ListingsDiff",
+    "._types": ("CopyState", "DirListing", "Entry", "FailedCopy", "ListingsDiff",
                 "NewFile", "OriginStats", "Outcome", "OutcomeKind", "ReplicaStats",
                 "ScanDelta", "Work", "join_path"),
 })

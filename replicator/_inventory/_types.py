@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from typing import Any, NamedTuple
 
-
-class Kind(IntEnum):
-    FILE = 0
-    SYMLINK = 1
+from ._kind import Kind as Kind
 
 
 class CopyState(StrEnum):

@@ -7,19 +7,17 @@ from .._lazy import lazy_exports
 if TYPE_CHECKING:
     from ._base import (
         MARKER,
-        Capabilities,
-        DestStat,
         Progress,
         PutRequest,
         PutResult,
         PutStatus,
         Source,
         SourceReader,
-        SourceStat,
         Transport,
     )
     from ._factory import open_transport
     from ._local import LocalTransport
+    from ._stats import Capabilities, DestStat, SourceStat
 
 __all__ = [
     "MARKER",
@@ -39,8 +37,9 @@ __all__ = [
 
 # Imported on first use, like the package's (see .._lazy).
 __getattr__, __dir__ = lazy_exports(globals(), {
-    "._base": ("MARKER", "Capabilities", "DestStat", "Progress", "PutRequest", "PutResult",
-               "PutStatus", "Source", "SourceReader", "SourceStat", "Transport"),
+    "._base": ("MARKER", "Progress", "PutRequest", "PutResult", "PutStatus", "Source",
+               "SourceReader", "Transport"),
     "._factory": ("open_transport",),
     "._local": ("LocalTransport",),
+    "._stats": ("Capabilities", "DestStat", "SourceStat"),
 })

@@ -6,46 +6,20 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from .._errors import FileError
-from .._inventory._types import Kind
+from .._inventory._kind import Kind
+
+if TYPE_CHECKING:
+    # The copy helpers import this module: its value types live in ``_stats``, so that a
+    # helper does not import ``dataclasses`` (with ``inspect``: a third of its start-up).
+    from ._stats import Capabilities, DestStat, SourceStat
 
 # A file in each replica root naming the replica: an empty mount point (an unmounted disk)
 # or another disk mounted in its place lacks it, and is then refused instead of filled.
 MARKER = b".replicator-replica"
-
-
-@dataclass(frozen=True, slots=True)
-class Capabilities:
-    """What a transport can do; the engine adapts its comparisons to it."""
-
-    mtime_precision_ns: int = 1
-    fsync: bool = True
-    atomic_rename: bool = True
-    symlinks: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class SourceStat:
-    """An origin file as a remote source sees it (lstat), mtime at the source's precision.
-
-    ``kind`` is None for anything but a regular file or a symlink (folders, fifos...).
-    """
-
-    kind: Kind | None
-    size: int
-    mtime_ns: int
-    mode: int
-    target: bytes | None = None
-
-    def same_version(self, other: SourceStat | None) -> bool:
-        """Whether ``other`` shows this version (kind, size, mtime, target): a copy read
-        between the two is not a mix of two versions."""
-        return other is not None and (self.kind, self.size, self.mtime_ns, self.target) == (
-            other.kind, other.size, other.mtime_ns, other.target)
 
 
 class SourceReader(Protocol):
@@ -129,15 +103,6 @@ class PutResult(NamedTuple):
     size: int = 0  # the source version that was copied (read before the copy)
     mtime_ns: int = 0
     error: FileError | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DestStat:
-    size: int
-    mtime_ns: int
-    mode: int
-    is_dir: bool
-    is_symlink: bool
 
 
 class Progress:

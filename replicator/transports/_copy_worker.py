@@ -18,12 +18,11 @@ import struct
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from .._gc_tuning import tune_gc
-from .._inventory._types import Kind
+from .._inventory._kind import Kind
 from ._base import Progress, PutRequest, PutResult, PutStatus
 from ._local_batch import BatchWriter, StagedBatch
 
@@ -244,6 +243,8 @@ class _Server:
                 try:
                     _finish_group(group, self.send)
                 except Exception:
+                    import traceback  # only here: a tenth of the helper's imports
+
                     traceback.print_exc()
                     self.failed = True
                     self.stop()

@@ -16,11 +16,12 @@ import anyio
 import structlog
 
 from .._errors import ReplicaUnavailableError
-from ._base import MARKER, Capabilities, DestStat, Progress, PutRequest, PutResult
+from ._base import MARKER, Progress, PutRequest, PutResult
 from ._errors import file_error
 from ._local_batch import _DIR_FLAGS, TEMP_RE, BatchWriter
 from ._local_helper import CopyHelper
 from ._paths import confine
+from ._stats import Capabilities, DestStat
 
 log = structlog.get_logger("replicator.transports.local")
 

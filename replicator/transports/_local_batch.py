@@ -20,7 +20,7 @@ from contextlib import suppress
 from types import ModuleType
 
 from .._errors import FileError
-from .._inventory._types import Kind
+from .._inventory._kind import Kind
 from ._base import Progress, PutRequest, PutResult, PutStatus
 from ._errors import file_error, os_error
 from ._paths import confine, copy_mode

@@ -23,18 +23,11 @@ import structlog
 
 from .._errors import FileError, OriginUnavailableError
 from .._inventory import Kind
-from ._base import (
-    Progress,
-    PutRequest,
-    PutResult,
-    PutStatus,
-    Source,
-    SourceReader,
-    SourceStat,
-)
+from ._base import Progress, PutRequest, PutResult, PutStatus, Source, SourceReader
 from ._errors import file_error
 from ._local_batch import _DIR_FLAGS, _Dirs, _syncfs, flush_folders, rename_into_place, temp_name
 from ._paths import confine, copy_mode
+from ._stats import SourceStat
 
 log = structlog.get_logger("replicator.transports.pull")
 

@@ -41,15 +41,7 @@ from .._errors import ErrorClass, FileError, OriginUnavailableError, ReplicaUnav
 from .._inventory import Kind
 from .._lazy import LazyModule
 from .._together import together
-from ._base import (
-    MARKER,
-    Capabilities,
-    DestStat,
-    Progress,
-    PutRequest,
-    PutResult,
-    PutStatus,
-)
+from ._base import MARKER, Progress, PutRequest, PutResult, PutStatus
 from ._errors import file_error
 from ._local_batch import TEMP_RE, temp_name
 from ._paths import confine, copy_mode
@@ -88,6 +80,7 @@ from ._ssh_stream import (
     file_frame,
     result_error,
 )
+from ._stats import Capabilities, DestStat
 
 if TYPE_CHECKING:
     import asyncssh

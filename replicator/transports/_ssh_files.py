@@ -11,11 +11,12 @@ from typing import NamedTuple
 
 from .._errors import ErrorClass, FileError
 from .._inventory import Kind
-from ._base import PutRequest, PutResult, PutStatus, SourceReader, SourceStat
+from ._base import PutRequest, PutResult, PutStatus, SourceReader
 from ._errors import file_error, os_error
 from ._local_batch import accelerator, temp_name
 from ._paths import confine, copy_mode
 from ._ssh_stream import link_frame, whole_header
+from ._stats import SourceStat
 
 # Files up to this size are read whole, many per thread call: a group's reading and framing
 # is one hand-off to a worker thread and its frames one write to the session (256 files of

@@ -28,10 +28,11 @@ from .._config import OriginConfig
 from .._errors import FileError, OriginUnavailableError, ReplicaUnavailableError
 from .._inventory import Kind
 from ._asyncssh import asyncssh
-from ._base import Progress, SourceStat
+from ._base import Progress
 from ._ssh_conn import _acquire_pool, _Conn, _Pool, _release_pool, sftp_op
 from ._ssh_options import CLEANUP_TIMEOUT, WHOLE_SECOND, SshOptions, options_for
 from ._ssh_options import show as _show
+from ._stats import SourceStat
 
 log = structlog.get_logger("replicator.transports.ssh_source")
 
