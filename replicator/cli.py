@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import anyio
-
 from ._config import Config, OriginConfig, ReplicaConfig, load_config
 from ._config_edit import append_replica, remove_replica, render_initial_config
 from ._errors import ConfigError, EngineLockedError, InventoryError, ReplicatorError
 from ._gc_tuning import tune_gc
+from ._lazy import LazyModule
 from ._version import __version__
 from .transports._spares import close_sessions, helpers_for, spare_processes, start_sessions
 from .transports._ssh_options import options_for, session_argv
@@ -36,8 +35,13 @@ from .transports._ssh_options import options_for, session_argv
 # The engine's modules (structlog, aiosqlite, the engine, the transports) are imported where
 # a command first needs them: ``sync`` starts its copy helpers first (see ``_run_async``).
 if TYPE_CHECKING:
+    import anyio
+
     from ._inventory import Inventory, ReplicaStats
     from ._replicator import Replicator, SyncSummary
+else:
+    # anyio (and so asyncio) once a command needs it: ``sync`` spawns its SSH sessions first.
+    anyio = LazyModule("anyio")
 
 # Open files the CLI asks for (see _raise_open_files_limit).
 OPEN_FILES = 65536

@@ -11,8 +11,8 @@ only where it would start the same ``ssh`` command itself (``SshTransport``), wh
 the host key as every one of its logins does. Spares not taken are stopped when the run ends: they
 never had work, so there is nothing of theirs to clean up.
 
-Imports nothing but anyio, the standard library and ``_ssh_options``: it runs before the
-rest is imported.
+Imports nothing but the standard library and ``_ssh_options`` (anyio on first use): it
+runs before the rest is imported.
 """
 
 from __future__ import annotations
@@ -23,11 +23,17 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anyio
-from anyio.abc import Process
-
+from .._lazy import LazyModule
 from ._ssh_options import spawn_ssh
+
+if TYPE_CHECKING:
+    import anyio
+    from anyio.abc import Process
+else:
+    # anyio only once the event loop runs: the command spawns its SSH sessions first.
+    anyio = LazyModule("anyio")
 
 # A helper told to stop gets this long to remove its temp files before it is killed.
 STOP_GRACE = 10.0
