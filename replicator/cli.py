@@ -574,9 +574,9 @@ def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
     the others when it needs them), or one per core where such a replica has work the
     inventory knows of (new to it, or copies waiting): a first copy to a new replica keeps
     every helper busy from its first batches on, and a helper started when a batch finds
-    the others busy spends its 0.06 s of start-up while the copies wait (small-local 5% to
-    9% faster in three series). An empty run pays for a helper it does not use (0.19 to
-    0.25 s with an empty origin), so only where the inventory says so.
+    the others busy spends its start-up while the copies wait (small-local 4% to 9%
+    faster in four series). A run with nothing to copy pays for a helper it does not use
+    (0.193 to 0.225 s with an empty origin), so only where the inventory says so.
     And the first receiver session of each SSH replica that may use the OpenSSH client with
     host keys checked, and that the inventory says has work: a login on the host is not
     spent on a run that may have nothing to copy there; one per host, user and port (sshd

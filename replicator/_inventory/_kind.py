@@ -1,6 +1,6 @@
 """The kinds of origin file, apart from the inventory's other types: the copy helpers
-import it and nothing else of the inventory (``dataclasses`` and the types' classes are
-half of a helper's start-up)."""
+import it and nothing else of the inventory (``dataclasses`` and the types' classes were
+about a third of a helper's start-up)."""
 
 from __future__ import annotations
 
