@@ -1352,7 +1352,6 @@ def test_the_receiver_takes_a_batch_of_more_than_1024_folders(tmp_path: Path) ->
     assert len(list(root.glob("d*/f"))) == count
 
 
-
 def test_the_receiver_enlarges_its_input_pipe(tmp_path: Path) -> None:
     """The receiver makes the pipe it reads (from sshd) 1 MiB: with 64 KiB, sshd and the
     receiver took turns a block at a time and small files over SSH ran 15% slower. It is
