@@ -22,9 +22,14 @@ def replicas_with_work(path: Path, names: Collection[str]) -> set[str]:
         return set()
     try:
         known = {name for (name,) in db.execute("SELECT name FROM replicas")}
+        # Each state by ``=``, so that an index answers in every schema version (v6 made
+        # them partial, see _schema); without INDEXED BY, SQLite reads every copy of a
+        # replica with nothing pending to find none.
         busy = {name for name in names if name in known and db.execute(
-            "SELECT 1 FROM copies INDEXED BY copies_due WHERE replica = ?"
-            " AND state IN ('pending', 'copying') LIMIT 1", (name,)).fetchone()}
+            "SELECT EXISTS (SELECT 1 FROM copies INDEXED BY copies_due"
+            " WHERE replica = ?1 AND state = 'pending')"
+            " OR EXISTS (SELECT 1 FROM copies WHERE replica = ?1 AND state = 'copying')",
+            (name,)).fetchone()[0]}
     except sqlite3.Error:
         return set()
     finally:

@@ -84,6 +84,19 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE replicas ADD COLUMN unrecorded_placement TEXT;
     """,
+    # v6: partial indexes. copies_due holds the pending copies only, copies_open the copying,
+    # failed and ignored ones. A copy made (most of them) is in neither: a new file's copy,
+    # claimed as the scan records it, adds and removes no entry of them, where it moved
+    # three times in copies_due (whose entries sort by mtime, at random places when
+    # folders are written side by side). SQLite uses a partial index only where the query
+    # names the state with ``=`` (see _store).
+    """
+    DROP INDEX copies_due;
+    CREATE INDEX copies_due ON copies (replica, next_attempt, src_mtime_ns)
+        WHERE state = 'pending';
+    CREATE INDEX copies_open ON copies (replica, state)
+        WHERE state = 'copying' OR state = 'failed' OR state = 'ignored';
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

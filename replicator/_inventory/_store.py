@@ -44,6 +44,9 @@ BUSY_TIMEOUT_MS = 30_000
 # SQLite limits host parameters per statement; folder batches stay well below it.
 _MAX_PARAMS = 900
 
+# The condition of the partial index copies_open (see _schema), as a query must name it.
+_OPEN = "(state = 'copying' OR state = 'failed' OR state = 'ignored')"
+
 _DUE_COLUMNS = (
     "f.id, f.origin, f.host, f.dir, f.name, f.kind, f.size, f.mtime_ns, f.mode, f.target,"
     " c.attempts"
@@ -787,7 +790,7 @@ class Inventory:
             # INDEXED BY: without statistics SQLite takes the primary key and reads every
             # copy of the replica (30 ms per 300,000) to find the few in flight.
             "SELECT c.replica, c.dest, f.origin, f.host, f.dir, f.name"
-            " FROM copies c INDEXED BY copies_due JOIN files f ON f.id = c.file_id"
+            " FROM copies c INDEXED BY copies_open JOIN files f ON f.id = c.file_id"
             f" WHERE c.state = 'copying' AND c.replica IN ({marks})",
             tuple(replicas),
         )
@@ -795,7 +798,7 @@ class Inventory:
             # Only these replicas' copies: the others keep their record of where temp files
             # of a dead run may lie until a run that serves them cleans up.
             await db.execute(
-                f"UPDATE copies INDEXED BY copies_due SET state = 'pending'"
+                f"UPDATE copies INDEXED BY copies_open SET state = 'pending'"
                 f" WHERE state = 'copying' AND replica IN ({marks})",
                 tuple(replicas),
             )
@@ -849,22 +852,34 @@ class Inventory:
     # -- operators ----------------------------------------------------------------------
 
     async def replica_stats(self, now: float) -> list[ReplicaStats]:
-        # Counts come from the copies_due index alone (25 ms per 300,000 copies); only the
-        # copies still to do are joined with their files for bytes and age. One join over
-        # every copy cost ten times as much at the end of each run.
+        # Counts come from indexes alone: the pending copies from copies_due, the copying,
+        # failed and ignored ones from copies_open, all from copies_dest (which holds every
+        # copy); the others were made. Only the copies still to do are joined with their
+        # files for bytes and age. One join over every copy cost ten times as much at the
+        # end of each run.
         counts: dict[tuple[str, str], int] = {
             (row[0], row[1]): int(row[2])
             for row in await self._rows(
-                "SELECT replica, state, COUNT(*) FROM copies INDEXED BY copies_due"
-                " GROUP BY replica, state"
+                "SELECT replica, 'pending', COUNT(*) FROM copies INDEXED BY copies_due"
+                " WHERE state = 'pending' GROUP BY replica"
+                " UNION ALL SELECT replica, state, COUNT(*) FROM copies INDEXED BY copies_open"
+                f" WHERE {_OPEN} GROUP BY replica, state"
             )
         }
+        for replica, total in await self._rows(
+            "SELECT replica, COUNT(*) FROM copies INDEXED BY copies_dest GROUP BY replica"
+        ):
+            others = sum(n for (name, _), n in counts.items() if name == replica)
+            counts[(replica, str(CopyState.REPLICATED))] = int(total) - others
         todo = {
             row[0]: (int(row[1] or 0), row[2])
             for row in await self._rows(
-                "SELECT c.replica, SUM(f.size), MIN(f.first_seen)"
-                " FROM copies c INDEXED BY copies_due JOIN files f ON f.id = c.file_id"
-                " WHERE c.state IN ('pending', 'copying') GROUP BY c.replica"
+                "SELECT replica, SUM(size), MIN(first_seen) FROM ("
+                " SELECT c.replica, f.size, f.first_seen FROM copies c INDEXED BY copies_due"
+                " JOIN files f ON f.id = c.file_id WHERE c.state = 'pending'"
+                " UNION ALL SELECT c.replica, f.size, f.first_seen FROM copies c"
+                " INDEXED BY copies_open JOIN files f ON f.id = c.file_id"
+                " WHERE c.state = 'copying') GROUP BY replica"
             )
         }
         stats = []
@@ -889,12 +904,13 @@ class Inventory:
         """Copies that are failed, or pending after a per-file error, on these replicas."""
         marks = ",".join("?" * len(replicas))
         rows = await self._rows(
-            f"SELECT COUNT(*) FROM copies INDEXED BY copies_due WHERE replica IN ({marks})"
-            " AND state IN ('failed', 'pending')"
-            " AND (state = 'failed' OR error_class IS NOT NULL)",
-            tuple(replicas),
+            f"SELECT (SELECT COUNT(*) FROM copies INDEXED BY copies_open"
+            f" WHERE replica IN ({marks}) AND state = 'failed'),"
+            f" (SELECT COUNT(*) FROM copies INDEXED BY copies_due WHERE replica IN ({marks})"
+            " AND state = 'pending' AND error_class IS NOT NULL)",
+            (*replicas, *replicas),
         )
-        return int(rows[0][0])
+        return int(rows[0][0]) + int(rows[0][1])
 
     async def preview(self, replica: str, now: float) -> list[Work]:
         """What a sync would copy to ``replica`` now, oldest first; claims nothing."""
@@ -935,7 +951,7 @@ class Inventory:
         """Copies (of these origin paths; None: all) that an engine is transferring now."""
         if paths is None:
             rows = await self._rows(
-                "SELECT COUNT(*) FROM copies WHERE state = 'copying'"
+                "SELECT COUNT(*) FROM copies INDEXED BY copies_open WHERE state = 'copying'"
                 " AND (?1 IS NULL OR replica = ?1)", (replica,))
             return int(rows[0][0])
         total = 0
