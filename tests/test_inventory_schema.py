@@ -1,4 +1,4 @@
-"""The inventory's schema on a real SQLite file: a migration keeps every copy and its state,
+"""The inventory on a real SQLite file: a migration keeps every copy and its state,
 and what the engine and the operators read of them."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 from replicator._inventory import Inventory
 from replicator._inventory._peek import replicas_with_work
 from replicator._inventory._schema import MIGRATIONS, SCHEMA_VERSION
+from replicator._inventory._store import WAL_CHECKPOINT_PAGES
 
 pytestmark = pytest.mark.anyio
 
@@ -94,3 +95,18 @@ async def test_a_v5_inventory_migrates_with_every_copy_state(tmp_path: Path) -> 
         in_open = db.execute("SELECT COUNT(*) FROM copies INDEXED BY copies_open WHERE"
                              " state = 'copying' OR state = 'failed' OR state = 'ignored'")
         assert (in_due, in_open.fetchone()) == ((3,), (2,))
+
+
+async def test_the_log_is_checkpointed_in_large_steps(tmp_path: Path) -> None:
+    """Both connections leave the write-ahead log to grow to WAL_CHECKPOINT_PAGES before a
+    commit copies it into the database (SQLite's default, 1,000, copied the same pages
+    again and again in a first run), and the log is gone once the inventory is closed."""
+    path = tmp_path / "inventory.db"
+    inventory = await Inventory.open(path)
+    async with inventory:
+        for db in (inventory._db, inventory._reader):
+            async with db.execute("PRAGMA wal_autocheckpoint") as cursor:
+                assert await cursor.fetchone() == (WAL_CHECKPOINT_PAGES,)
+        await inventory.begin_run("run", "host")
+        assert path.with_name("inventory.db-wal").exists()
+    assert not path.with_name("inventory.db-wal").exists()

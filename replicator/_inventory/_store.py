@@ -41,6 +41,7 @@ from ._types import (
 _T = TypeVar("_T")
 
 BUSY_TIMEOUT_MS = 30_000
+WAL_CHECKPOINT_PAGES = 10_000
 # SQLite limits host parameters per statement; folder batches stay well below it.
 _MAX_PARAMS = 900
 
@@ -150,6 +151,10 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     # NORMAL is durable across process crashes in WAL mode; a power cut may lose the last
     # commits, which only makes files pending again (copies are idempotent).
     await db.execute("PRAGMA synchronous = NORMAL")
+    # Checkpoints every 10,000 pages (40 MiB of log), not SQLite's 1,000: a first run of
+    # 20,000 files made five, each copying pages the next commits changed again (its
+    # writer thread's CPU 0.27 to 0.22 s, five runs each). The log goes at the last close.
+    await db.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
     return db
 
 
