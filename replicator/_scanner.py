@@ -30,6 +30,7 @@ from ._config import OriginConfig
 from ._errors import OriginUnavailableError as OriginUnavailableError
 from ._globs import GlobSet
 from ._inventory import DirListing, Entry, Inventory, Kind, ListingsDiff, NewFile, ScanDelta
+from .transports._local_batch import accelerator
 
 if TYPE_CHECKING:
     from .transports._ssh_source import SshSource
@@ -253,9 +254,11 @@ class Scanner:
         root = os.fsencode(self.origin.path)
         await anyio.to_thread.run_sync(_check_root, root, limiter=self._limiter,
                                        abandon_on_cancel=True)
+        fast = accelerator()
         config = (root, int((now - self.origin.settle_seconds) * 1e9),
                   GlobSet.compile(self.origin.include).regex,
-                  GlobSet.compile(self.origin.exclude).regex)
+                  GlobSet.compile(self.origin.exclude).regex,
+                  None if fast is None else fast.__file__)
         rules = _walk.Rules(*config)
         origin, host, inventory = self.origin.name, self.origin.host, self._inventory
         walk = _Walk(root)

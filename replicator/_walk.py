@@ -8,10 +8,15 @@ so a helper starts in milliseconds.
 
 A folder whose digest equals the one recorded after its last diff comes back as ``SAME``
 with its subfolders only: the entries of an unchanged folder never leave the helper.
+
+Where the package's C accelerator was built, a folder's entries are examined by its
+``lstat_names`` (one call per folder, without the GIL: see ``transports/_fastcopy.c``); a
+helper loads it from the path the scanner gives, as this file runs outside its package.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import marshal
 import os
@@ -19,6 +24,13 @@ import re
 import stat
 import struct
 import sys
+
+TYPE_CHECKING = False  # typing's: a helper starts without importing typing (mypy sees True)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    # (errno, st_mode, st_size, st_mtime_ns) of each name of a folder open as the descriptor.
+    LstatNames = Callable[[int, list[bytes]], list[tuple[int, int, int, int]]]
 
 # What list_folder returns, by its second field.
 VANISHED = 0  # (folder, VANISHED)
@@ -29,19 +41,57 @@ LISTED = 3  # (folder, LISTED, subfolders, warnings, names, modes, sizes, mtimes
 
 _LENGTH = struct.Struct(">I")
 
+_ACCELERATOR = "replicator.transports._fastcopy"
+
+
+def lstat_each(fd: int, names: list[bytes]) -> list[tuple[int, int, int, int]]:
+    """What the accelerator's ``lstat_names`` returns, made with ``os.lstat``: the reference
+    and the fallback."""
+    rows: list[tuple[int, int, int, int]] = []
+    for name in names:
+        try:
+            st = os.lstat(name, dir_fd=fd)
+        except OSError as exc:
+            rows.append((exc.errno or errno.EIO, 0, 0, 0))
+            continue
+        rows.append((0, st.st_mode, st.st_size, st.st_mtime_ns))
+    return rows
+
+
+def _lstat_names_at(path: str | None) -> LstatNames:
+    """The accelerator's ``lstat_names``, from the module built at ``path``: the package's
+    (already imported in the engine's process), else loaded from that file (a helper runs
+    this file as a script). ``lstat_each`` without one, or for a build that predates it."""
+    if path is None:
+        return lstat_each
+    module = sys.modules.get(_ACCELERATOR)
+    if module is None:
+        import importlib.machinery
+        import importlib.util
+
+        loader = importlib.machinery.ExtensionFileLoader(_ACCELERATOR, path)
+        spec = importlib.util.spec_from_loader(_ACCELERATOR, loader)
+        assert spec is not None
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    found: LstatNames = getattr(module, "lstat_names", lstat_each)
+    return found
+
 
 class Rules:
-    """What a folder's listing keeps: settled regular files and symlinks, filtered."""
+    """What a folder's listing keeps: settled regular files and symlinks, filtered.
+    ``accelerator``: the path of the C accelerator's module, None for the Python path."""
 
-    __slots__ = ("exclude", "filtered", "include", "settle_ns", "skip")
+    __slots__ = ("exclude", "filtered", "include", "lstat_names", "settle_ns", "skip")
 
     def __init__(self, root: bytes, settle_ns: int, include: str | None,
-                 exclude: str | None) -> None:
+                 exclude: str | None, accelerator: str | None = None) -> None:
         self.skip = len(root.rstrip(b"/")) + 1
         self.settle_ns = settle_ns
         self.include = re.compile(include, re.DOTALL) if include else None
         self.exclude = re.compile(exclude, re.DOTALL) if exclude else None
         self.filtered = bool(include or exclude)
+        self.lstat_names = _lstat_names_at(accelerator)
 
 
 def fingerprint(names: list[bytes], modes: list[int], sizes: list[int], mtimes: list[int],
@@ -64,7 +114,6 @@ def list_folder(folder: bytes, rules: Rules, recorded: bytes | None) -> tuple[ob
     except OSError as exc:
         return (folder, UNREADABLE, exc.strerror or str(exc))
     names.sort()
-    lstat = os.lstat
     settle_ns = rules.settle_ns
     exclude, include = rules.exclude, rules.include
     base = folder.rstrip(b"/") + b"/"
@@ -77,17 +126,14 @@ def list_folder(folder: bytes, rules: Rules, recorded: bytes | None) -> tuple[ob
     targets: list[bytes | None] = []
     unsettled: list[bytes] = []
     try:
-        for name in names:
-            try:
-                st = lstat(name, dir_fd=fd)
-            except FileNotFoundError:
+        for name, (error, mode, size, mtime_ns) in zip(names, rules.lstat_names(fd, names),
+                                                        strict=True):
+            if error:
+                if error != errno.ENOENT:
+                    # Exists but cannot be examined: keep what the inventory knows of it.
+                    warnings.append((base + name, os.strerror(error)))
+                    unsettled.append(name)
                 continue
-            except OSError as exc:
-                # Exists but cannot be examined: keep what the inventory knows of it.
-                warnings.append((base + name, exc.strerror or str(exc)))
-                unsettled.append(name)
-                continue
-            mode = st.st_mode
             if rules.filtered:
                 rel = os.fsdecode((base + name)[rules.skip:])
                 if exclude is not None and exclude.fullmatch(rel):
@@ -108,13 +154,13 @@ def list_folder(folder: bytes, rules: Rules, recorded: bytes | None) -> tuple[ob
                     continue
             elif not stat.S_ISREG(mode):
                 continue  # sockets, fifos, devices are not data
-            if st.st_mtime_ns > settle_ns:
+            if mtime_ns > settle_ns:
                 unsettled.append(name)  # still being written
                 continue
             kept.append(name)
             modes.append(mode)
-            sizes.append(st.st_size)
-            mtimes.append(st.st_mtime_ns)
+            sizes.append(size)
+            mtimes.append(mtime_ns)
             targets.append(target)
     finally:
         os.close(fd)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import marshal
 import os
 import tempfile
 import time
@@ -213,3 +215,58 @@ def test_ssh_sources_read_the_same_as_the_python_path(
                                                   PutStatus.CHANGED, None]
     assert c[2][2] == bytes([2]) * 2000
     assert c[-1][3]  # the large file's descriptor is open for streaming
+
+
+def test_lstat_names_gives_what_os_lstat_gives(tmp_path: Path) -> None:
+    """A scan's listing through the accelerator: each entry's mode, size and mtime, or the
+    errno, as the os.lstat loop (``_walk.lstat_each``) makes them."""
+    from replicator import _walk
+    from replicator.transports import _fastcopy
+
+    write(tmp_path / "file.dat", b"12345", mtime=OLD + 0.123456789)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "link").symlink_to("file.dat")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    os.mkfifo(tmp_path / "fifo")
+    write(tmp_path / "folder" / "inside.dat", b"")
+    names = [b"file.dat", b"folder", b"link", b"dangling", b"fifo", b"missing",
+             b"x" * 300, b"folder/inside.dat", b"file.dat/below"]
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fast = _fastcopy.lstat_names(fd, names)
+        assert fast == _walk.lstat_each(fd, names)
+        with pytest.raises(TypeError):
+            _fastcopy.lstat_names(fd, [b"nul\0name"])
+    finally:
+        os.close(fd)
+    st = os.lstat(tmp_path / "file.dat")
+    assert fast[0] == (0, st.st_mode, 5, st.st_mtime_ns)
+    assert [row[0] for row in fast[5:]] == [errno.ENOENT, errno.ENAMETOOLONG, 0,
+                                            errno.ENOTDIR]
+
+
+def test_a_scan_helper_loads_the_accelerator(tmp_path: Path) -> None:
+    """A scan's helper process runs ``_walk.py`` as a script, outside the package: it loads
+    the accelerator from the path in its rules, and lists as the scan's thread does."""
+    import subprocess
+    import sys
+
+    from replicator import _walk
+    from replicator.transports import _fastcopy
+
+    for i in range(5):
+        write(tmp_path / "d" / f"f{i}.dat", b"x" * i)
+    (tmp_path / "d" / "sub").mkdir()
+    config = (os.fsencode(tmp_path), time.time_ns(), None, None, _fastcopy.__file__)
+    source = Path(_walk.__file__).read_text("utf-8")
+    probe = ("\nprint(_lstat_names_at(sys.argv[1]).__name__,"
+             " type(_lstat_names_at(sys.argv[1])).__name__)")
+    found = subprocess.run([sys.executable, "-I", "-S", "-c", source + probe,
+                            _fastcopy.__file__], input=b"", capture_output=True, check=True)
+    assert found.stdout.split() == [b"lstat_names", b"builtin_function_or_method"]
+    task: list[tuple[bytes, bytes | None]] = [(os.fsencode(tmp_path / "d"), None)]
+    helper = subprocess.run([sys.executable, "-I", "-S", "-c", source],
+                            input=_walk.frame(config) + _walk.frame(task),
+                            capture_output=True, check=True)
+    assert marshal.loads(helper.stdout[4:]) == _walk.list_folders(task, _walk.Rules(*config))
+    assert _walk.Rules(*config[:4]).lstat_names is _walk.lstat_each

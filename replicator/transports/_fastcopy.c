@@ -1,15 +1,16 @@
 /* The system calls of small files' copies, many files per call, without the GIL.
  *
- * An optional accelerator of _local_batch.BatchWriter (stage, commit, lstat_at) and of the
- * SSH sender's reads (_ssh_files._load: read_small): the same calls in the same order as
+ * An optional accelerator of _local_batch.BatchWriter (stage, commit, lstat_at), of the
+ * SSH sender's reads (_ssh_files._load: read_small) and of a scan's listings
+ * (_walk.list_folder: lstat_names): the same calls in the same order as
  * their Python paths, which stay the reference and the fallback where this module was not
  * built. Copying a 4 KiB file is a dozen system calls; made from Python each costs a
  * microsecond or two of interpreter work on top of the kernel's, as much again as the copy.
  * Here the interpreter is entered once per file to build the result tuple.
  *
- * Every function takes a list of tuples and returns a list of tuples, one per item, with a
- * code and an errno; the caller turns them into results and error messages. Nothing here
- * raises for a file's failure.
+ * Every function takes a list of tuples (lstat_names: a folder and its names) and returns a
+ * list of tuples, one per item, with a code and an errno; the caller turns them into
+ * results and error messages. Nothing here raises for a file's failure.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -370,6 +371,66 @@ fastcopy_lstat_at(PyObject *self, PyObject *args)
     return for_each(list, &LSTAT, 0);
 }
 
+/* -- lstat_names: a folder's entries, for a scan's listing ----------------------------- */
+
+/* lstat_names(dir_fd, names) -> [(errno, st_mode, st_size, st_mtime_ns), ...]: each name
+ * of the folder open as dir_fd, not following symlinks, as _walk.list_folder's os.lstat
+ * loop makes them; one hand-off of the GIL for the folder instead of one per entry. */
+static PyObject *
+fastcopy_lstat_names(PyObject *self, PyObject *args)
+{
+    int dir_fd;
+    PyObject *list;
+    if (!PyArg_ParseTuple(args, "iO!", &dir_fd, &PyList_Type, &list))
+        return NULL;
+    /* A tuple of the names: they must outlive the call whatever happens to the list. */
+    PyObject *names = PyList_AsTuple(list);
+    if (names == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(names);
+    const char **paths = PyMem_Calloc((size_t)(n ? n : 1), sizeof *paths);
+    struct stat *stats = PyMem_Calloc((size_t)(n ? n : 1), sizeof *stats);
+    int *errors = PyMem_Calloc((size_t)(n ? n : 1), sizeof *errors);
+    PyObject *result = NULL;
+    if (paths == NULL || stats == NULL || errors == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i);
+        if (!PyBytes_Check(name) || (Py_ssize_t)strlen(PyBytes_AS_STRING(name))
+                                        != PyBytes_GET_SIZE(name)) {
+            PyErr_SetString(PyExc_TypeError, "lstat_names: names must be bytes without NUL");
+            goto done;
+        }
+        paths[i] = PyBytes_AS_STRING(name);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        errors[i] = fstatat(dir_fd, paths[i], &stats[i], AT_SYMLINK_NOFOLLOW) == 0 ? 0 : errno;
+    Py_END_ALLOW_THREADS
+    if ((result = PyList_New(n)) == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const struct stat *st = &stats[i];
+        PyObject *row = errors[i]
+            ? Py_BuildValue("(iiLL)", errors[i], 0, 0LL, 0LL)
+            : Py_BuildValue("(iiLL)", 0, (int)st->st_mode, (long long)st->st_size,
+                            mtime_ns(st));
+        if (row == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, row);
+    }
+done:
+    PyMem_Free(paths);
+    PyMem_Free(stats);
+    PyMem_Free(errors);
+    Py_DECREF(names);
+    return result;
+}
+
 /* -- read_small: a small source read whole for the SSH stream -------------------------- */
 
 /* read_small() codes */
@@ -514,6 +575,8 @@ static PyMethodDef methods[] = {
      "read_small(items): each small source read whole and checked unchanged."},
     {"lstat_at", fastcopy_lstat_at, METH_VARARGS,
      "lstat_at(items): size and mtime of each (dir_fd, name), or the errno."},
+    {"lstat_names", fastcopy_lstat_names, METH_VARARGS,
+     "lstat_names(dir_fd, names): mode, size and mtime of each name, or the errno."},
     {NULL, NULL, 0, NULL},
 };
 
