@@ -61,7 +61,8 @@ def lstat_each(fd: int, names: list[bytes]) -> list[tuple[int, int, int, int]]:
 def _lstat_names_at(path: str | None) -> LstatNames:
     """The accelerator's ``lstat_names``, from the module built at ``path``: the package's
     (already imported in the engine's process), else loaded from that file (a helper runs
-    this file as a script). ``lstat_each`` without one, or for a build that predates it."""
+    this file as a script). ``lstat_each`` without one, for a build that predates it, or
+    where the file cannot be loaded."""
     if path is None:
         return lstat_each
     module = sys.modules.get(_ACCELERATOR)
@@ -72,8 +73,11 @@ def _lstat_names_at(path: str | None) -> LstatNames:
         loader = importlib.machinery.ExtensionFileLoader(_ACCELERATOR, path)
         spec = importlib.util.spec_from_loader(_ACCELERATOR, loader)
         assert spec is not None
-        module = importlib.util.module_from_spec(spec)
-        loader.exec_module(module)
+        try:
+            module = importlib.util.module_from_spec(spec)
+            loader.exec_module(module)
+        except (ImportError, OSError):
+            return lstat_each
     found: LstatNames = getattr(module, "lstat_names", lstat_each)
     return found
 

@@ -264,6 +264,10 @@ def test_a_scan_helper_loads_the_accelerator(tmp_path: Path) -> None:
     found = subprocess.run([sys.executable, "-I", "-S", "-c", source + probe,
                             _fastcopy.__file__], input=b"", capture_output=True, check=True)
     assert found.stdout.split() == [b"lstat_names", b"builtin_function_or_method"]
+    bogus = write(tmp_path / "not-a-module.so", b"text")  # a stale or foreign build
+    found = subprocess.run([sys.executable, "-I", "-S", "-c", source + probe, str(bogus)],
+                           input=b"", capture_output=True, check=True)
+    assert found.stdout.split() == [b"lstat_each", b"function"]
     task: list[tuple[bytes, bytes | None]] = [(os.fsencode(tmp_path / "d"), None)]
     helper = subprocess.run([sys.executable, "-I", "-S", "-c", source],
                             input=_walk.frame(config) + _walk.frame(task),
