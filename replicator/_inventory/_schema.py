@@ -86,10 +86,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # v6: partial indexes. copies_due holds the pending copies only, copies_open the copying,
     # failed and ignored ones. A copy made (most of them) is in neither: a new file's copy,
-    # claimed as the scan records it, adds and removes no entry of them, where it moved
-    # three times in copies_due (whose entries sort by mtime, at random places when
-    # folders are written side by side). SQLite uses a partial index only where the query
-    # names the state with ``=`` (see _store).
+    # claimed as the scan records it, adds and removes no entry of them, where it made
+    # three changes to copies_due (in as copying; out, and in again as replicated; at
+    # places set by its mtime, scattered when folders are written side by side). SQLite
+    # uses a partial index only where the query names the state with ``=`` (see _store).
     """
     DROP INDEX copies_due;
     CREATE INDEX copies_due ON copies (replica, next_attempt, src_mtime_ns)

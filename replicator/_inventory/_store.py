@@ -857,11 +857,11 @@ class Inventory:
     # -- operators ----------------------------------------------------------------------
 
     async def replica_stats(self, now: float) -> list[ReplicaStats]:
-        # Counts come from indexes alone: the pending copies from copies_due, the copying,
-        # failed and ignored ones from copies_open, all from copies_dest (which holds every
-        # copy); the others were made. Only the copies still to do are joined with their
-        # files for bytes and age. One join over every copy cost ten times as much at the
-        # end of each run.
+        # Counts come from indexes alone, in one statement (one snapshot): the pending
+        # copies from copies_due, the copying, failed and ignored ones from copies_open,
+        # all of them from copies_dest (which holds every copy); the others were made.
+        # Only the copies still to do are joined with their files for bytes and age. One
+        # join over every copy cost ten times as much at the end of each run.
         counts: dict[tuple[str, str], int] = {
             (row[0], row[1]): int(row[2])
             for row in await self._rows(
@@ -869,13 +869,15 @@ class Inventory:
                 " WHERE state = 'pending' GROUP BY replica"
                 " UNION ALL SELECT replica, state, COUNT(*) FROM copies INDEXED BY copies_open"
                 f" WHERE {_OPEN} GROUP BY replica, state"
+                " UNION ALL SELECT replica, '', COUNT(*) FROM copies INDEXED BY copies_dest"
+                " GROUP BY replica"
             )
         }
-        for replica, total in await self._rows(
-            "SELECT replica, COUNT(*) FROM copies INDEXED BY copies_dest GROUP BY replica"
-        ):
+        totals = {replica: counts.pop((replica, state))
+                  for replica, state in list(counts) if state == ""}
+        for replica, total in totals.items():
             others = sum(n for (name, _), n in counts.items() if name == replica)
-            counts[(replica, str(CopyState.REPLICATED))] = int(total) - others
+            counts[(replica, str(CopyState.REPLICATED))] = total - others
         todo = {
             row[0]: (int(row[1] or 0), row[2])
             for row in await self._rows(
