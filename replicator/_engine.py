@@ -52,10 +52,10 @@ log = structlog.get_logger("replicator.engine")
 
 CLAIM_BATCH = 4096
 # New files a replica's feeder holds, taken from scans and not yet handed on (see take),
-# about 300 bytes each. Enough for what a scan records during an SSH login (small-ssh's
-# 20,000 files): beyond it, new files wait as due copies for a claim, which reads them back
-# from SQLite behind the scan's writes (with 8,192, a third of them did: small-ssh 8%
-# slower on tmpfs).
+# about 400 bytes each (13 MB at most). Enough for what a scan records during an SSH login
+# (small-ssh's 20,000 files): beyond it, new files wait as due copies for a claim, which
+# reads them back from SQLite behind the scan's writes (with 8,192, a third of them did:
+# small-ssh 8% slower on tmpfs).
 TAKE_FILES = 8 * CLAIM_BATCH
 # Small files travel together: one worker-thread hand-off copies many of them. Each batch
 # ends with a flush and, over SSH, a round trip: large batches keep a long link busy.
