@@ -89,12 +89,12 @@ copy_data(int src, int dst, long long expected)
     return 0;
 }
 
-/* -- the driver: a list of tuples in, a list of rows out -------------------------------- */
+/* -- the driver: a list of items in, a list of rows out --------------------------------- */
 
 typedef struct {
     size_t size;                                /* of one item */
-    int (*parse)(PyObject *tuple, void *item);  /* false, with an exception, on bad input */
-    void (*work)(void *item, int flag);         /* runs without the GIL */
+    int (*parse)(PyObject *item, void *slot);   /* false, with an exception, on bad input */
+    void (*work)(void *item, int flag);         /* runs without the GIL; flag: per call */
     PyObject *(*build)(void *item);             /* the item's row */
     void (*clear)(void *item);                  /* frees what work allocated, or NULL */
 } kind;
@@ -373,9 +373,48 @@ fastcopy_lstat_at(PyObject *self, PyObject *args)
 
 /* -- lstat_names: a folder's entries, for a scan's listing ----------------------------- */
 
+typedef struct {
+    const char *name;
+    int error;
+    struct stat st;
+} name_item;
+
+static int
+name_parse(PyObject *name, void *slot)
+{
+    name_item *it = slot;
+    if (!PyBytes_Check(name)
+        || (Py_ssize_t)strlen(PyBytes_AS_STRING(name)) != PyBytes_GET_SIZE(name)) {
+        PyErr_SetString(PyExc_TypeError, "lstat_names: names must be bytes without NUL");
+        return 0;
+    }
+    it->name = PyBytes_AS_STRING(name);
+    return 1;
+}
+
+static void
+name_work(void *slot, int dir_fd)
+{
+    name_item *it = slot;
+    it->error = fstatat(dir_fd, it->name, &it->st, AT_SYMLINK_NOFOLLOW) == 0 ? 0 : errno;
+}
+
+static PyObject *
+name_build(void *slot)
+{
+    const name_item *it = slot;
+    if (it->error)
+        return Py_BuildValue("(iiLL)", it->error, 0, 0LL, 0LL);
+    return Py_BuildValue("(iiLL)", 0, (int)it->st.st_mode, (long long)it->st.st_size,
+                         mtime_ns(&it->st));
+}
+
+static const kind NAMES = {sizeof(name_item), name_parse, name_work, name_build, NULL};
+
 /* lstat_names(dir_fd, names) -> [(errno, st_mode, st_size, st_mtime_ns), ...]: each name
  * of the folder open as dir_fd, not following symlinks, as _walk.list_folder's os.lstat
- * loop makes them; one hand-off of the GIL for the folder instead of one per entry. */
+ * loop makes them; one hand-off of the GIL for the folder instead of one per entry. The
+ * items are the names themselves, and the driver's flag is the folder. */
 static PyObject *
 fastcopy_lstat_names(PyObject *self, PyObject *args)
 {
@@ -383,52 +422,7 @@ fastcopy_lstat_names(PyObject *self, PyObject *args)
     PyObject *list;
     if (!PyArg_ParseTuple(args, "iO!", &dir_fd, &PyList_Type, &list))
         return NULL;
-    /* A tuple of the names: they must outlive the call whatever happens to the list. */
-    PyObject *names = PyList_AsTuple(list);
-    if (names == NULL)
-        return NULL;
-    Py_ssize_t n = PyTuple_GET_SIZE(names);
-    const char **paths = PyMem_Calloc((size_t)(n ? n : 1), sizeof *paths);
-    struct stat *stats = PyMem_Calloc((size_t)(n ? n : 1), sizeof *stats);
-    int *errors = PyMem_Calloc((size_t)(n ? n : 1), sizeof *errors);
-    PyObject *result = NULL;
-    if (paths == NULL || stats == NULL || errors == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *name = PyTuple_GET_ITEM(names, i);
-        if (!PyBytes_Check(name) || (Py_ssize_t)strlen(PyBytes_AS_STRING(name))
-                                        != PyBytes_GET_SIZE(name)) {
-            PyErr_SetString(PyExc_TypeError, "lstat_names: names must be bytes without NUL");
-            goto done;
-        }
-        paths[i] = PyBytes_AS_STRING(name);
-    }
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        errors[i] = fstatat(dir_fd, paths[i], &stats[i], AT_SYMLINK_NOFOLLOW) == 0 ? 0 : errno;
-    Py_END_ALLOW_THREADS
-    if ((result = PyList_New(n)) == NULL)
-        goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const struct stat *st = &stats[i];
-        PyObject *row = errors[i]
-            ? Py_BuildValue("(iiLL)", errors[i], 0, 0LL, 0LL)
-            : Py_BuildValue("(iiLL)", 0, (int)st->st_mode, (long long)st->st_size,
-                            mtime_ns(st));
-        if (row == NULL) {
-            Py_CLEAR(result);
-            goto done;
-        }
-        PyList_SET_ITEM(result, i, row);
-    }
-done:
-    PyMem_Free(paths);
-    PyMem_Free(stats);
-    PyMem_Free(errors);
-    Py_DECREF(names);
-    return result;
+    return for_each(list, &NAMES, dir_fd);
 }
 
 /* -- read_small: a small source read whole for the SSH stream -------------------------- */
