@@ -217,6 +217,94 @@ def test_ssh_sources_read_the_same_as_the_python_path(
     assert c[-1][3]  # the large file's descriptor is open for streaming
 
 
+def test_ssh_frames_are_the_python_paths(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SSH sender's frames of a group, built by ``read_frames`` in one buffer or by the
+    Python path file by file: the same bytes for the receiver, the same outcomes."""
+    from itertools import count
+
+    from replicator.transports import _fastcopy, _ssh_files
+
+    src = tmp_path / "src"
+    ok = [write(src / f"ok{i}.dat", bytes([i]) * (1000 * i), mtime=OLD + i) for i in range(4)]
+    os.chmod(ok[1], 0o6755)  # no set-id bits in the frame's mode
+    requests = [request_for(p, b"d/" + p.name.encode()) for p in ok]
+    (src / "link").symlink_to("ok1.dat")  # a symlink copied as one: its frame after
+    st = os.lstat(src / "link")
+    requests.append(PutRequest(os.fsencode(src / "link"), b"d/link", Kind.SYMLINK, st.st_size,
+                               st.st_mtime_ns, 0o777, b"ok1.dat"))
+    gone = write(src / "gone.dat", b"x")
+    requests.append(request_for(gone, b"d/gone.dat"))
+    gone.unlink()
+    requests.append(request_for(write(src / "grown.dat", b"longer"), b"d/grown.dat", size=2))
+    (src / "swapped.dat").symlink_to("ok2.dat")  # a symlink where the scan saw a file
+    requests.append(PutRequest(os.fsencode(src / "swapped.dat"), b"d/swapped.dat", Kind.FILE,
+                               2000, int(OLD * 1e9), 0o644))
+    requests.append(request_for(write(src / "empty.dat", b""), b"d/./empty.dat"))
+    requests.append(request_for(write(src / "out.dat", b"o"), b"../out.dat"))  # refused
+    big = write(src / "big.dat", b"b" * ((1 << 20) + 1))  # streamed later: opened, not framed
+    requests.append(request_for(big, b"d/big.dat"))
+
+    def frames(pure: str) -> tuple[bytes, list[tuple[object, ...]]]:
+        monkeypatch.setenv(PURE_PYTHON_ENV, pure)
+        names = count()  # the same temp names in both runs
+        monkeypatch.setattr(_ssh_files, "temp_name", lambda run_id: b"t%d" % next(names))
+        sources = [_Source(i, r) for i, r in enumerate(requests)]
+        try:
+            data = _ssh_files._load_frames(sources, "7x7")
+            return data, [(s.result.status if s.result else None,
+                           str(s.result.error) if s.result and s.result.error else None,
+                           s.fd >= 0, None if s.before is None or s.result else
+                           (s.before.st_ino, s.before.st_size, s.before.st_mode,
+                            s.before.st_mtime_ns)) for s in sources]
+        finally:
+            for s in sources:
+                s.close()
+
+    (c_frames, c), (py_frames, python) = frames(""), frames("1")
+    assert c == python
+    assert [row[0] for row in c] == [None] * 5 + [
+        PutStatus.VANISHED, PutStatus.CHANGED, PutStatus.CHANGED, None, PutStatus.ERROR, None]
+    assert c[-1][2]  # the large file's descriptor is open for streaming
+    # The same frames but for their temp names, which are taken in another order: the C
+    # path frames the small files first (the receiver takes frames in any order).
+    assert len(c_frames) == len(py_frames)
+    fast, slow = _split_frames(c_frames), _split_frames(py_frames)
+    assert sorted(fast) == sorted(slow)
+    assert [f[:2] for f in fast] == [(b"W", f"d/ok{i}.dat".encode()) for i in range(4)] + [
+        (b"W", b"d/empty.dat"), (b"L", b"d/link")]
+    assert fast[1][2][5:9] == (0o755).to_bytes(4, "big")  # the mode, without set-id bits
+    assert fast[2][3] == bytes([2]) * 2000
+    # Bad input raises before anything is read.
+    with pytest.raises(ValueError):
+        _fastcopy.read_frames([(b"a\0b", 1, 1, 0, b"d", b"t")])
+    with pytest.raises(OverflowError):
+        _fastcopy.read_frames([(b"a", 1, 1, 1 << 32, b"d", b"t")])
+
+
+def _split_frames(data: bytes) -> list[tuple[bytes, bytes, bytes, bytes]]:
+    """(kind, dest, header, what follows the temp name) of each W or L frame in ``data``."""
+    import struct
+
+    whole, link = struct.Struct("!cIIqHHI"), struct.Struct("!cIqHHH")
+    out: list[tuple[bytes, bytes, bytes, bytes]] = []
+    pos = 0
+    while pos < len(data):
+        kind = data[pos:pos + 1]
+        if kind == b"W":
+            *_, dlen, tlen, n = whole.unpack_from(data, pos)
+            size = whole.size
+        else:
+            assert kind == b"L"
+            *_, dlen, tlen, n = link.unpack_from(data, pos)
+            size = link.size
+        start = pos + size
+        out.append((kind, data[start:start + dlen], data[pos:start],
+                    data[start + dlen + tlen:start + dlen + tlen + n]))
+        pos = start + dlen + tlen + n
+    return out
+
+
 def test_lstat_names_gives_what_os_lstat_gives(tmp_path: Path) -> None:
     """A scan's listing through the accelerator: each entry's mode, size and mtime, or the
     errno, as the os.lstat loop (``_walk.lstat_each``) makes them."""

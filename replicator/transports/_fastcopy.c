@@ -1,16 +1,17 @@
 /* The system calls of small files' copies, many files per call, without the GIL.
  *
  * An optional accelerator of _local_batch.BatchWriter (stage, commit, lstat_at), of the
- * SSH sender's reads (_ssh_files._load: read_small) and of a scan's listings
- * (_walk.list_folder: lstat_names): the same calls in the same order as
- * their Python paths, which stay the reference and the fallback where this module was not
- * built. Copying a 4 KiB file is a dozen system calls; made from Python each costs a
+ * SSH sender's reads (_ssh_files: read_small, read_frames) and of a scan's listings
+ * (_walk.list_folder: lstat_names): the same calls in the same order as their Python
+ * paths, which stay the reference and the fallback where this module was not built.
+ * Copying a 4 KiB file is a dozen system calls; made from Python each costs a
  * microsecond or two of interpreter work on top of the kernel's, as much again as the copy.
  * Here the interpreter is entered once per file to build the result tuple.
  *
  * Every function takes a list of tuples (lstat_names: a folder and its names) and returns a
- * list of tuples, one per item, with a code and an errno; the caller turns them into
- * results and error messages. Nothing here raises for a file's failure.
+ * list of tuples, one per item, with a code and an errno (read_frames: and the frames);
+ * the caller turns them into results and error messages. Nothing here raises for a file's
+ * failure.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -99,45 +100,83 @@ typedef struct {
     void (*clear)(void *item);                  /* frees what work allocated, or NULL */
 } kind;
 
-static PyObject *
-for_each(PyObject *list, const kind *k, int flag)
+/* A call's items: parsed into slots (``batch_open``), worked on without the GIL
+ * (``batch_work``), turned into rows (``batch_rows``); ``batch_close`` frees them. */
+typedef struct {
+    PyObject *items;
+    char *slots;
+    Py_ssize_t n;
+} batch;
+
+static int
+batch_open(batch *b, PyObject *list, const kind *k)
 {
     /* A tuple of the items: the strings parsed from them must outlive the call, even if
      * another thread changed the caller's list while the GIL is released. Every item is
      * parsed before any work starts, so bad input raises with nothing done. */
-    PyObject *items = PyList_AsTuple(list);
-    if (items == NULL)
-        return NULL;
-    Py_ssize_t n = PyTuple_GET_SIZE(items);
-    char *slots = PyMem_Calloc((size_t)(n ? n : 1), k->size);
-    PyObject *result = NULL;
-    if (slots == NULL) {
+    b->slots = NULL;
+    b->n = 0;
+    if ((b->items = PyList_AsTuple(list)) == NULL)
+        return 0;
+    Py_ssize_t n = PyTuple_GET_SIZE(b->items);
+    if ((b->slots = PyMem_Calloc((size_t)(n ? n : 1), k->size)) == NULL) {
         PyErr_NoMemory();
-        goto done;
+        return 0;
     }
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (!k->parse(PyTuple_GET_ITEM(items, i), slots + (size_t)i * k->size))
-            goto done;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        k->work(slots + (size_t)i * k->size, flag);
-    Py_END_ALLOW_THREADS
-    if ((result = PyList_New(n)) == NULL)
-        goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *row = k->build(slots + (size_t)i * k->size);
+        if (!k->parse(PyTuple_GET_ITEM(b->items, i), b->slots + (size_t)i * k->size))
+            return 0;
+        b->n = i + 1;  /* parsed: cleared by batch_close */
+    }
+    return 1;
+}
+
+static void
+batch_work(batch *b, const kind *k, int flag)
+{
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < b->n; i++)
+        k->work(b->slots + (size_t)i * k->size, flag);
+    Py_END_ALLOW_THREADS
+}
+
+static PyObject *
+batch_rows(batch *b, const kind *k)
+{
+    PyObject *result = PyList_New(b->n);
+    if (result == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < b->n; i++) {
+        PyObject *row = k->build(b->slots + (size_t)i * k->size);
         if (row == NULL) {
-            Py_CLEAR(result);
-            goto done;
+            Py_DECREF(result);
+            return NULL;
         }
         PyList_SET_ITEM(result, i, row);
     }
-done:
-    if (slots != NULL && k->clear != NULL)
-        for (Py_ssize_t i = 0; i < n; i++)
-            k->clear(slots + (size_t)i * k->size);
-    PyMem_Free(slots);
-    Py_DECREF(items);
+    return result;
+}
+
+static void
+batch_close(batch *b, const kind *k)
+{
+    if (b->slots != NULL && k->clear != NULL)
+        for (Py_ssize_t i = 0; i < b->n; i++)
+            k->clear(b->slots + (size_t)i * k->size);
+    PyMem_Free(b->slots);
+    Py_XDECREF(b->items);
+}
+
+static PyObject *
+for_each(PyObject *list, const kind *k, int flag)
+{
+    batch b;
+    PyObject *result = NULL;
+    if (batch_open(&b, list, k)) {
+        batch_work(&b, k, flag);
+        result = batch_rows(&b, k);
+    }
+    batch_close(&b, k);
     return result;
 }
 
@@ -560,6 +599,122 @@ fastcopy_read_small(PyObject *self, PyObject *args)
     return for_each(list, &READ_SMALL, 0);
 }
 
+/* -- read_frames: small sources read whole, framed for the receiver -------------------- */
+
+/* The receiver's W frame (_ssh_stream.whole_header): "!cIIqHHI", then dest, tmp and data. */
+#define WHOLE_SIZE 25
+
+typedef struct {
+    read_item read;  /* first: read_work and read_clear take a frame_item as a read_item */
+    Py_ssize_t seq, dlen, tlen;
+    const char *dest, *tmp;
+} frame_item;
+
+static int
+frame_parse(PyObject *tuple, void *slot)
+{
+    frame_item *it = slot;
+    if (!PyArg_ParseTuple(tuple, "yLLny#y#;frame item", &it->read.source, &it->read.size,
+                          &it->read.mtime_ns, &it->seq, &it->dest, &it->dlen, &it->tmp,
+                          &it->tlen))
+        return 0;
+    if (it->seq < 0 || (unsigned long long)it->seq > 0xFFFFFFFFULL || it->dlen > 0xFFFF
+        || it->tlen > 0xFFFF) {
+        PyErr_SetString(PyExc_OverflowError, "frame item: seq, dest or tmp out of range");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+frame_build(void *slot)
+{
+    const read_item *it = slot;
+    const struct stat *st = &it->before;
+    long long atime = (long long)st->st_atim.tv_sec * 1000000000LL + st->st_atim.tv_nsec;
+    return Py_BuildValue("(iiKKLiLL)", it->code, it->error, (unsigned long long)st->st_ino,
+                         (unsigned long long)st->st_dev, (long long)st->st_size,
+                         (int)st->st_mode, atime, mtime_ns(st));
+}
+
+static const kind FRAMES = {sizeof(frame_item), frame_parse, read_work, frame_build,
+                            read_clear};
+
+static char *
+put_be(char *out, unsigned long long value, int bytes)
+{
+    for (int i = bytes - 1; i >= 0; i--)
+        *out++ = (char)((value >> (8 * i)) & 0xFF);
+    return out;
+}
+
+/* One file's W frame at ``out``; the end of it. */
+static char *
+put_whole(char *out, const frame_item *it)
+{
+    const read_item *r = &it->read;
+    *out++ = 'W';
+    out = put_be(out, (unsigned long long)it->seq, 4);
+    out = put_be(out, (unsigned long long)(r->before.st_mode & 01777), 4);  /* copy_mode */
+    out = put_be(out, (unsigned long long)mtime_ns(&r->before), 8);
+    out = put_be(out, (unsigned long long)it->dlen, 2);
+    out = put_be(out, (unsigned long long)it->tlen, 2);
+    out = put_be(out, (unsigned long long)r->length, 4);
+    memcpy(out, it->dest, (size_t)it->dlen);
+    out += it->dlen;
+    memcpy(out, it->tmp, (size_t)it->tlen);
+    out += it->tlen;
+    memcpy(out, r->data, r->length);
+    return out + r->length;
+}
+
+/* read_frames(items) -> (frames, [(code, errno, st_ino, st_dev, st_size, st_mode,
+ *                                  st_atime_ns, st_mtime_ns), ...])
+ * items: [(source, size, mtime_ns, seq, dest, tmp), ...]. Each source as read_small reads
+ * it; the frames hold a W frame (_ssh_stream.whole_header, then the content) for each one
+ * read (code 0), in order. Built without the GIL: no bytes object per file, no join. */
+static PyObject *
+fastcopy_read_frames(PyObject *self, PyObject *args)
+{
+    PyObject *list, *rows = NULL, *frames = NULL, *result = NULL;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list))
+        return NULL;
+    batch b;
+    if (!batch_open(&b, list, &FRAMES))
+        goto done;
+    batch_work(&b, &FRAMES, 0);
+    size_t total = 0;
+    for (Py_ssize_t i = 0; i < b.n; i++) {
+        frame_item *it = (frame_item *)(b.slots + (size_t)i * sizeof(frame_item));
+        if (it->read.code != READ)
+            continue;
+        if (it->read.length > 0xFFFFFFFFULL) {  /* no W frame holds it (never a small file) */
+            it->read.code = READ_ERROR;
+            it->read.error = EFBIG;
+            continue;
+        }
+        total += WHOLE_SIZE + (size_t)it->dlen + (size_t)it->tlen + it->read.length;
+    }
+    if ((rows = batch_rows(&b, &FRAMES)) == NULL)
+        goto done;
+    if ((frames = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total)) == NULL)
+        goto done;
+    char *out = PyBytes_AS_STRING(frames);  /* not shared yet: filled without the GIL */
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < b.n; i++) {
+        const frame_item *it = (const frame_item *)(b.slots + (size_t)i * sizeof(frame_item));
+        if (it->read.code == READ)
+            out = put_whole(out, it);
+    }
+    Py_END_ALLOW_THREADS
+    result = PyTuple_Pack(2, frames, rows);
+done:
+    Py_XDECREF(frames);
+    Py_XDECREF(rows);
+    batch_close(&b, &FRAMES);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"stage", fastcopy_stage, METH_VARARGS,
      "stage(items, fsync_each): write each source to its temp name; one row per item."},
@@ -567,6 +722,8 @@ static PyMethodDef methods[] = {
      "commit(items): rename each temp file into place if its source is unchanged."},
     {"read_small", fastcopy_read_small, METH_VARARGS,
      "read_small(items): each small source read whole and checked unchanged."},
+    {"read_frames", fastcopy_read_frames, METH_VARARGS,
+     "read_frames(items): small sources read whole, framed for the receiver."},
     {"lstat_at", fastcopy_lstat_at, METH_VARARGS,
      "lstat_at(items): size and mtime of each (dir_fd, name), or the errno."},
     {"lstat_names", fastcopy_lstat_names, METH_VARARGS,

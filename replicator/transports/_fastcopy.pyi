@@ -11,3 +11,6 @@ def lstat_names(dir_fd: int, names: list[bytes]) -> list[tuple[int, int, int, in
 def read_small(
     items: list[tuple[bytes, int, int]],
 ) -> list[tuple[int, int, bytes | None, int, int, int, int, int, int]]: ...
+def read_frames(
+    items: list[tuple[bytes, int, int, int, bytes, bytes]],
+) -> tuple[bytes, list[tuple[int, int, int, int, int, int, int, int]]]: ...
