@@ -276,7 +276,7 @@ def test_ssh_frames_are_the_python_paths(tmp_path: Path,
     assert fast[1][2][5:9] == (0o755).to_bytes(4, "big")  # the mode, without set-id bits
     assert fast[2][3] == bytes([2]) * 2000
     # Bad input raises before anything is read.
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="null byte"):
         _fastcopy.read_frames([(b"a\0b", 1, 1, 0, b"d", b"t")])
     with pytest.raises(OverflowError):
         _fastcopy.read_frames([(b"a", 1, 1, 1 << 32, b"d", b"t")])
