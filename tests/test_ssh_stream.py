@@ -1225,6 +1225,43 @@ async def test_on_a_short_link_only_batches_of_large_files_start_a_second_sessio
             assert (replica / source.name).read_bytes() == source.read_bytes()
 
 
+async def test_a_batch_reads_its_first_files_while_it_waits_for_a_session(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch frames its first groups while it waits for a session (the batch before
+    holds it): they are sent as soon as it has one. Here a session is given to a batch
+    only once its first group was framed: a batch that framed after it had a session
+    would never get one."""
+    import threading
+
+    from replicator.transports import _ssh
+
+    framed = threading.Event()
+    frame = _ssh._load_frames
+
+    def framing(sources: list[Any], run_id: str) -> bytes:
+        framed.set()
+        return frame(sources, run_id)
+
+    monkeypatch.setattr(_ssh, "_load_frames", framing)
+    sources = [write(tmp_path / "src" / f"{i}.dat", os.urandom(100 * i)) for i in range(5)]
+    async with sshd_transport(tmp_path) as (transport, replica):
+        session = transport._session
+
+        async def after_framing(*args: Any, **kwargs: Any) -> Any:
+            while not framed.is_set():
+                await anyio.sleep(0.01)
+            return await session(*args, **kwargs)
+
+        monkeypatch.setattr(transport, "_session", after_framing)
+        with anyio.fail_after(30):
+            results = await transport.put(
+                [request_for(p, p.name.encode()) for p in sources], "1x1", Progress())
+        assert transport.transfer == "openssh"
+        assert [r.status for r in results] == [PutStatus.COPIED] * 5
+        for source in sources:
+            assert (replica / source.name).read_bytes() == source.read_bytes()
+
+
 async def test_a_root_that_is_a_symlink_takes_streamed_files(tmp_path: Path) -> None:
     """The replica root may be a symlink (the check follows it, as SFTP does): batches
     through the receiver land in the folder it points to."""

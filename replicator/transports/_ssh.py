@@ -663,13 +663,9 @@ class SshTransport:
     ) -> list[PutResult]:
         if self._carriers and all(r.remote is None for r in requests):
             self._streamed = True
-            try:
-                session = await self._session(
-                    progress, bulky=any(r.size > SMALL_FILE for r in requests))
-            except FileError as exc:
-                return [PutResult(r, PutStatus.ERROR, error=exc) for r in requests]
-            if session is not None:
-                return await self._put_stream(session, requests, run_id, progress)
+            streamed = await self._put_stream(requests, run_id, progress)
+            if streamed is not None:
+                return streamed
         sources = [_Source(i, r) for i, r in enumerate(requests)]
         results: list[PutResult | None] = [None] * len(requests)
         seen: set[bytes] = set()
@@ -836,10 +832,15 @@ class SshTransport:
                                       f" {then}", reason=str(exc))
         return None
 
-    async def _put_stream(self, session: StreamSession, requests: Sequence[PutRequest],
-                          run_id: str, progress: Progress) -> list[PutResult]:
+    async def _put_stream(self, requests: Sequence[PutRequest], run_id: str,
+                          progress: Progress) -> list[PutResult] | None:
         """One batch through the receiver: small files framed many per thread call and
         written while the next group is read; then one sync, which renames and reports.
+        None if no receiver session starts (the batch then goes over SFTP).
+
+        The first groups are framed while the batch waits for a session (the one before
+        it is sending): they go out as soon as it has one, and the receiver does not wait
+        for their reading between batches.
 
         Over a long link a batch of several large files is spread over two sessions: one
         SSH channel moves at most its window (2 MiB with OpenSSH) per round trip. Not on a
@@ -847,11 +848,21 @@ class SshTransport:
         """
         sources = [_Source(i, r) for i, r in enumerate(requests)]
         results: list[PutResult | None] = [None] * len(requests)
+        failed: FileError | None = None
         try:
             send, receive = anyio.create_memory_object_stream[tuple[list[_Source], bytes]](2)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._frame_groups, sources, run_id, send)
                 async with receive:
+                    try:
+                        session = await self._session(
+                            progress, bulky=any(r.size > SMALL_FILE for r in requests))
+                    except FileError as exc:
+                        session, failed = None, exc
+                    if session is None:
+                        tg.cancel_scope.cancel()  # nothing is sent: the framing stops
+                        return (None if failed is None else
+                                [PutResult(r, PutStatus.ERROR, error=failed) for r in requests])
                     tg.start_soon(self._stream_lane, session, receive.clone(), run_id,
                                   progress, results)
                     if (session.rtt > LONG_LINK
