@@ -1231,15 +1231,13 @@ async def test_a_batch_reads_its_first_files_while_it_waits_for_a_session(
     holds it): they are sent as soon as it has one. Here a session is given to a batch
     only once its first group was framed: a batch that framed after it had a session
     would never get one."""
-    import threading
-
     from replicator.transports import _ssh
 
-    framed = threading.Event()
+    framed = anyio.Event()
     frame = _ssh._load_frames
 
-    def framing(sources: list[Any], run_id: str) -> bytes:
-        framed.set()
+    def framing(sources: list[Any], run_id: str) -> bytes:  # in a worker thread
+        anyio.from_thread.run_sync(framed.set)
         return frame(sources, run_id)
 
     monkeypatch.setattr(_ssh, "_load_frames", framing)
@@ -1248,8 +1246,7 @@ async def test_a_batch_reads_its_first_files_while_it_waits_for_a_session(
         session = transport._session
 
         async def after_framing(*args: Any, **kwargs: Any) -> Any:
-            while not framed.is_set():
-                await anyio.sleep(0.01)
+            await framed.wait()
             return await session(*args, **kwargs)
 
         monkeypatch.setattr(transport, "_session", after_framing)
