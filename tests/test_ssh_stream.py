@@ -1232,9 +1232,9 @@ async def test_a_batch_reads_its_first_files_while_it_waits_for_a_session(
     only once its first group was framed: a batch that framed after it had a session
     would never get one."""
     from replicator.transports import _ssh
+    from replicator.transports._ssh_files import _load_frames as frame
 
     framed = anyio.Event()
-    frame = _ssh._load_frames
 
     def framing(sources: list[Any], run_id: str) -> bytes:  # in a worker thread
         anyio.from_thread.run_sync(framed.set)
