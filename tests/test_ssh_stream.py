@@ -1227,26 +1227,34 @@ async def test_on_a_short_link_only_batches_of_large_files_start_a_second_sessio
 
 async def test_a_batch_reads_its_first_files_while_it_waits_for_a_session(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A batch frames its first groups while it waits for a session (the batch before
-    holds it): they are sent as soon as it has one. Here a session is given to a batch
+    """A batch frames its first group while it waits for a session (the batch before
+    holds it): it is sent as soon as the batch has one. Here a session is given to a batch
     only once its first group was framed: a batch that framed after it had a session
-    would never get one."""
+    would never get one. Its second group waits for the session: a batch waiting holds
+    one group's bytes."""
     from replicator.transports import _ssh
+    from replicator.transports._ssh_files import SMALL_GROUP_FILES
     from replicator.transports._ssh_files import _load_frames as frame
 
-    framed = anyio.Event()
+    framed = [anyio.Event(), anyio.Event()]
+    calls: list[int] = []
 
     def framing(sources: list[Any], run_id: str) -> bytes:  # in a worker thread
-        anyio.from_thread.run_sync(framed.set)
+        calls.append(len(sources))
+        anyio.from_thread.run_sync(framed[min(len(calls), 2) - 1].set)
         return frame(sources, run_id)
 
     monkeypatch.setattr(_ssh, "_load_frames", framing)
-    sources = [write(tmp_path / "src" / f"{i}.dat", os.urandom(100 * i)) for i in range(5)]
+    count = SMALL_GROUP_FILES + 3  # two groups
+    sources = [write(tmp_path / "src" / f"{i}.dat", os.urandom(i % 7)) for i in range(count)]
     async with sshd_transport(tmp_path) as (transport, replica):
         session = transport._session
 
         async def after_framing(*args: Any, **kwargs: Any) -> Any:
-            await framed.wait()
+            await framed[0].wait()
+            with anyio.move_on_after(0.5):  # what a second group would take, many times
+                await framed[1].wait()
+            assert calls == [SMALL_GROUP_FILES]
             return await session(*args, **kwargs)
 
         monkeypatch.setattr(transport, "_session", after_framing)
@@ -1254,7 +1262,8 @@ async def test_a_batch_reads_its_first_files_while_it_waits_for_a_session(
             results = await transport.put(
                 [request_for(p, p.name.encode()) for p in sources], "1x1", Progress())
         assert transport.transfer == "openssh"
-        assert [r.status for r in results] == [PutStatus.COPIED] * 5
+        assert calls == [SMALL_GROUP_FILES, 3]
+        assert [r.status for r in results] == [PutStatus.COPIED] * count
         for source in sources:
             assert (replica / source.name).read_bytes() == source.read_bytes()
 

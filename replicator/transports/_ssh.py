@@ -838,9 +838,9 @@ class SshTransport:
         written while the next group is read; then one sync, which renames and reports.
         None if no receiver session starts (the batch then goes over SFTP).
 
-        The first groups are framed while the batch waits for a session (the one before
-        it is sending): they go out as soon as it has one, and the receiver does not wait
-        for their reading between batches.
+        The first group is framed while the batch waits for a session (the one before it
+        is sending): it goes out as soon as the batch has one, and the receiver does not
+        wait for its reading between batches.
 
         Over a long link a batch of several large files is spread over two sessions: one
         SSH channel moves at most its window (2 MiB with OpenSSH) per round trip. Not on a
@@ -849,10 +849,11 @@ class SshTransport:
         sources = [_Source(i, r) for i, r in enumerate(requests)]
         results: list[PutResult | None] = [None] * len(requests)
         failed: FileError | None = None
+        sending = anyio.Event()
         try:
             send, receive = anyio.create_memory_object_stream[tuple[list[_Source], bytes]](2)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._frame_groups, sources, run_id, send)
+                tg.start_soon(self._frame_groups, sources, run_id, send, sending)
                 async with receive:
                     try:
                         session = await self._session(
@@ -863,6 +864,7 @@ class SshTransport:
                         tg.cancel_scope.cancel()  # nothing is sent: the framing stops
                         return (None if failed is None else
                                 [PutResult(r, PutStatus.ERROR, error=failed) for r in requests])
+                    sending.set()
                     tg.start_soon(self._stream_lane, session, receive.clone(), run_id,
                                   progress, results)
                     if (session.rtt > LONG_LINK
@@ -938,9 +940,15 @@ class SshTransport:
             results[src.index] = self._stream_result(src, entry)
 
     async def _frame_groups(self, sources: list[_Source], run_id: str,
-                            send: MemoryObjectSendStream[tuple[list[_Source], bytes]]) -> None:
+                            send: MemoryObjectSendStream[tuple[list[_Source], bytes]],
+                            sending: anyio.Event) -> None:
+        """Read and frame the groups, two ahead of the lane; one only until it is
+        ``sending``: a batch waiting for its session holds one group's bytes (8 MiB at
+        most), whatever the number of batches waiting."""
         async with send:
-            for group in _groups(sources):
+            for index, group in enumerate(_groups(sources)):
+                if index == 1:
+                    await sending.wait()
                 frames = await anyio.to_thread.run_sync(_load_frames, group, run_id,
                                                         limiter=self._limiter)
                 try:
