@@ -26,11 +26,11 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from . import _walk
+from ._accelerator import accelerator
 from ._config import OriginConfig
 from ._errors import OriginUnavailableError as OriginUnavailableError
 from ._globs import GlobSet
 from ._inventory import DirListing, Entry, Inventory, Kind, ListingsDiff, NewFile, ScanDelta
-from .transports._local_batch import accelerator
 
 if TYPE_CHECKING:
     from .transports._ssh_source import SshSource

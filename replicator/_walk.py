@@ -10,7 +10,7 @@ A folder whose digest equals the one recorded after its last diff comes back as 
 with its subfolders only: the entries of an unchanged folder never leave the helper.
 
 Where the package's C accelerator was built, a folder's entries are examined by its
-``lstat_names`` (one call per folder, without the GIL: see ``transports/_fastcopy.c``); a
+``lstat_names`` (one call per folder, without the GIL: see ``_fastcopy.c``); a
 helper loads it from the path the scanner gives, as this file runs outside its package.
 """
 
@@ -41,7 +41,7 @@ LISTED = 3  # (folder, LISTED, subfolders, warnings, names, modes, sizes, mtimes
 
 _LENGTH = struct.Struct(">I")
 
-_ACCELERATOR = "replicator.transports._fastcopy"
+_ACCELERATOR = "replicator._fastcopy"
 
 
 def lstat_each(fd: int, names: list[bytes]) -> list[tuple[int, int, int, int]]:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import OLD, write
 
+from replicator._accelerator import PURE_PYTHON_ENV
 from replicator._inventory import Kind
 from replicator.transports import Progress, PutRequest, PutResult, PutStatus, _local_batch
-from replicator.transports._local_batch import PURE_PYTHON_ENV, BatchWriter
+from replicator.transports._local_batch import BatchWriter
 from replicator.transports._ssh_files import _load, _Source
 
 
@@ -22,7 +23,7 @@ def test_accelerator_is_built() -> None:
     # `pip install` builds it wherever a C compiler exists (it does on every machine this
     # project is developed and tested on); without one the package falls back silently,
     # and this import fails.
-    from replicator.transports import _fastcopy
+    from replicator import _fastcopy
 
     assert _fastcopy.stage([], False) == []
 
@@ -223,7 +224,8 @@ def test_ssh_frames_are_the_python_paths(tmp_path: Path,
     Python path file by file: the same bytes for the receiver, the same outcomes."""
     from itertools import count
 
-    from replicator.transports import _fastcopy, _ssh_files
+    from replicator import _fastcopy
+    from replicator.transports import _ssh_files
 
     src = tmp_path / "src"
     ok = [write(src / f"ok{i}.dat", bytes([i]) * (1000 * i), mtime=OLD + i) for i in range(4)]
@@ -308,8 +310,7 @@ def _split_frames(data: bytes) -> list[tuple[bytes, bytes, bytes, bytes]]:
 def test_lstat_names_gives_what_os_lstat_gives(tmp_path: Path) -> None:
     """A scan's listing through the accelerator: each entry's mode, size and mtime, or the
     errno, as the os.lstat loop (``_walk.lstat_each``) makes them."""
-    from replicator import _walk
-    from replicator.transports import _fastcopy
+    from replicator import _fastcopy, _walk
 
     write(tmp_path / "file.dat", b"12345", mtime=OLD + 0.123456789)
     (tmp_path / "folder").mkdir()
@@ -339,8 +340,7 @@ def test_a_scan_helper_loads_the_accelerator(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from replicator import _walk
-    from replicator.transports import _fastcopy
+    from replicator import _fastcopy, _walk
 
     for i in range(5):
         write(tmp_path / "d" / f"f{i}.dat", b"x" * i)

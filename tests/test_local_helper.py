@@ -31,9 +31,10 @@ pytestmark = pytest.mark.anyio
 # Python path, which reports each file (the accelerator reports a group of files at once).
 SLOW_HELPER = '''
 import time
+from replicator import _accelerator
 from replicator.transports import _local_batch
 
-_local_batch._fastcopy = None
+_accelerator._fastcopy = None
 
 _stage = _local_batch.BatchWriter._stage
 

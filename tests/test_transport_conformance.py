@@ -20,6 +20,7 @@ from conftest import OLD, temp_files, write
 from ssh_server import run_sshd, sftp_server
 
 from replicator import ErrorClass, FileError, ReplicaUnavailableError
+from replicator._accelerator import PURE_PYTHON_ENV
 from replicator._inventory import Kind
 from replicator.transports import (
     LocalTransport,
@@ -29,7 +30,6 @@ from replicator.transports import (
     PutStatus,
     Transport,
 )
-from replicator.transports._local_batch import PURE_PYTHON_ENV
 from replicator.transports._ssh import SshTransport
 
 pytestmark = pytest.mark.anyio

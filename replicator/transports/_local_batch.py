@@ -17,27 +17,19 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
-from types import ModuleType
 
+from .._accelerator import accelerator
 from .._errors import FileError
 from .._inventory._kind import Kind
 from ._base import Progress, PutRequest, PutResult, PutStatus
 from ._errors import file_error, os_error
 from ._paths import confine, copy_mode
 
-_fastcopy: ModuleType | None
-try:  # the optional C accelerator (see _fastcopy.c); absent where it was not built
-    from . import _fastcopy
-except ImportError:
-    _fastcopy = None
-
 CHUNK = 8 << 20
 # Files up to this size go through the accelerator, this many per call: a call copies
 # without the GIL and cannot report progress or see a cancellation until it returns.
 FAST_MAX_SIZE = 1 << 20
 FAST_GROUP = 64
-# Set (to anything but "" or "0") to take the Python path even where the accelerator exists.
-PURE_PYTHON_ENV = "REPLICATOR_PURE_PYTHON"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # A temp name: ".~rep-<run id>-<unique>.tmp", so a later run can tell whose it is.
@@ -45,13 +37,6 @@ TEMP_RE = re.compile(rb"^\.~rep-([0-9a-zx]+)-[0-9a-f]+\.tmp$")
 # Unique per process without a getrandom call per file: a random prefix and a counter.
 _TEMP_PREFIX = os.urandom(4).hex()  # secrets.token_hex, without importing hashlib
 _temp_counter = itertools.count()
-
-
-def accelerator() -> ModuleType | None:
-    """The C accelerator, unless it was not built or ``REPLICATOR_PURE_PYTHON`` is set."""
-    if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
-        return None
-    return _fastcopy
 
 
 def temp_name(run_id: str) -> bytes:
@@ -634,5 +619,5 @@ class BatchWriter:
         return staged
 
 
-__all__ = ["TEMP_RE", "BatchWriter", "accelerator", "flush_folders", "rename_into_place",
+__all__ = ["TEMP_RE", "BatchWriter", "flush_folders", "rename_into_place",
            "temp_name"]

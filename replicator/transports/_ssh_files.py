@@ -9,11 +9,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .._accelerator import accelerator
 from .._errors import ErrorClass, FileError
 from .._inventory import Kind
 from ._base import PutRequest, PutResult, PutStatus, SourceReader
 from ._errors import file_error, os_error
-from ._local_batch import accelerator, temp_name
+from ._local_batch import temp_name
 from ._paths import confine, copy_mode
 from ._ssh_stream import link_frame, whole_header
 from ._stats import SourceStat
