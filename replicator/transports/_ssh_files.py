@@ -202,6 +202,18 @@ def _load_frames(sources: list[_Source], run_id: str) -> bytes:
     return _frames(sources, run_id)
 
 
+def _confined(src: _Source) -> bytes | None:
+    """The source's destination confined to the root; None, its result set, if refused."""
+    try:
+        dest = confine(src.request.dest)
+        if not dest:
+            raise FileError("refused empty destination path", ErrorClass.PERMANENT)
+    except FileError as exc:
+        src.result = PutResult(src.request, PutStatus.ERROR, error=exc)
+        return None
+    return dest
+
+
 def _frames(sources: list[_Source], run_id: str) -> bytes:
     """The frames of the loaded sources' small files and symlinks."""
     frames: list[bytes] = []
@@ -209,12 +221,8 @@ def _frames(sources: list[_Source], run_id: str) -> bytes:
         if src.result is not None or src.before is None:
             continue
         req = src.request
-        try:
-            dest = confine(req.dest)
-            if not dest:
-                raise FileError("refused empty destination path", ErrorClass.PERMANENT)
-        except FileError as exc:
-            src.result = PutResult(req, PutStatus.ERROR, error=exc)
+        dest = _confined(src)
+        if dest is None:
             src.close()
             continue
         if req.kind is Kind.SYMLINK:
@@ -248,12 +256,8 @@ def _read_frames(read: Callable[[list[_FrameItem]], tuple[bytes, _FrameRows]],
         if req.kind is not Kind.FILE or req.size > SMALL_FILE:
             rest.append(src)
             continue
-        try:
-            dest = confine(req.dest)
-            if not dest:
-                raise FileError("refused empty destination path", ErrorClass.PERMANENT)
-        except FileError as exc:  # refused unread (the Python path refuses it once read)
-            src.result = PutResult(req, PutStatus.ERROR, error=exc)
+        dest = _confined(src)  # refused unread (the Python path refuses it once read)
+        if dest is None:
             continue
         small.append(src)
         items.append((req.source, req.size, req.mtime_ns, src.index, dest, temp_name(run_id)))
