@@ -110,3 +110,17 @@ async def test_the_log_is_checkpointed_in_large_steps(tmp_path: Path) -> None:
         await inventory.begin_run("run", "host")
         assert path.with_name("inventory.db-wal").exists()
     assert not path.with_name("inventory.db-wal").exists()
+
+
+async def test_an_aiosqlite_without_its_thread_runner_is_refused_up_front(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inventory's writes run through aiosqlite's private ``Connection._execute``: an
+    aiosqlite without it is named before anything is opened or written."""
+    import aiosqlite
+
+    from replicator._errors import InventoryError
+
+    monkeypatch.delattr(aiosqlite.Connection, "_execute")
+    with pytest.raises(InventoryError, match=r"aiosqlite .* has no Connection\._execute"):
+        await Inventory.open(tmp_path / "inv" / "inventory.db")
+    assert not (tmp_path / "inv").exists()

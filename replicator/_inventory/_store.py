@@ -169,6 +169,13 @@ class Inventory:
 
     @classmethod
     async def open(cls, path: Path) -> Self:
+        if not callable(getattr(aiosqlite.Connection, "_execute", None)):
+            # Writes run in aiosqlite's thread through it (``_write_in_thread``): said here,
+            # before anything is written, rather than as an AttributeError mid-run.
+            raise InventoryError(
+                f"aiosqlite {getattr(aiosqlite, '__version__', '?')} has no"
+                " Connection._execute, which this release of replicator needs; install"
+                " aiosqlite 0.20 to 0.22")
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = await _connect(path)
         try:
