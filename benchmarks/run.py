@@ -779,7 +779,7 @@ print(json.dumps({"editable": not any(package.startswith(os.path.realpath(p) + o
 _SCRIPT = """#!{python}
 import re
 import sys
-from replicator.cli import run
+from replicator._early import run
 if __name__ == "__main__":
     sys.argv[0] = re.sub(r"(-script\\.pyw|\\.exe)?$", "", sys.argv[0])
     sys.exit(run())

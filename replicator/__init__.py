@@ -9,11 +9,11 @@ Library use::
 The library logs through structlog but never configures logging.
 """
 
-from typing import TYPE_CHECKING
-
 from ._lazy import lazy_exports
 from ._version import __version__
 
+# typing.TYPE_CHECKING without importing typing: ``_early`` imports this package first.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._config import Config, EngineConfig, OriginConfig, ReplicaConfig, load_config
     from ._errors import (

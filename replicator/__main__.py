@@ -1,3 +1,3 @@
-from replicator.cli import run
+from replicator._early import run
 
 run()

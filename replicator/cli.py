@@ -29,7 +29,8 @@ from ._errors import ConfigError, EngineLockedError, InventoryError, ReplicatorE
 from ._gc_tuning import tune_gc
 from ._lazy import LazyModule
 from ._version import __version__
-from .transports._spares import close_sessions, helpers_for, spare_processes, start_sessions
+from .transports._logins import close_sessions, start_sessions
+from .transports._spares import helpers_for, spare_processes
 from .transports._ssh_options import options_for, session_argv
 
 # The engine's modules (structlog, aiosqlite, the engine, the transports) are imported where
@@ -566,7 +567,8 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
+def _spares_wanted(args: argparse.Namespace
+                   ) -> tuple[int, list[list[str]], tuple[Config, Path] | None]:
     """What ``sync --once`` starts before it imports the engine (``transports._spares``).
 
     Copy helpers for its local replicas with a local origin: one per worker, at most one
@@ -582,13 +584,14 @@ def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
     spent on a run that may have nothing to copy there; one per host, user and port (sshd
     limits logins in progress).
     Nothing for other commands, a dry run, a continuous run (spares would wait for work as
-    long as it runs), or a config that does not load (``sync`` says why)."""
+    long as it runs), or a config that does not load (``sync`` says why).
+    And, where it starts sessions, the config (and its file) for ``_remember``."""
     if args.func is not cmd_sync or args.dry_run or args.continuous:
-        return 0, []
+        return 0, [], None
     try:
         config = _load(args)
     except (ConfigError, OSError):
-        return 0, []
+        return 0, [], None
     cores = os.cpu_count() or 1
     local: list[ReplicaConfig] = []
     ssh: list[ReplicaConfig] = []
@@ -617,7 +620,20 @@ def _spares_wanted(args: argparse.Namespace) -> tuple[int, list[list[str]]]:
             sessions.append(session_argv(options, os.fsencode(replica.remote_path)))
     helpers = sum(helpers_for(replica.workers) for replica in local)
     room = cores if any(replica.name in busy for replica in local) else cores - 1
-    return min(helpers, room), sessions
+    return min(helpers, room), sessions, ((config, _config_path(args)) if sessions else None)
+
+
+def _remember(config: Config, path: Path) -> None:
+    """Record the sessions of every SSH replica of ``config`` that the OpenSSH client may
+    carry (``_early``), for the next run of it to start first thing. After this run's own
+    sessions started: their ``ssh -V`` is done, a command line costs microseconds."""
+    from . import _early
+
+    _early.remember(str(path), str(config.inventory.absolute()), [
+        (replica.name, session_argv(options_for(replica), os.fsencode(replica.remote_path)))
+        for replica in config.replicas
+        if replica.scheme == "ssh" and replica.transfer in ("auto", "openssh")
+        and not replica.insecure_skip_host_key_check])
 
 
 async def _run_async(args: argparse.Namespace, helpers: int,
@@ -645,8 +661,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Decided before the event loop runs: it reads the config and the inventory.
             # The logins start at once, before asyncio is imported: each takes longer than
             # anything else a run starts with.
-            helpers, argvs = _spares_wanted(args)
+            helpers, argvs, started = _spares_wanted(args)
             sessions = start_sessions(argvs)
+            if started is not None:
+                _remember(*started)
             try:
                 code = anyio.run(_run_async, args, helpers, sessions)
             finally:

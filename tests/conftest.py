@@ -18,6 +18,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's own cache folder (the records of ``_early``, commands included): no
+    test starts a login another one recorded, none writes the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 def write(path: Path, data: bytes, mtime: float = OLD) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

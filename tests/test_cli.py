@@ -516,11 +516,11 @@ def test_sync_starts_its_ssh_logins_before_the_event_loop(tmp_path: Path) -> Non
         '[replicas."ssh://user@127.0.0.1:1/srv/a"]\nname = "a"\n'
         f'known_hosts = "{tmp_path}/kh"\nconnect_timeout = 5\n')
     driver = ("import sys\n"
-              "import replicator.transports._spares as spares\n"
+              "import replicator.transports._logins as logins\n"
               "def spawn(argv):\n"
               "    print('asyncio imported:', 'asyncio' in sys.modules, argv[0], flush=True)\n"
               "    raise OSError('not here')\n"
-              "spares.spawn_ssh = spawn\n"
+              "logins.spawn_ssh = spawn\n"
               "import replicator.cli\n"
               "raise SystemExit(replicator.cli.main(sys.argv[1:]))\n")
     done = subprocess.run([sys.executable, "-c", driver, "sync", "--once"], cwd=tmp_path,
@@ -547,7 +547,7 @@ def test_how_many_copy_helpers_sync_starts_ahead(tmp_path: Path) -> None:
         (tmp_path / "replicator.toml").write_text(config)
         parsed = cli_module.build_parser().parse_args(
             ["-c", str(tmp_path / "replicator.toml"), *args])
-        return cli_module._spares_wanted(parsed)
+        return cli_module._spares_wanted(parsed)[:2]
 
     base = (f'[inventory]\npath = "inv.db"\n[origins.raw]\npath = {json.dumps(str(origin))}\n'
             f'[replicas."{tmp_path}/a"]\nname = "a"\nworkers = 1\n')
@@ -612,7 +612,7 @@ async def test_sync_starts_an_ssh_session_ahead_only_where_copies_are_due(
     def wanted(config: str, *args: str) -> tuple[int, list[list[str]]]:
         config_path.write_text(config)
         parsed = cli_module.build_parser().parse_args(["-c", str(config_path), *args])
-        return cli_module._spares_wanted(parsed)
+        return cli_module._spares_wanted(parsed)[:2]
 
     helpers, (argv,) = wanted(base, "sync")
     assert helpers == 0

@@ -45,6 +45,7 @@ from replicator.transports import (
     Progress,
     PutResult,
     PutStatus,
+    _logins,
     _receiver,
     _spares,
     _ssh_options,
@@ -170,26 +171,26 @@ async def test_spare_sessions_go_by_their_exact_command_and_the_rest_are_killed(
     """A spare session is taken only for the very command it was started with, once; the
     ones not taken are killed and reaped when the block ends."""
     wanted, other = ["sleep", "30"], ["sleep", "31"]
-    async with _spares.spare_processes(0, _spares.start_sessions([wanted, other])):
-        assert _spares.take_spare_session(["sleep", "29"]) is None
-        taken = _spares.take_spare_session(wanted)
+    async with _spares.spare_processes(0, _logins.start_sessions([wanted, other])):
+        assert _logins.take_spare_session(["sleep", "29"]) is None
+        taken = _logins.take_spare_session(wanted)
         assert taken is not None
         assert taken.poll() is None
-        assert _spares.take_spare_session(wanted) is None  # once
-        left = [proc for _, proc in _spares._sessions]
+        assert _logins.take_spare_session(wanted) is None  # once
+        left = [proc for _, proc in _logins._sessions]
         assert len(left) == 1
     assert left[0].poll() is not None  # killed and reaped
-    assert _spares._sessions == []
+    assert _logins._sessions == []
     assert taken.poll() is None  # the taker's to end
     with taken:  # closes its pipes and waits
         taken.kill()
 
     # Started and the event loop never ran: closed all the same, once.
-    started = _spares.start_sessions([wanted])
-    _spares.close_sessions(started)
-    _spares.close_sessions(started)
+    started = _logins.start_sessions([wanted])
+    _logins.close_sessions(started)
+    _logins.close_sessions(started)
     assert started[0].poll() is not None
-    assert _spares._sessions == []
+    assert _logins._sessions == []
 
 
 async def test_sync_takes_the_session_it_started_before_the_engine(tmp_path: Path) -> None:

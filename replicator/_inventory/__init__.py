@@ -1,9 +1,9 @@
 """The inventory of origin files and of their copies on each replica."""
 
-from typing import TYPE_CHECKING
-
 from .._lazy import lazy_exports
 
+# typing.TYPE_CHECKING without importing typing: ``_early`` imports this package first.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._kind import Kind
     from ._store import Inventory

@@ -1,9 +1,9 @@
 """Transports: the places replicas live in, behind one small protocol."""
 
-from typing import TYPE_CHECKING
-
 from .._lazy import lazy_exports
 
+# typing.TYPE_CHECKING without importing typing: ``_early`` imports this package first.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._base import (
         MARKER,

@@ -11,8 +11,8 @@ only where it would start the same ``ssh`` command itself (``SshTransport``), wh
 the host key as every one of its logins does. Spares not taken are stopped when the run ends: they
 never had work, so there is nothing of theirs to clean up.
 
-Imports nothing but the standard library and ``_ssh_options`` (anyio on first use): it
-runs before the rest is imported.
+Imports nothing but the standard library and ``_logins`` (anyio on first use): it runs
+before the rest is imported. The sessions themselves are ``_logins``'s.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._lazy import LazyModule
-from ._ssh_options import spawn_ssh
+from ._logins import close_sessions
 
 if TYPE_CHECKING:
     import anyio
@@ -37,8 +37,6 @@ else:
 
 # A helper told to stop gets this long to remove its temp files before it is killed.
 STOP_GRACE = 10.0
-# An ssh client killed gets this long to be reaped.
-REAP_SECONDS = 5.0
 
 # The helper imports the same package as this process, but not the packages' __init__
 # modules: placeholders stand in for them, unless something imported the real ones first
@@ -61,7 +59,6 @@ serve()
 
 # Started and not yet taken; only ``spare_processes`` fills them.
 _helpers: list[Process] = []
-_sessions: list[tuple[tuple[str, ...], subprocess.Popen[bytes]]] = []
 _dead: list[Process] = []  # spare helpers found dead when taken: reaped at the end
 
 
@@ -86,19 +83,6 @@ def take_spare_helper() -> Process | None:
     return None
 
 
-def take_spare_session(argv: Sequence[str]) -> subprocess.Popen[bytes] | None:
-    """An ``ssh`` process started ahead with exactly ``argv``, now the caller's (its
-    receiver not yet sent); None if there is none, or it already ended."""
-    for index, (started, proc) in enumerate(_sessions):
-        if started == tuple(argv):
-            del _sessions[index]
-            if proc.poll() is None:
-                return proc
-            _close_session(proc)
-            return None
-    return None
-
-
 async def stop_helper(process: Process) -> None:
     """Wait for a helper told to stop (end of input or SIGTERM) to exit, at most
     ``STOP_GRACE`` seconds, then kill it. Shielded from cancellation."""
@@ -110,42 +94,6 @@ async def stop_helper(process: Process) -> None:
                 process.kill()
             await process.wait()
         await process.aclose()
-
-
-def _close_session(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        if pipe is not None:
-            with contextlib.suppress(OSError):
-                pipe.close()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(REAP_SECONDS)
-
-
-def start_sessions(sessions: Sequence[Sequence[str]]) -> list[subprocess.Popen[bytes]]:
-    """Start an ``ssh`` process for each of ``sessions`` (a ``session_argv``) for this
-    process's replicas to take (``take_spare_session``); the first that cannot start ends
-    the list. Blocking: called before the event loop runs, so that the logins start before
-    the command imports asyncio and anyio's back end (some 50 ms). Pass what it returns to
-    ``spare_processes`` (or ``close_sessions``), which stops those not taken."""
-    started: list[subprocess.Popen[bytes]] = []
-    for argv in sessions:
-        try:
-            proc = spawn_ssh(list(argv))
-        except OSError:
-            break
-        started.append(proc)
-        _sessions.append((tuple(argv), proc))
-    return started
-
-
-def close_sessions(started: Sequence[subprocess.Popen[bytes]]) -> None:
-    """Stop the sessions of ``started`` that no replica took. Idempotent."""
-    unused = [proc for _argv, proc in _sessions if proc in started]
-    _sessions[:] = [(argv, proc) for argv, proc in _sessions if proc not in started]
-    for proc in unused:
-        _close_session(proc)
 
 
 @contextlib.asynccontextmanager

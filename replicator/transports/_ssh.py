@@ -44,8 +44,8 @@ from .._together import together
 from ._base import MARKER, Progress, PutRequest, PutResult, PutStatus
 from ._errors import file_error
 from ._local_batch import TEMP_RE, temp_name
+from ._logins import take_spare_session
 from ._paths import confine, copy_mode
-from ._spares import take_spare_session
 from ._ssh_carriers import (
     AsyncsshCarrier,
     Carrier,

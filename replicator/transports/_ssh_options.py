@@ -8,17 +8,18 @@ receiver session from here while the engine's modules are still being imported
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import os
 import re
 import shlex
 import subprocess
-from contextlib import suppress
 from dataclasses import dataclass
 from math import ceil
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ._logins import PIPE_SIZE as PIPE_SIZE
+from ._logins import spawn_ssh as spawn_ssh
 
 if TYPE_CHECKING:
     from .._config import OriginConfig, ReplicaConfig
@@ -27,8 +28,6 @@ GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 # Cleanup after cancellation or failure must not hang on a dead server.
 CLEANUP_TIMEOUT = 5.0
 WHOLE_SECOND = 1_000_000_000
-PIPE_SIZE = 1 << 20
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 RECEIVER_SOURCE = (Path(__file__).with_name("_receiver.py")).read_bytes()
 
 
@@ -165,17 +164,6 @@ def session_argv(o: SshOptions, root: bytes) -> list[str]:
     """The ``ssh`` command line of a receiver session for the replica root ``root``: the one
     ``SshTransport`` runs, and the one the command line may start ahead (``_spares``)."""
     return openssh_argv(o, receiver_command(root))
-
-
-def spawn_ssh(argv: list[str]) -> subprocess.Popen[bytes]:
-    """Start ``ssh`` (``openssh_argv``) in a session of its own, its pipes ours."""
-    # Buffered pipes (replies are read by line); writes bypass the buffer (os.write).
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    assert proc.stdin is not None
-    with suppress(OSError):  # a larger pipe: fewer hand-offs per MiB
-        fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
-    return proc
 
 
 def show(path: bytes) -> str:
