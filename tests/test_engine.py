@@ -609,10 +609,13 @@ async def test_files_taken_while_the_idle_feeder_looks_are_fed_at_once(
             took.set()
 
     async def due_once_taken(inventory: Inventory, replica: str) -> float | None:
-        """Once first.dat went to the feeder (taken or claimed), answers only once the scan
-        took the new files: they were taken while it asked."""
+        """Asked once first.dat went to the feeder (taken or claimed), answers only once the
+        scan took the new files: they were taken while it asked. Whether first.dat went is
+        seen as the feeder asks, not after the answer: first.dat taken during the query
+        waits for the feeder, which waits for this answer."""
+        went = b"first.dat" in intake.taken + intake.claimed
         due = await next_due_time(inventory, replica)
-        if b"first.dat" in intake.taken + intake.claimed:
+        if went:
             with anyio.fail_after(10):
                 await took.wait()
         return due
