@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import anyio
 
 from .._lazy import LazyModule
-from ._ssh_options import spawn_ssh
+from ._logins import spawn_ssh
 
 if TYPE_CHECKING:
     import asyncssh

@@ -1,9 +1,9 @@
 """How to reach an SSH host (``SshOptions``), and the OpenSSH client's command line that
 starts a receiver session with those options.
 
-Imports neither asyncssh nor the rest of the transport: the command line starts its first
-receiver session from here while the engine's modules are still being imported
-(``_spares``).
+Imports neither asyncssh nor the rest of the transport: the command line builds its first
+receiver session's command line here while the engine's modules are still to be imported
+(the session itself is started by ``_logins``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ from dataclasses import dataclass
 from math import ceil
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from ._logins import PIPE_SIZE as PIPE_SIZE
-from ._logins import spawn_ssh as spawn_ssh
 
 if TYPE_CHECKING:
     from .._config import OriginConfig, ReplicaConfig
