@@ -502,6 +502,17 @@ def test_sync_copies_in_helpers_started_before_the_engine_is_imported(
     assert "copied 1 files" in done.stdout
 
 
+def write_unreachable_ssh_config(tmp_path: Path, origin: Path, origin_lines: str = "") -> None:
+    """``tmp_path/replicator.toml``: ``origin`` to one SSH replica on a port nobody answers
+    at (127.0.0.1:1), its host key file empty."""
+    (tmp_path / "kh").write_text("")
+    (tmp_path / "replicator.toml").write_text(
+        f'[inventory]\npath = "{tmp_path}/inv.db"\n'
+        f"[origins.raw]\npath = {json.dumps(str(origin))}\n{origin_lines}"
+        '[replicas."ssh://user@127.0.0.1:1/srv/a"]\nname = "a"\n'
+        f'known_hosts = "{tmp_path}/kh"\nconnect_timeout = 5\n')
+
+
 def test_sync_starts_its_ssh_logins_before_the_event_loop(tmp_path: Path) -> None:
     """The spare receiver session of an SSH replica is started before asyncio is imported
     (a login is the longest thing a run starts with); ``sync`` goes on when it cannot be."""
@@ -509,12 +520,7 @@ def test_sync_starts_its_ssh_logins_before_the_event_loop(tmp_path: Path) -> Non
         pytest.skip("no ssh client")
     origin = tmp_path / "origin"
     origin.mkdir()
-    (tmp_path / "kh").write_text("")
-    (tmp_path / "replicator.toml").write_text(
-        f'[inventory]\npath = "{tmp_path}/inv.db"\n'
-        f"[origins.raw]\npath = {json.dumps(str(origin))}\n"
-        '[replicas."ssh://user@127.0.0.1:1/srv/a"]\nname = "a"\n'
-        f'known_hosts = "{tmp_path}/kh"\nconnect_timeout = 5\n')
+    write_unreachable_ssh_config(tmp_path, origin)
     driver = ("import sys\n"
               "import replicator.transports._logins as logins\n"
               "def spawn(argv):\n"

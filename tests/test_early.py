@@ -133,17 +133,12 @@ def test_the_next_sync_starts_its_login_before_importing_the_command(tmp_path: P
     import sys
 
     from conftest import write
-    from test_cli import cli_env
+    from test_cli import cli_env, write_unreachable_ssh_config
 
     if shutil.which("ssh") is None:
         pytest.skip("no ssh client")
     write(tmp_path / "origin" / "a.dat", b"x")  # stays due: the host never answers
-    (tmp_path / "kh").write_text("")
-    (tmp_path / "replicator.toml").write_text(
-        f'[inventory]\npath = "{tmp_path}/inv.db"\n'
-        f"[origins.raw]\npath = {json.dumps(str(tmp_path / 'origin'))}\nsettle_seconds = 0\n"
-        '[replicas."ssh://user@127.0.0.1:1/srv/a"]\nname = "a"\n'
-        f'known_hosts = "{tmp_path}/kh"\nconnect_timeout = 5\n')
+    write_unreachable_ssh_config(tmp_path, tmp_path / "origin", "settle_seconds = 0\n")
     driver = ("import sys\n"
               "import replicator.transports._logins as logins\n"
               "real = logins.spawn_ssh\n"
