@@ -7,7 +7,7 @@ after about 0.1 s of imports. So each such run records the ``ssh`` command lines
 receiver sessions, with the config file they came from; the next run of the same config
 starts them first thing, before importing anything but the standard library it needs.
 The command then takes a session started this way only where it would start the very
-same command line itself (``transports._spares``), which checks the host key as every
+same command line itself (``transports._logins``), which checks the host key as every
 login does; one it does not take (the config changed since, or another ``ssh``) is
 stopped. A record is a cache: a missing, stale or unreadable one only means no head start.
 

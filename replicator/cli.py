@@ -601,8 +601,7 @@ def _spares_wanted(args: argparse.Namespace
         if replica.scheme == "file":
             if any(not origin.remote for origin in config.origins_for(replica)):
                 local.append(replica)
-        elif (replica.scheme == "ssh" and replica.transfer in ("auto", "openssh")
-              and not replica.insecure_skip_host_key_check):
+        elif _started_ahead(replica):
             ssh.append(replica)
     if ssh and not shutil.which("ssh"):
         ssh = []
@@ -631,9 +630,14 @@ def _remember(config: Config, path: Path) -> None:
 
     _early.remember(str(path), str(config.inventory.absolute()), [
         (replica.name, session_argv(options_for(replica), os.fsencode(replica.remote_path)))
-        for replica in config.replicas
-        if replica.scheme == "ssh" and replica.transfer in ("auto", "openssh")
-        and not replica.insecure_skip_host_key_check])
+        for replica in config.replicas if _started_ahead(replica)])
+
+
+def _started_ahead(replica: ReplicaConfig) -> bool:
+    """An SSH replica whose receiver session may be started ahead: one the OpenSSH client
+    may carry, with host keys checked (as the transport's own logins are)."""
+    return (replica.scheme == "ssh" and replica.transfer in ("auto", "openssh")
+            and not replica.insecure_skip_host_key_check)
 
 
 async def _run_async(args: argparse.Namespace, helpers: int,
