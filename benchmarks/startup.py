@@ -9,6 +9,9 @@ Each round runs one interpreter that imports the steps below in order and times 
 The table gives medians of the rounds; "rsync, empty tree" is ``rsync -a`` of an empty
 folder, timed from the parent. Where a library's import would load ``rich`` only for
 colourful tracebacks, the command does not (``_cli_logging``): neither does this probe.
+The interpreter is the one the benchmark runs (``run.plain_install``: an editable
+install's import finder left out, the package byte-compiled), so the steps are what a
+user's installed command pays.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .run import _byte_compile, _find_replicator, _script_python, plain_install
 
 # (label, modules): the interpreter's own start first, then what the command imports, in
 # about the order it does. The libraries are the ones the brief prescribes.
@@ -72,20 +77,25 @@ def _rsync(empty: Path) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--replicator", help="the replicator command (default: as run.py)")
     args = parser.parse_args(argv)
-    python = sys.executable
-    root = str(Path(__file__).resolve().parents[1])
     steps = json.dumps([list(modules) for _, modules in STEPS])
     bare: list[float] = []
     rsync: list[float] = []
     per_step: list[list[float]] = [[] for _ in STEPS]
     modules = 0
     with tempfile.TemporaryDirectory(prefix="replicator-startup-") as scratch:
+        command, installed = plain_install(_find_replicator(args.replicator),
+                                           Path(scratch) / "install")
+        compiled = _byte_compile(command)
+        python = _script_python(command)[0]
+        print(f"{python}: {installed}; byte-compiled: {compiled}", file=sys.stderr)
         empty = Path(scratch) / "empty"
         empty.mkdir()
         for _ in range(max(1, args.repeat)):
             bare.append(_bare(python))
-            out = subprocess.run([python, "-c", _CHILD, steps], check=True, cwd=root,
+            # Not from the checkout's folder: the package comes from where it is installed.
+            out = subprocess.run([python, "-c", _CHILD, steps], check=True, cwd=scratch,
                                  capture_output=True, text=True).stdout
             times, modules = json.loads(out)
             for index, seconds in enumerate(times):
