@@ -89,26 +89,32 @@ def _sync_config(argv: Sequence[str]) -> tuple[str, set[str]] | None:
     return (config, replicas) if seen_sync else None
 
 
+def _records() -> dict[object, object]:
+    """The record file's entries by config file; none from a file that someone else
+    wrote or may write, or that does not parse."""
+    try:
+        fd = os.open(record_path(), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return {}  # written by someone else, or writable by them
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        return {}
+    finally:
+        os.close(fd)
+    return data if isinstance(data, dict) else {}
+
+
 def _load(config: str) -> dict[str, object] | None:
     """The record's entry for ``config``, if it holds for it now."""
     key = _config_key(config)
     if key is None:
         return None
-    try:
-        fd = os.open(record_path(), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.getuid() or st.st_mode & 0o022:
-            return None  # written by someone else, or writable by them
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
-    entry = data.get(key[0]) if isinstance(data, dict) else None
+    entry = _records().get(key[0])
     if not (isinstance(entry, dict) and entry.get("version") == _RECORD_VERSION
             and entry.get("key") == key):
         return None
@@ -165,14 +171,10 @@ def remember(config: str, inventory: str, sessions: list[tuple[str, list[str]]])
     if _read == entry:
         return
     path = record_path()
+    # The other configs' entries are kept, from a file this process would trust only: one
+    # it rewrites becomes its own, and is then trusted.
+    data = _records()
     try:
-        try:
-            with open(path, "rb") as f:
-                data = json.loads(f.read())
-            if not isinstance(data, dict):
-                data = {}
-        except (OSError, ValueError):
-            data = {}
         if entry["sessions"]:
             data[key[0]] = entry
         elif data.pop(key[0], None) is None:

@@ -159,3 +159,22 @@ def test_the_next_sync_starts_its_login_before_importing_the_command(tmp_path: P
     # The first login each run starts (the transport tries again when it fails).
     assert sync()[0] == "command imported: True"
     assert sync()[0] == "command imported: False"
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_recording_keeps_other_configs_entries_only_from_a_record_it_trusts(
+        tmp_path: Path, trusted: bool) -> None:
+    """Rewriting the record makes it this user's own: entries of other configs are carried
+    over only from a file that ``start`` would have read (not writable by others)."""
+    argv = ["ssh", "--", "host", "python3 receiver"]
+    other = tmp_path / "other"
+    other.mkdir()
+    record(other, {"r": argv})
+    if not trusted:
+        os.chmod(_early.record_path(), 0o622)
+    config = record(tmp_path, {"s": argv})
+    with open(_early.record_path()) as f:
+        entries = json.load(f)
+    assert str(config) in entries
+    assert (str(other / "replicator.toml") in entries) is trusted
+    assert os.stat(_early.record_path()).st_mode & 0o777 == 0o600
