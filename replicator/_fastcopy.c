@@ -180,6 +180,16 @@ for_each(PyObject *list, const kind *k, int flag)
     return result;
 }
 
+/* for_each over the one argument of a call that takes just its list of items. */
+static PyObject *
+for_each_of(PyObject *args, const kind *k)
+{
+    PyObject *list;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list))
+        return NULL;
+    return for_each(list, k, 0);
+}
+
 /* -- stage: a source to a temp file next to its destination ---------------------------- */
 
 /* The process's umask for this thread's stage() call, -1 where unknown. */
@@ -362,10 +372,7 @@ static const kind COMMIT = {sizeof(commit_item), commit_parse, commit_work, comm
 static PyObject *
 fastcopy_commit(PyObject *self, PyObject *args)
 {
-    PyObject *list;
-    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list))
-        return NULL;
-    return for_each(list, &COMMIT, 0);
+    return for_each_of(args, &COMMIT);
 }
 
 /* -- lstat_at: what a final file holds ------------------------------------------------- */
@@ -404,10 +411,7 @@ static const kind LSTAT = {sizeof(lstat_item), lstat_parse, lstat_work, lstat_bu
 static PyObject *
 fastcopy_lstat_at(PyObject *self, PyObject *args)
 {
-    PyObject *list;
-    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list))
-        return NULL;
-    return for_each(list, &LSTAT, 0);
+    return for_each_of(args, &LSTAT);
 }
 
 /* -- lstat_names: a folder's entries, for a scan's listing ----------------------------- */
@@ -593,10 +597,7 @@ static const kind READ_SMALL = {sizeof(read_item), read_parse, read_work, read_b
 static PyObject *
 fastcopy_read_small(PyObject *self, PyObject *args)
 {
-    PyObject *list;
-    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list))
-        return NULL;
-    return for_each(list, &READ_SMALL, 0);
+    return for_each_of(args, &READ_SMALL);
 }
 
 /* -- read_frames: small sources read whole, framed for the receiver -------------------- */
