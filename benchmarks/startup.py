@@ -58,19 +58,10 @@ print(len(sys.modules), *times)
 """
 
 
-def _bare(python: str) -> float:
+def _timed(argv: list[str]) -> float:
+    """Seconds a command takes, from its start to its exit."""
     start = time.perf_counter()
-    subprocess.run([python, "-c", "pass"], check=True)
-    return time.perf_counter() - start
-
-
-def _rsync(empty: Path) -> float | None:
-    if shutil.which("rsync") is None:
-        return None
-    dest = empty.parent / "dest"
-    shutil.rmtree(dest, ignore_errors=True)
-    start = time.perf_counter()
-    subprocess.run(["rsync", "-a", f"{empty}/", f"{dest}/"], check=True)
+    subprocess.run(argv, check=True)
     return time.perf_counter() - start
 
 
@@ -88,22 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         command, installed = plain_install(_find_replicator(args.replicator),
                                            Path(scratch) / "install")
         compiled = _byte_compile(command)
-        python = _script_python(command)[0]
-        print(f"{python}: {installed}; byte-compiled: {compiled}", file=sys.stderr)
+        python = _script_python(command)  # "#!/usr/bin/env python3" is two words
+        print(f"{' '.join(python)}: {installed}; byte-compiled: {compiled}", file=sys.stderr)
         empty = Path(scratch) / "empty"
         empty.mkdir()
         for _ in range(max(1, args.repeat)):
-            bare.append(_bare(python))
+            bare.append(_timed([*python, "-c", "pass"]))
             # Not from the checkout's folder: the package comes from where it is installed.
-            out = subprocess.run([python, "-c", _CHILD, steps], check=True, cwd=scratch,
+            out = subprocess.run([*python, "-c", _CHILD, steps], check=True, cwd=scratch,
                                  capture_output=True, text=True).stdout
             loaded, *times = out.split()
             modules = int(loaded)
             for index, seconds in enumerate(times):
                 per_step[index].append(float(seconds))
-            took = _rsync(empty)
-            if took is not None:
-                rsync.append(took)
+            if shutil.which("rsync") is not None:
+                shutil.rmtree(empty.parent / "dest", ignore_errors=True)
+                rsync.append(_timed(["rsync", "-a", f"{empty}/", f"{empty.parent / 'dest'}/"]))
     print(f"| step | median ms |\n|---|--:|\n| interpreter (`python -c pass`, whole "
           f"process) | {1000 * statistics.median(bare):.1f} |")
     for (label, _), times_ in zip(STEPS, per_step, strict=True):
