@@ -681,24 +681,25 @@ def _first_line(argv: list[str]) -> str:
     return text.splitlines()[0] if text else "unavailable"
 
 
+def _proc_field(path: str, name: str) -> str | None:
+    """The value of the first ``name: value`` line of a /proc file; None without one."""
+    with suppress(OSError):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
 def environment(replicator: str) -> dict[str, Any]:
     root = Path(__file__).resolve().parent.parent
     commit = _first_line(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
     dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"],
                            capture_output=True, text=True).stdout.strip() != ""
-    mem = "unknown"
-    with suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) // 1024 // 1024} GiB"
+    kib = _proc_field("/proc/meminfo", "MemTotal")
+    mem = f"{int(kib.split()[0]) // 1024 // 1024} GiB" if kib else "unknown"
     # Machines of one kind differ in CPU, and the small-file ratios with it (rsync's runs
     # are mostly system calls, ours partly Python): say which one ran.
-    cpu = "unknown"
-    with suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = _proc_field("/proc/cpuinfo", "model name") or "unknown"
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": platform.node(), "cpus": os.cpu_count(), "cpu": cpu, "memory": mem,
