@@ -624,6 +624,14 @@ class ReplicaRunner:
         out = _Outcomes(self)
         try:
             await self._transfer_batch(batch, requests, out)
+        except BaseException:
+            # Cancelled (an abort) or worse: a worker thread or helper may still be writing
+            # these files' temp files. Their claims stay 'copying' at the end of the run, so
+            # the next run knows where to look for them (see Engine.run).
+            settled = {w.file_id for w in out.works} | {w.file_id for w in out.copied_works}
+            engine.abandoned.extend((self.name, w.file_id) for w in batch
+                                    if w.file_id not in settled)
+            raise
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(30):
                 await engine.emit(out)
@@ -775,6 +783,8 @@ class Engine:
         self._stop = anyio.Event()
         self.scans_done = anyio.Event()
         self.transfer_scopes: set[anyio.CancelScope] = set()
+        # (replica, file id) of copies whose transfer was cancelled while it ran.
+        self.abandoned: list[tuple[str, int]] = []
         self.started_at = time.time()
         self.retry_deadline = self.started_at + config.engine.retry_window
         self._transports = transports
@@ -849,7 +859,7 @@ class Engine:
                 watcher.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await self.inventory.release_all(names)
+                await self.inventory.release_all(names, keep=self.abandoned)
                 for source in self.sources.values():
                     await source.aclose()
 

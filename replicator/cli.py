@@ -299,8 +299,13 @@ async def cmd_scan(args: argparse.Namespace) -> int:
 # -- sync ----------------------------------------------------------------------------------
 
 
-async def _watch_signals(rep: Replicator, scope: anyio.CancelScope) -> None:
+async def _watch_signals(rep: Replicator, run: anyio.CancelScope,
+                         *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    """SIGTERM or SIGINT: the first stops the run, the second cancels it (``run``). Watched
+    until the inventory is closed: a signal after the run, during the (time-bounded) close,
+    is not to kill the process with the default action half-way through it."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         count = 0
         async for signum in signals:
             count += 1
@@ -309,7 +314,7 @@ async def _watch_signals(rep: Replicator, scope: anyio.CancelScope) -> None:
                       f" flight (again to abort)", file=sys.stderr)
                 rep.stop()
             else:
-                scope.cancel()
+                run.cancel()
 
 
 async def _progress(rep: Replicator) -> None:
@@ -346,6 +351,16 @@ def _summary_doc(summary: SyncSummary, stopped: bool) -> dict[str, Any]:
             "unavailable": dict(summary.unavailable), "stopped": stopped}
 
 
+async def _sync_run(rep: Replicator, args: argparse.Namespace,
+                    replicas: list[str] | None) -> SyncSummary:
+    async with anyio.create_task_group() as tg:
+        if sys.stderr.isatty() and not args.json and args.verbose <= 0:
+            tg.start_soon(_progress, rep)
+        summary = await (rep.run(replicas) if args.continuous else rep.sync_once(replicas))
+        tg.cancel_scope.cancel()
+    return summary
+
+
 async def cmd_sync(args: argparse.Namespace) -> int:
     from ._replicator import Replicator
 
@@ -354,26 +369,34 @@ async def cmd_sync(args: argparse.Namespace) -> int:
     if replicas:
         for name in replicas:
             config.replica(name)
-    async with Replicator(config) as rep:
-        if args.dry_run:
+    if args.dry_run:
+        async with Replicator(config) as rep:
             planned = await rep.plan(replicas)
-            if args.json:
-                _print_json([{"replica": p.replica, "origin": p.origin, "path": _fs(p.source),
-                              "dest": _fs(p.dest), "size": p.size} for p in planned])
-            else:
-                for p in planned:
-                    print(f"{p.replica}: {_fs(p.source)} -> {_fs(p.dest)} ({p.size} bytes)")
-                print(f"{len(planned)} copies would be made")
-            return EXIT_OK
-        summary: SyncSummary | None = None
-        stopped = False
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_signals, rep, tg.cancel_scope)
-            if sys.stderr.isatty() and not args.json and args.verbose <= 0:
-                tg.start_soon(_progress, rep)
-            summary = await (rep.run(replicas) if args.continuous else rep.sync_once(replicas))
-            stopped = rep.stopped
-            tg.cancel_scope.cancel()
+        if args.json:
+            _print_json([{"replica": p.replica, "origin": p.origin, "path": _fs(p.source),
+                          "dest": _fs(p.dest), "size": p.size} for p in planned])
+        else:
+            for p in planned:
+                print(f"{p.replica}: {_fs(p.source)} -> {_fs(p.dest)} ({p.size} bytes)")
+            print(f"{len(planned)} copies would be made")
+        return EXIT_OK
+    summary: SyncSummary | None = None
+    stopped = False
+    rep = Replicator(config)
+    run = anyio.CancelScope()
+    error: Exception | None = None
+    async with anyio.create_task_group() as watching:
+        await watching.start(_watch_signals, rep, run)
+        try:
+            async with rep:
+                with run:
+                    summary = await _sync_run(rep, args, replicas)
+                    stopped = rep.stopped
+        except Exception as exc:  # raised below as it is, not in the task group's group
+            error = exc
+        watching.cancel_scope.cancel()
+    if error is not None:
+        raise error
     if summary is None:  # a second signal aborted the run
         print("replicator: aborted; unfinished copies stay pending", file=sys.stderr)
         return EXIT_UNAVAILABLE

@@ -102,6 +102,22 @@ def write_big(path: Path, size: int, mtime: float) -> str:
     return digest.hexdigest()
 
 
+def copy_in_flight(dest: Path) -> bool:
+    """Whether a copy's temp file with data in it lies beside ``dest`` (not the probe's)."""
+    try:
+        names = os.listdir(dest.parent)
+    except FileNotFoundError:
+        return False
+    for name in names:
+        if name.startswith(".~rep-") and not name.startswith(".~rep-probe-"):
+            try:
+                if os.path.getsize(dest.parent / name) > 0:
+                    return True
+            except FileNotFoundError:
+                pass
+    return False
+
+
 def regular_files(root: Path) -> dict[str, Path]:
     """Regular files below ``root`` by relative path (temp files included, the replica's
     identity marker not)."""
@@ -139,16 +155,8 @@ def test_sigterm_lets_the_copy_in_flight_finish(dirs: tuple[Path, Path],
     write_config(tmp_path, origin, replica, workers=2)
     big_dest = replica_path(replica, big)
 
-    def big_in_flight() -> bool:
-        try:
-            names = os.listdir(big_dest.parent)
-        except FileNotFoundError:
-            return False
-        return any(n.startswith(".~rep-") and os.path.getsize(big_dest.parent / n) > 0
-                   for n in names if (big_dest.parent / n).exists())
-
     with background(tmp_path, "sync", "--once") as proc:
-        wait_for(lambda: big_in_flight() or proc.poll() is not None, 60,
+        wait_for(lambda: copy_in_flight(big_dest) or proc.poll() is not None, 60,
                  "the big file's temp file")
         assert proc.poll() is None, "the run ended before the big copy was seen in flight"
         assert not big_dest.exists()
@@ -193,11 +201,9 @@ def test_second_sigterm_aborts_without_partial_files(dirs: tuple[Path, Path],
     write_config(tmp_path, origin, replica, workers=1)
     big_dest = replica_path(replica, big)
 
-    def in_flight() -> bool:
-        return bool(temp_files(replica))
-
     with background(tmp_path, "sync") as proc:
-        wait_for(lambda: in_flight() or proc.poll() is not None, 60, "a temp file")
+        wait_for(lambda: copy_in_flight(big_dest) or proc.poll() is not None, 60,
+                 "the big file's temp file")
         assert proc.poll() is None, "the run ended before the copy was seen in flight"
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "finishing transfers" in (tmp_path / "bg.err").read_text()

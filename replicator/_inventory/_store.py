@@ -770,10 +770,15 @@ class Inventory:
 
         await self._write_in_thread(record)
 
-    async def release_all(self, replicas: Sequence[str]) -> int:
-        """Every ``copying`` copy of these replicas back to pending, at the end of a run.
+    async def release_all(
+        self, replicas: Sequence[str], keep: Sequence[tuple[str, int]] = ()
+    ) -> int:
+        """Every ``copying`` copy of these replicas back to pending, at the end of a run,
+        but those of ``keep`` ((replica, file id) of transfers abandoned while they ran:
+        a worker thread or helper may still write their temp files). Those stay
+        ``copying`` for the next run's ``recover`` to clean up after.
 
-        Only call this while holding the engine lock: then no copy is in flight.
+        Only call this while holding the engine lock.
         """
         if not replicas:
             return 0
@@ -784,7 +789,15 @@ class Inventory:
                 f" AND replica IN ({marks})",
                 tuple(replicas),
             )
-            return cursor.rowcount
+            released = cursor.rowcount
+            if keep:
+                cursor = await db.executemany(
+                    "UPDATE copies SET state = 'copying'"
+                    " WHERE replica = ? AND file_id = ? AND state = 'pending'",
+                    keep,
+                )
+                released -= cursor.rowcount
+            return released
 
     async def recover(
         self, replicas: Sequence[str]
