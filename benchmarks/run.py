@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +149,9 @@ class Bench:
     wan_skip: str = ""
     data: dict[str, Dataset] = field(default_factory=dict)
     generation: dict[str, float] = field(default_factory=dict)
+    # Every generation of a data set: (key, seconds); a set dropped and needed again is
+    # generated again, the same files, which shows whether file creation slowed down.
+    generations: list[tuple[str, float]] = field(default_factory=list)
     log_count: int = 0
 
     # -- helpers ---------------------------------------------------------------------------
@@ -203,6 +206,7 @@ class Bench:
             raise ValueError(key)
         run_sync()
         self.generation[key] = round(time.monotonic() - started, 2)
+        self.generations.append((key, self.generation[key]))
         self.say(f"  data set {key}: {ds.describe()} in {self.generation[key]:.1f} s")
         self.data[key] = ds
         return ds
@@ -921,11 +925,15 @@ def main(argv: list[str] | None = None) -> int:
     for out in outcomes:
         for note in out.notes:
             print(f"note: {out.case.name}: {note}")
+    for note in creation_notes(bench.generations):
+        print(f"note: {note}")
     document = {
         "meta": meta, "ssh": bench.ssh_info, "ssh_skip": bench.ssh_skip,
         "wan_skip": bench.wan_skip,
         "delay_proxy": bench.proxy.check if bench.proxy is not None else None,
         "data_generation_s": bench.generation,
+        "data_generations": bench.generations,
+        "creation_notes": creation_notes(bench.generations),
         "cases": [{"name": o.case.name, "title": o.case.title, "kind": o.case.kind,
                    "link": o.case.link, "target": o.case.target, "status": o.status,
                    "reason": o.reason, "dataset": o.dataset, "notes": o.notes,
@@ -944,6 +952,24 @@ def main(argv: list[str] | None = None) -> int:
     if "incomplete" in statuses:
         return 3
     return 0
+
+
+def creation_notes(generations: Sequence[tuple[str, float]], factor: float = 3.0) -> list[str]:
+    """A warning for each data set generated more than once (the same files each time) whose
+    slowest generation took over ``factor`` times its fastest: file creation itself was
+    slow for part of the run, and the small-file cases that ran then with it. On ext4
+    without a journal, large deletions shortly before do this (benchmarks/README.md)."""
+    times: dict[str, list[float]] = {}
+    for key, took in generations:
+        times.setdefault(key, []).append(took)
+    notes = []
+    for key, each in times.items():
+        if len(each) > 1 and max(each) > factor * max(min(each), 0.05):
+            listed = ", ".join(f"{t:.1f} s" for t in each)
+            notes.append(f"data set {key} took {listed} to create, the same files each time:"
+                         f" file creation was slow for part of this run (large deletions"
+                         f" just before it?); small-file ratios of that part are disturbed")
+    return notes
 
 
 def _cleanup(bench: Bench) -> None:
