@@ -13,7 +13,6 @@ import io
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from ._lazy import LazyModule
 from ._version import __version__
 from .transports._logins import close_sessions, start_sessions
 from .transports._spares import helpers_for, spare_processes
-from .transports._ssh_options import options_for, session_argv
+from .transports._ssh_options import openssh_client_refusal, options_for, session_argv
 
 # The engine's modules (structlog, aiosqlite, the engine, the transports) are imported where
 # a command first needs them: ``sync`` starts its copy helpers first (see ``_run_async``).
@@ -626,8 +625,8 @@ def _spares_wanted(args: argparse.Namespace
                 local.append(replica)
         elif _started_ahead(replica):
             ssh.append(replica)
-    if ssh and not shutil.which("ssh"):
-        ssh = []
+    if ssh and openssh_client_refusal() is not None:
+        ssh = []  # the transport will not use the client either
     busy: set[str] = set()
     if local or ssh:
         from ._inventory._peek import replicas_with_work

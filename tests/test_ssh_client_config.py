@@ -8,6 +8,8 @@ Each test runs ``python -m replicator`` with HOME pointed at a temp folder, so t
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,9 +18,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
 import pytest
 from conftest import write
 from ssh_server import Sshd, run_sshd
+
+from replicator.transports._ssh import SshTransport
+from replicator.transports._ssh_options import SshOptions, openssh_client_refusal
 
 FILES = {"a/one.txt": b"one\n", "b/two.dat": os.urandom(3000)}
 
@@ -141,3 +147,28 @@ def test_ssh_agent_authenticates(tmp_path: Path) -> None:
         with ssh_agent(tmp_path, sshd.keys.client_key) as sock:
             assert_copied(sync(tmp_path, home, url, SSH_AUTH_SOCK=sock), replica,
                           tmp_path / "origin")
+
+
+@pytest.mark.anyio
+async def test_the_openssh_client_carries_files_only_where_it_reads_homes_ssh(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncssh reads ~/.ssh under $HOME, the OpenSSH client under the account's home
+    directory: where they differ, the client could take a name of ~/.ssh/config to another
+    host, or log in with other keys. Then files go through asyncssh, and no session is
+    started ahead for the client."""
+    if shutil.which("ssh") is None:
+        pytest.skip("no ssh client")
+    limiter = anyio.CapacityLimiter(2)
+    own = pwd.getpwuid(os.getuid()).pw_dir
+    monkeypatch.setenv("HOME", own)
+    assert openssh_client_refusal() is None
+    assert SshTransport(SshOptions("archive"), "/data", limiter).transfer == "openssh"
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    why = openssh_client_refusal()
+    assert why is not None
+    assert str(tmp_path) in why
+    assert own in why
+    assert SshTransport(SshOptions("archive"), "/data", limiter).transfer == "asyncssh"
+    pinned = SshTransport(SshOptions("archive"), "/data", limiter, carriers=("openssh",))
+    assert pinned.transfer == "sftp"

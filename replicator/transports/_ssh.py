@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
-import shutil
 import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -65,6 +64,7 @@ from ._ssh_options import (
     CLEANUP_TIMEOUT,
     WHOLE_SECOND,
     SshOptions,
+    openssh_client_refusal,
     options_for,
     receiver_command,
     refusal,
@@ -164,9 +164,11 @@ class SshTransport:
         self.options = options
         # How the stream of files reaches the receiver, in order of preference; a carrier
         # that cannot start the receiver is dropped, and with none left files go over SFTP.
-        self._carriers = [c for c in carriers if c != "openssh" or shutil.which("ssh")]
+        # The OpenSSH client only where it reads what asyncssh reads (openssh_client_refusal).
+        why_not = openssh_client_refusal() if "openssh" in carriers else None
+        self._carriers = [c for c in carriers if c != "openssh" or why_not is None]
         if list(carriers) == ["openssh"] and not self._carriers:
-            log.warning("transfer = \"openssh\" but no ssh client is installed: using SFTP",
+            log.warning(f"transfer = \"openssh\" but {why_not}: using SFTP",
                         host=options.where)
         self._sessions: list[StreamSession] = []  # idle ones
         self._opened: set[StreamSession] = set()  # every one started and not dropped

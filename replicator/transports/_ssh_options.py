@@ -12,6 +12,7 @@ import functools
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from dataclasses import dataclass
 from math import ceil
@@ -116,6 +117,30 @@ def client_only_options() -> tuple[str, ...]:
     if version is None or version >= (8, 5):
         options += ["-o", "KnownHostsCommand=none"]
     return tuple(options)
+
+
+def openssh_client_refusal() -> str | None:
+    """Why the OpenSSH client may not carry a replica's files here, or None when it may.
+
+    It must obey the asyncssh path's rules (``openssh_argv``), and read the same ~/.ssh:
+    asyncssh finds ~/.ssh/config (host aliases, users, ports) and the default keys under
+    ``$HOME``, the OpenSSH client under the account's home directory, whatever ``$HOME``
+    says. Where the two differ (``HOME`` set for a service, or kept by sudo) the client
+    could take the same name to another host or log in with other keys.
+    """
+    if shutil.which("ssh") is None:
+        return "no ssh client is installed"
+    home = os.path.expanduser("~")
+    try:
+        import pwd
+
+        own = pwd.getpwuid(os.getuid()).pw_dir
+    except (ImportError, KeyError):
+        return "the account has no home directory the ssh client would read"
+    if os.path.realpath(home) != os.path.realpath(own):
+        return (f"HOME ({home}) is not the account's home directory ({own}), where the ssh"
+                f" client would read ~/.ssh")
+    return None
 
 
 def _openssh_version() -> tuple[int, int] | None:
