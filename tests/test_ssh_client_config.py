@@ -22,6 +22,7 @@ import anyio
 import pytest
 from conftest import write
 from ssh_server import Sshd, run_sshd
+from structlog.testing import capture_logs
 
 from replicator.transports._ssh import SshTransport
 from replicator.transports._ssh_options import SshOptions, openssh_client_refusal
@@ -169,6 +170,8 @@ async def test_the_openssh_client_carries_files_only_where_it_reads_homes_ssh(
     assert why is not None
     assert str(tmp_path) in why
     assert own in why
-    assert SshTransport(SshOptions("archive"), "/data", limiter).transfer == "asyncssh"
+    with capture_logs() as logs:
+        assert SshTransport(SshOptions("archive"), "/data", limiter).transfer == "asyncssh"
+    assert [e["event"] for e in logs] == [f"not using the ssh client: {why}"]
     pinned = SshTransport(SshOptions("archive"), "/data", limiter, carriers=("openssh",))
     assert pinned.transfer == "sftp"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import shutil
 import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -170,6 +171,10 @@ class SshTransport:
         if list(carriers) == ["openssh"] and not self._carriers:
             log.warning(f"transfer = \"openssh\" but {why_not}: using SFTP",
                         host=options.where)
+        elif why_not is not None and shutil.which("ssh") is not None:
+            # An ssh client is there but not used: say why, as streams through asyncssh are
+            # slower for large files.
+            log.info(f"not using the ssh client: {why_not}", host=options.where)
         self._sessions: list[StreamSession] = []  # idle ones
         self._opened: set[StreamSession] = set()  # every one started and not dropped
         self._lanes = lanes
