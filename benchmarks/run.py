@@ -148,7 +148,6 @@ class Bench:
     proxy: Proxy | None = None
     wan_skip: str = ""
     data: dict[str, Dataset] = field(default_factory=dict)
-    generation: dict[str, float] = field(default_factory=dict)
     # Every generation of a data set: (key, seconds); a set dropped and needed again is
     # generated again, the same files, which shows whether file creation slowed down.
     generations: list[tuple[str, float]] = field(default_factory=list)
@@ -164,6 +163,10 @@ class Bench:
         folder = self.scratch / "logs"
         folder.mkdir(exist_ok=True)
         return folder / f"{self.log_count:03d}-{name}.log"
+
+    def generation(self) -> dict[str, float]:
+        """Seconds each data set took to generate, the last time it was."""
+        return dict(self.generations)
 
     def say(self, text: str) -> None:
         if not self.args.quiet:
@@ -205,9 +208,9 @@ class Bench:
         else:
             raise ValueError(key)
         run_sync()
-        self.generation[key] = round(time.monotonic() - started, 2)
-        self.generations.append((key, self.generation[key]))
-        self.say(f"  data set {key}: {ds.describe()} in {self.generation[key]:.1f} s")
+        took = round(time.monotonic() - started, 2)
+        self.generations.append((key, took))
+        self.say(f"  data set {key}: {ds.describe()} in {took:.1f} s")
         self.data[key] = ds
         return ds
 
@@ -328,7 +331,7 @@ class Bench:
             return out
         ds = self.dataset(case.data)
         out.dataset = {"files": ds.files, "bytes": ds.bytes, "description": ds.describe(),
-                       "generation_s": self.generation.get(case.data)}
+                       "generation_s": self.generation().get(case.data)}
         if case.kind in ("copy", "start"):
             self.copy_case(case, ds, out, todo_after, case_end)
         elif case.kind == "nochange":
@@ -925,15 +928,16 @@ def main(argv: list[str] | None = None) -> int:
     for out in outcomes:
         for note in out.notes:
             print(f"note: {out.case.name}: {note}")
-    for note in creation_notes(bench.generations):
+    slow_creation = creation_notes(bench.generations)
+    for note in slow_creation:
         print(f"note: {note}")
     document = {
         "meta": meta, "ssh": bench.ssh_info, "ssh_skip": bench.ssh_skip,
         "wan_skip": bench.wan_skip,
         "delay_proxy": bench.proxy.check if bench.proxy is not None else None,
-        "data_generation_s": bench.generation,
+        "data_generation_s": bench.generation(),
         "data_generations": bench.generations,
-        "creation_notes": creation_notes(bench.generations),
+        "creation_notes": slow_creation,
         "cases": [{"name": o.case.name, "title": o.case.title, "kind": o.case.kind,
                    "link": o.case.link, "target": o.case.target, "status": o.status,
                    "reason": o.reason, "dataset": o.dataset, "notes": o.notes,

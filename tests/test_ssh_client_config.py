@@ -155,8 +155,8 @@ async def test_the_openssh_client_carries_files_only_where_it_reads_homes_ssh(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """asyncssh reads ~/.ssh under $HOME, the OpenSSH client under the account's home
     directory: where they differ, the client could take a name of ~/.ssh/config to another
-    host, or log in with other keys. Then files go through asyncssh, and no session is
-    started ahead for the client."""
+    host, or log in with other keys. Then files go through asyncssh (the command's start
+    of sessions ahead asks the same ``openssh_client_refusal``)."""
     if shutil.which("ssh") is None:
         pytest.skip("no ssh client")
     limiter = anyio.CapacityLimiter(2)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
-import shutil
 import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -63,6 +62,7 @@ from ._ssh_files import (
 )
 from ._ssh_options import (
     CLEANUP_TIMEOUT,
+    NO_SSH_CLIENT,
     WHOLE_SECOND,
     SshOptions,
     openssh_client_refusal,
@@ -171,7 +171,7 @@ class SshTransport:
         if list(carriers) == ["openssh"] and not self._carriers:
             log.warning(f"transfer = \"openssh\" but {why_not}: using SFTP",
                         host=options.where)
-        elif why_not is not None and shutil.which("ssh") is not None:
+        elif why_not is not None and why_not != NO_SSH_CLIENT:
             # An ssh client is there but not used: say why, as streams through asyncssh are
             # slower for large files.
             log.info(f"not using the ssh client: {why_not}", host=options.where)

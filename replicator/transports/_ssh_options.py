@@ -119,6 +119,9 @@ def client_only_options() -> tuple[str, ...]:
     return tuple(options)
 
 
+NO_SSH_CLIENT = "no ssh client is installed"
+
+
 def openssh_client_refusal() -> str | None:
     """Why the OpenSSH client may not carry a replica's files here, or None when it may.
 
@@ -129,7 +132,7 @@ def openssh_client_refusal() -> str | None:
     could take the same name to another host or log in with other keys.
     """
     if shutil.which("ssh") is None:
-        return "no ssh client is installed"
+        return NO_SSH_CLIENT
     home = os.path.expanduser("~")
     try:
         import pwd
